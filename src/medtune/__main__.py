@@ -1,0 +1,3 @@
+from medtune.cli import run_cli
+
+run_cli()

@@ -1,0 +1,125 @@
+"""The `medtune` command: parse arguments, load the config, call the workflow, map errors to exit codes.
+
+A user mistake (`MedtuneError`) prints one line and exits 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from medtune.config import PRESET_DESCRIPTIONS
+from medtune.config_io import default_preset, load_config, render_markdown, render_yaml, to_dict
+from medtune.errors import MedtuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
+                  help="Fine-tune open LLMs on medical instruction data (LoRA/QLoRA) and deliver servable weights.")
+out = Console(soft_wrap=True)
+
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
+PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Start from this preset (`medtune presets`).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: section.key=value (repeatable).")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+
+
+def _resolve(config: Path | None, preset: str | None, overrides: list[str] | None):
+    fallback = None
+    if config is None and preset is None:
+        import torch
+
+        fallback = default_preset(torch.cuda.is_available())
+    return load_config(config, preset, overrides or [], fallback_preset=fallback or "")
+
+
+@app.command()
+def run(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, debug: DebugOpt = False,
+        run_id: Annotated[str | None, typer.Option("--run-id", help="Resume (or name) this run id.")] = None,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug-level medtune logs.")] = False) -> int:
+    """Run the whole workflow: setup, container, model, data, finetune, merge, upload, cleanup."""
+    overrides = list(set_ or []) + ([f"output.run_id={run_id}"] if run_id else [])
+    cfg = _resolve(config, preset, overrides)
+    from medtune.workflow import run_workflow
+
+    result = run_workflow(cfg, verbose=verbose)
+    manifest = result.manifest()
+    out.print(f"\nRun {result.run_id} {manifest.get('status')}. Outputs in {result.root}:")
+    for name in ("adapters", "merged", "summary.md", "logs/finetune.log"):
+        if (result.root / name).exists():
+            out.print(f"  {result.root / name}")
+    return 0 if manifest.get("status") == "succeeded" else 1
+
+
+@app.command()
+def init(preset: PresetOpt = None,
+         output: Annotated[Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")] = None,
+         debug: DebugOpt = False) -> int:
+    """Write a complete, commented YAML config."""
+    cfg = _resolve(None, preset, [])
+    text = render_yaml(cfg, header=f"medtune config (preset {cfg.model.model_config_name}).\n"
+                                   "Every key is shown with its default; delete what you don't change.")
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        output.write_text(text)
+        out.print(f"wrote {output}")
+    return 0
+
+
+@app.command()
+def presets() -> int:
+    """List the shipped presets."""
+    table = Table("preset", "what it is")
+    for name, desc in PRESET_DESCRIPTIONS.items():
+        table.add_row(name, desc)
+    out.print(table)
+    return 0
+
+
+@app.command("config")
+def show_config(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, debug: DebugOpt = False,
+                as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of YAML.")] = False) -> int:
+    """Print the resolved config (secrets shown as ***)."""
+    cfg = _resolve(config, preset, set_)
+    sys.stdout.write(json.dumps(to_dict(cfg), indent=2) + "\n" if as_json else render_yaml(cfg))
+    return 0
+
+
+@app.command()
+def schema() -> int:
+    """Print the configuration reference (docs/config.md) generated from the schema."""
+    sys.stdout.write(render_markdown())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=args, prog_name="medtune", standalone_mode=False)
+    except MedtuneError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except click.exceptions.Abort:
+        print("aborted", file=sys.stderr)
+        return 130
+    return result if isinstance(result, int) else 0
+
+
+def run_cli() -> None:
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""The one configuration schema: the seed workflow's sections and keys, plus medtune's own.
+
+Everything else (the CLI's `--set`, `medtune init`'s YAML, docs/config.md, training.env) is
+generated from these models. Precedence when loading: schema defaults < preset < config file <
+`--set section.key=value`; the Hugging Face token comes from the environment or a file, never argv.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+
+from medtune.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Strict, immutable base: a typo is an error, and nothing mutates a config after loading."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, protected_namespaces=())
+
+
+class ContainerConfig(Section):
+    source: Literal["none", "lfs", "path", "pull", "build"] = Field(
+        "none",
+        description="Where the training container comes from. `none` runs natively in this Python "
+        "environment; `lfs`, `path`, `pull` and `build` are the seed's container sources.",
+    )
+    finetune_path: str = Field(
+        "~/pw/singularity/finetune.sif", description="Path of the fine-tuning container image (source `path`/`lfs`)."
+    )
+    lfs_repo: str = Field("~/singularity-containers", description="Git LFS repository holding container images (source `lfs`).")
+    bucket: str = Field("", description="Bucket URL to pull the container image from (source `pull`).")
+
+
+class InfrastructureConfig(Section):
+    cluster: Literal["local", "slurm", "pbs"] = Field(
+        "local", description="Where the workflow runs: this machine, or a Slurm/PBS cluster (via `medtune submit`)."
+    )
+    container: ContainerConfig = Field(default_factory=ContainerConfig, description="Container runtime settings.")
+    output_bucket: str = Field(
+        "", description="fsspec URL to upload the run's outputs to (e.g. `s3://bucket/prefix`). Empty: outputs stay local."
+    )
+
+
+class ModelConfig(Section):
+    model_source: Literal["huggingface", "local", "gguf"] = Field(
+        "huggingface",
+        description="Where the base model comes from: a Hub repo (`base_model_id`), a local folder "
+        "(`local_model_path`), or a GGUF file (`gguf_path`; empty = the embedded SmolLM2-135M-Instruct).",
+    )
+    model_config_name: str = Field(
+        "llama3-8b-medical",
+        alias="model_config",
+        description="Name of the preset this config started from (see `medtune presets`).",
+    )
+    base_model_id: str = Field("meta-llama/Llama-3.1-8B-Instruct", description="Hugging Face Hub repo id of the base model.")
+    revision: str = Field("main", description="Hub revision (branch, tag or commit) of the base model.")
+    local_model_path: str = Field(
+        "/models/Llama-3.1-8B-Instruct", description="Folder with config.json, weights and tokenizer (source `local`)."
+    )
+    gguf_path: str = Field(
+        "", description="GGUF file to convert once into safetensors (source `gguf`). Empty: the embedded model."
+    )
+    model_cache_dir: str = Field(
+        "~/pw/models", description="Where downloaded and converted models are kept between runs."
+    )
+    hf_token: SecretStr | None = Field(
+        None,
+        description="Hugging Face token for gated models. Read from the `HF_TOKEN` environment variable or "
+        "`hf_token_file`; never written to any output.",
+    )
+    hf_token_file: str = Field("", description="File holding the Hugging Face token (alternative to `HF_TOKEN`).")
+
+
+class DatasetConfig(Section):
+    dataset_source: Literal["huggingface", "bucket", "local"] = Field(
+        "huggingface", description="Where the training data comes from: a Hub dataset, a bucket, or a local path."
+    )
+    dataset_name: str = Field("Shekswess/medical_llama3_instruct_dataset", description="Hub dataset id (source `huggingface`).")
+    dataset_bucket: str = Field("", description="Bucket URL (source `bucket`), e.g. `s3://my-bucket`.")
+    dataset_bucket_path: str = Field("", description="Path inside `dataset_bucket` to a file or folder of files.")
+    local_dataset_path: str = Field("", description="Local file or folder (source `local`).")
+    dataset_format: Literal["json", "jsonl", "csv", "parquet", "arrow", "dataset"] = Field(
+        "json", description="File format of local/bucket data; `dataset` is a `save_to_disk` folder."
+    )
+    dataset_split: str = Field("train", description="Split to train on.")
+    dataset_config_name: str = Field("", description="Hub dataset configuration name, if the dataset has several.")
+    prompt_field: str = Field("prompt", description="Column holding a fully rendered training text (row format `prompt`).")
+    max_samples: int = Field(0, ge=0, description="Use at most this many rows (0 = all).")
+    row_format: Literal["auto", "prompt", "alpaca", "messages"] = Field(
+        "auto",
+        description="Row shape: `prompt` trains `prompt_field` as is; `alpaca` renders instruction/input/output "
+        "with the model's chat template; `messages` renders role/content lists; `auto` detects it.",
+    )
+    rerender_prompts: bool = Field(
+        False,
+        description="Ignore a pre-rendered prompt column and render instruction/input/output with the model's "
+        "own chat template instead (the seed's datasets carry templates that do not match the models).",
+    )
+    system_prompt: str = Field("", description="System message added to rendered conversations (empty: the template's default).")
+    train_on_prompt: bool = Field(False, description="Compute the loss on the prompt too (default: on the answer only).")
+    eval_fraction: float = Field(
+        0.05, ge=0.0, lt=0.5, description="Fraction of rows held out for evaluation (ignored when `eval_split` is set)."
+    )
+    eval_split: str = Field("", description="Named split (or file for local data) to evaluate on instead of a fraction.")
+
+
+class TrainingConfig(Section):
+    num_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of the LoRA parameters.")
+    micro_batch_size: int = Field(1, ge=1, description="Sequences per device per forward pass.")
+    gradient_accumulation: int = Field(16, ge=1, description="Micro batches accumulated per optimizer step.")
+    max_seq_length: int = Field(2048, ge=32, le=131072, description="Longest training sequence in tokens; longer rows are truncated.")
+    seed: int = Field(42, description="Seed for shuffling, LoRA initialisation and sampling.")
+    max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0 = run `num_epochs`).")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of steps with linear learning-rate warm-up.")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on LoRA parameters.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    optimizer: Literal["adamw_torch", "paged_adamw_8bit", "adamw_8bit"] = Field(
+        "adamw_torch", description="Optimizer (the 8-bit ones need bitsandbytes with a GPU)."
+    )
+    logging_steps: int = Field(10, ge=1, description="Log loss and throughput every N optimizer steps.")
+    save_steps: int = Field(100, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
+    eval_steps: int = Field(0, ge=0, description="Evaluate on the held-out split every N steps (0 = at the end only).")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where to train: `auto` uses CUDA when available, else the CPU."
+    )
+
+
+class LoraConfig(Section):
+    lora_r: int = Field(64, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    target_modules: tuple[str, ...] = Field(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        min_length=1,
+        description="Module names that get LoRA adapters (the seed adapts all seven projections).",
+    )
+    quantization: Literal["4bit", "8bit", "none"] = Field(
+        "4bit", description="Base weights during training: 4-bit NF4 with double quantization (QLoRA), 8-bit, or none."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    bf16: bool = Field(
+        False,
+        description="Compute in bfloat16: on GPUs (false = float16, the seed's default) and on CPUs with native "
+        "bf16 (AVX512-BF16/AMX; other CPUs and false = float32).",
+    )
+    packing: bool = Field(False, description="Pack several short rows into one sequence (no attention across rows).")
+
+
+class OutputConfig(Section):
+    merge_full_weights: bool = Field(True, description="Merge the adapter into a 16-bit copy of the base model.")
+    merged_save_format: Literal["safetensors", "bin"] = Field("safetensors", description="File format of merged weights.")
+    merged_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Dtype of the merged weights; `auto` keeps the base checkpoint's dtype."
+    )
+    max_shard_size: str = Field("5GB", description="Largest merged weight file before sharding.")
+    push_to_hub: bool = Field(False, description="Publish the merged model to the Hub (needs `hub_model_id` and a token).")
+    hub_model_id: str = Field("", description="Hub repo id to publish to.")
+    output_root: str = Field("outputs", description="Folder under which run directories are created.")
+    run_id: str = Field("", description="Run id; empty = a new timestamped id. Reuse an id to resume that run.")
+
+
+class EvaluationConfig(Section):
+    validation_questions: int = Field(
+        3, ge=0, le=50, description="Held-out questions answered by base and tuned model in summary.md."
+    )
+    max_new_tokens: int = Field(160, ge=8, le=4096, description="Generation budget per validation answer.")
+    merge_top1_min: float = Field(
+        0.95, gt=0, le=1, description="Minimum top-1 agreement of merged vs adapter-on-base logits."
+    )
+
+
+class MedtuneConfig(Section):
+    infrastructure: InfrastructureConfig = Field(default_factory=InfrastructureConfig, description="Where and how it runs.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig, description="The training data.")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="Optimisation.")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="Adapters and memory savers.")
+    output: OutputConfig = Field(default_factory=OutputConfig, description="What is delivered and where.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Checks after training.")
+
+    @model_validator(mode="after")
+    def _cross_field_rules(self) -> MedtuneConfig:
+        ds = self.dataset
+        if ds.dataset_source == "local" and not ds.local_dataset_path:
+            raise ValueError("dataset.local_dataset_path is empty but dataset_source is `local`; set the path")
+        if ds.dataset_source == "bucket" and not (ds.dataset_bucket and ds.dataset_bucket_path):
+            raise ValueError("dataset_source is `bucket`: set dataset.dataset_bucket and dataset.dataset_bucket_path")
+        if self.output.push_to_hub and not self.output.hub_model_id:
+            raise ValueError("output.push_to_hub is true: set output.hub_model_id (e.g. my-org/llama3-medical)")
+        if self.model.model_source == "local" and not self.model.local_model_path:
+            raise ValueError("model_source is `local`: set model.local_model_path")
+        return self
+
+
+# --- presets -------------------------------------------------------------------------------------
+
+EMBEDDED_PRESET = "smollm2-135m-medical"
+DEFAULT_GPU_PRESET = "llama3-8b-medical"
+
+
+def embedded_dataset_path() -> Path:
+    """The medical instruction set shipped in the package (written for medtune)."""
+    return Path(__file__).parent / "assets" / "medical_qa"
+
+
+def _seed_preset(model_id: str, dataset: str) -> dict[str, Any]:
+    return {
+        "model": {"model_source": "huggingface", "base_model_id": model_id},
+        "dataset": {"dataset_source": "huggingface", "dataset_name": dataset, "rerender_prompts": True},
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "llama3-8b-medical": _seed_preset("meta-llama/Llama-3.1-8B-Instruct", "Shekswess/medical_llama3_instruct_dataset"),
+    "llama3-8b-medical-quick": {
+        **_seed_preset("meta-llama/Llama-3.1-8B-Instruct", "Shekswess/medical_llama3_instruct_dataset"),
+        "training": {"num_epochs": 1.0},
+    },
+    "mistral-7b-medical": _seed_preset("mistralai/Mistral-7B-Instruct-v0.2", "Shekswess/medical_mistral_instruct_dataset"),
+    "gemma-7b-medical": _seed_preset("google/gemma-7b-it", "Shekswess/medical_gemma_instruct_dataset"),
+    "llama2-7b-medical": _seed_preset("meta-llama/Llama-2-7b-chat-hf", "Shekswess/medical_llama2_instruct_dataset"),
+    # The embedded default: a 135M model on 2 CPU cores. Short rows, a few larger steps and a higher
+    # learning rate make two epochs over ~200 rows useful in a few minutes.
+    EMBEDDED_PRESET: {
+        "model": {"model_source": "gguf", "base_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+        "dataset": {"dataset_source": "local", "dataset_format": "jsonl", "eval_split": "heldout"},
+        "training": {
+            "num_epochs": 2.0,
+            "learning_rate": 1e-3,
+            "micro_batch_size": 4,
+            "gradient_accumulation": 2,
+            "max_seq_length": 384,
+            "logging_steps": 5,
+            "save_steps": 25,
+            "warmup_ratio": 0.05,
+        },
+        "lora": {"lora_r": 16, "lora_alpha": 32, "quantization": "none", "gradient_checkpointing": False, "bf16": True},
+    },
+}
+PRESETS["llama3-8b-medical-quick"]["dataset"] = {**PRESETS["llama3-8b-medical-quick"]["dataset"], "max_samples": 500}
+
+PRESET_DESCRIPTIONS: dict[str, str] = {
+    "llama3-8b-medical": "Llama 3.1 8B Instruct, QLoRA, the seed's Llama 3 medical dataset (GPU).",
+    "llama3-8b-medical-quick": "As llama3-8b-medical with 500 samples and 1 epoch: a smoke test on a GPU.",
+    "mistral-7b-medical": "Mistral 7B Instruct, QLoRA, the seed's Mistral medical dataset (GPU).",
+    "gemma-7b-medical": "Gemma 7B IT, QLoRA, the seed's Gemma medical dataset (GPU, gated: needs HF_TOKEN).",
+    "llama2-7b-medical": "Llama 2 7B chat, QLoRA, the seed's Llama 2 medical dataset (GPU, gated).",
+    EMBEDDED_PRESET: "Embedded SmolLM2-135M-Instruct + bundled medical Q&A: runs on a laptop CPU, offline, in minutes.",
+}
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The preset's overrides as a fresh nested dict (with runtime paths filled in)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)} (see `medtune presets`)")
+    data = copy.deepcopy(PRESETS[name])
+    data.setdefault("model", {})["model_config"] = name
+    if name == EMBEDDED_PRESET:
+        data["dataset"]["local_dataset_path"] = str(embedded_dataset_path())
+    return data
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: `override` merged into `base` section by section (neither is modified)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out

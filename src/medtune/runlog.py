@@ -1,0 +1,69 @@
+"""Logging for a run: rich on a terminal, one plain line per event in logs/finetune.log and non-TTYs.
+
+Every handler carries a filter that replaces known secret values with `***`, so a token that
+reaches a log message by accident (an exception text, a library's debug line) never reaches disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from rich.logging import RichHandler
+
+PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class RedactSecrets(logging.Filter):
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__()
+        self.secrets = [s for s in secrets if s]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            text = record.getMessage()
+            if any(s in text for s in self.secrets):
+                for secret in self.secrets:
+                    text = text.replace(secret, "***")
+                record.msg, record.args = text, None
+        return True
+
+
+def setup_logging(log_file: Path | None, secrets: list[str], verbose: bool = False) -> None:
+    """Route medtune's and the libraries' logs to the console and (when given) the run's log file."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_medtune", False):
+            root.removeHandler(handler)
+            handler.close()
+    redact = RedactSecrets(secrets)
+    console: logging.Handler
+    if sys.stderr.isatty():
+        console = RichHandler(show_path=False, markup=False, rich_tracebacks=False)
+    else:
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(logging.Formatter(PLAIN_FORMAT, "%H:%M:%S"))
+    handlers = [console]
+    if log_file is not None:
+        file_handler = logging.FileHandler(log_file, encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter(PLAIN_FORMAT))
+        handlers.append(file_handler)
+    for handler in handlers:
+        handler.addFilter(redact)
+        handler._medtune = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("medtune").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.captureWarnings(True)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    if not sys.stderr.isatty():
+        # Progress bars redrawn with \r make Slurm logs and finetune.log unreadable.
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()

@@ -1,0 +1,107 @@
+"""The real pipeline end to end on the tiny random Llama: artifacts, secrets, correctness, resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from medtune.config_io import load_config
+from medtune.workflow import run_workflow
+
+CANARY = "hf_CANARYtoken0123456789abcdef"
+ARTIFACTS = {"adapters", "merged", "logs", "training.env", "manifest.json", "summary.md", "config.yaml", "data"}
+
+
+@pytest.fixture
+def finished_run(tiny_overrides, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    cfg = load_config(preset="smollm2-135m-medical", overrides=[*tiny_overrides, "output.run_id=tiny"])
+    assert cfg.model.hf_token.get_secret_value() == CANARY
+    return cfg, run_workflow(cfg)
+
+
+def test_exact_artifact_set(finished_run):
+    _, run = finished_run
+    assert {p.name for p in run.root.iterdir()} == ARTIFACTS
+    assert {p.name for p in run.adapters.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    assert (run.merged / "config.json").is_file() and (run.merged / "model.safetensors").is_file()
+    assert (run.merged / "tokenizer.json").is_file() and (run.merged / "generation_config.json").is_file()
+    assert (run.logs / "finetune.log").stat().st_size > 0
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["status"] == "succeeded"
+    assert set(manifest["stages"]) == {"setup", "container", "model", "data", "finetune", "merge", "upload", "validate"}
+    assert manifest["environment"]["libraries"]["peft"]
+    assert manifest["stages"]["data"]["report"]["input"]["files"]  # sha256 of the input data
+
+
+def test_no_file_holds_the_token(finished_run):
+    _, run = finished_run
+    for path in run.root.rglob("*"):
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes(), path
+    assert "MODEL__HF_TOKEN='***'" in run.training_env.read_text()
+
+
+def test_lora_changes_and_base_does_not(finished_run, tiny_model_dir):
+    _, run = finished_run
+    adapter = load_file(run.adapters / "adapter_model.safetensors")
+    lora_b = [v for k, v in adapter.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # B starts at zero: non-zero means it trained
+    base = load_file(tiny_model_dir / "model.safetensors")
+    merged = load_file(run.merged / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(base[q], merged[q])
+    assert torch.equal(base["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
+
+
+def test_merged_logits_match_adapter_on_base(finished_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, run = finished_run
+    ids = torch.tensor([[1, 5, 9, 42, 77, 100, 3]])
+    merged = AutoModelForCausalLM.from_pretrained(run.merged, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, str(run.adapters))  # the seed guide's usage
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
+    check = json.loads(run.manifest_path.read_text())["validation"]["merge_check"]
+    assert check["passed"] and check["top1_agreement"] == 1.0
+
+
+def test_labels_train_the_stop_token(finished_run):
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    _, run = finished_run
+    tok = AutoTokenizer.from_pretrained(run.merged)
+    row = load_from_disk(str(run.data / "train"))[0]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    trained = [t for t in row["labels"] if t != -100]
+    assert end in trained and row["labels"][0] == -100
+    gen = json.loads((run.merged / "generation_config.json").read_text())
+    assert end in gen["eos_token_id"]
+
+
+def test_rerun_skips_finished_stages(finished_run, caplog):
+    cfg, run = finished_run
+    merged_mtime = (run.merged / "model.safetensors").stat().st_mtime
+    with caplog.at_level("INFO", logger="medtune"):
+        again = run_workflow(cfg)
+    assert again.root == run.root
+    assert (run.merged / "model.safetensors").stat().st_mtime == merged_mtime  # re-merge is a no-op
+    text = caplog.text
+    for stage in ("data", "finetune", "merge", "validate"):
+        assert f"== {stage}: already complete, skipped" in text
+
+
+def test_summary_reports_losses_and_answers(finished_run):
+    _, run = finished_run
+    summary = run.summary.read_text()
+    assert "**Status: succeeded**" in summary
+    assert "Held-out eval loss: base" in summary and "Held-out question 1" in summary
+    assert "Training + merge + validation" in summary
