@@ -129,6 +129,11 @@ class TrainingConfig(Section):
     save_steps: int = Field(100, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
     eval_steps: int = Field(0, ge=0, description="Evaluate on the held-out split every N steps (0 = at the end only).")
+    liger_kernels: bool = Field(
+        True,
+        description="On CUDA GPUs, use Liger's fused kernels (linear + cross-entropy without materialising the "
+        "logits, RMSNorm, SwiGLU, RoPE) when the `liger-kernel` package is installed (`pip install medtune[gpu]`).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to train: `auto` uses CUDA when available, else the CPU."
     )

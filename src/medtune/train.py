@@ -10,6 +10,7 @@ covers the answer tokens the data stage labelled (end-of-turn included). Checkpo
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -54,7 +55,7 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str) -> Any:
     elif cfg.lora.quantization == "8bit":
         quant = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quant,
-                                                 device_map={"": device})
+                                                 device_map={"": device}, attn_implementation="sdpa")
     model.config.use_cache = False
     if cfg.lora.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -103,13 +104,19 @@ def training_args(cfg: MedtuneConfig, run: RunDir, device: str, has_eval: bool) 
         length_column_name="length",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        use_liger_kernel=use_liger(cfg, device),
     )
 
 
-def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
+def use_liger(cfg: MedtuneConfig, device: str) -> bool:
+    """Liger's Triton kernels (fused linear + cross-entropy, RMSNorm, SwiGLU, RoPE) need CUDA."""
+    return device == "cuda" and cfg.training.liger_kernels and importlib.util.find_spec("liger_kernel") is not None
+
+
+def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str, callbacks: tuple = ()) -> Any:
+    """The model with adapters, the tokenized data and the Trainer, as `train` (and bench/) use them."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
-    from transformers.trainer_utils import get_last_checkpoint
 
     torch.manual_seed(cfg.training.seed)
     device = pick_device(cfg)
@@ -123,10 +130,17 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
 
     model = load_for_training(cfg, model_path, device)
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None)
-    progress = ProgressLog()
     trainer = Trainer(model=model, args=training_args(cfg, run, device, eval_ds is not None), train_dataset=train_ds,
-                      eval_dataset=eval_ds, data_collator=collator, callbacks=[progress])
+                      eval_dataset=eval_ds, data_collator=collator, callbacks=[ProgressLog(), *callbacks])
     trainer.remove_callback(PrinterCallback)  # ProgressLog writes the log lines
+    return trainer
+
+
+def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    trainer = build_trainer(cfg, run, model_path, data_path)
+    model, eval_ds, device = trainer.model, trainer.eval_dataset, trainer.args.device.type
     resume = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
     metrics: dict[str, Any] = dict(run.manifest().get("training", {}))
     if eval_ds is not None and "base_eval_loss" not in metrics:
