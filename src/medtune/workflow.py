@@ -26,7 +26,9 @@ def preflight(cfg: MedtuneConfig) -> None:
     """Input checks that need no download or GPU; a failure here leaves nothing on disk."""
     from medtune.data.load import check_source as check_data
     from medtune.model import check_source as check_model
+    from medtune.setup import check_environment, environment_report
 
+    check_environment(cfg, environment_report([]))
     check_model(cfg.model)
     check_data(cfg.dataset)
 
