@@ -90,6 +90,35 @@ def write_data(ids: list[list[int]], max_len: int, out: Path) -> None:
     Dataset.from_dict({"input_ids": rows, "labels": rows}).save_to_disk(str(out / "train"))
 
 
+def bench_merge(cfg, run: RunDir, model_dir: str, trainer) -> dict[str, object]:
+    """medtune's merge stage on the trained adapter: time, peak GPU memory, shards, reload time."""
+    import resource
+
+    from transformers import AutoModelForCausalLM
+
+    from medtune.merge import merge
+
+    trainer.model.save_pretrained(str(run.adapters))
+    del trainer
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    info = merge(cfg.output, run, model_dir)
+    merge_s = time.perf_counter() - t0
+    merge_peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(run.merged), device_map={"": 0})
+    with torch.no_grad():
+        logits = model(torch.tensor([[128000, 1, 2, 3]], device="cuda")).logits
+    reload_s = time.perf_counter() - t0
+    shards = [f for f in info["files"] if f.endswith(".safetensors")]
+    return {"merge_s": round(merge_s, 1), "merge_peak_gpu_gib": round(merge_peak, 2),
+            "merge_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
+            "merged_shards": len(shards), "merged_dtype": info["dtype"], "reload_s": round(reload_s, 1),
+            "reload_finite": bool(torch.isfinite(logits).all())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model-dir", required=True)
@@ -103,7 +132,9 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=1)
+    ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex_attention", "eager"])
     ap.add_argument("--label", default="medtune")
+    ap.add_argument("--merge", action="store_true", help="then save the adapter, merge it (medtune.merge) and reload")
     a = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="medtune-bench-"))
@@ -116,7 +147,7 @@ def main() -> None:
         f"lora.gradient_checkpointing={str(not a.no_gc).lower()}", f"lora.lora_dropout={a.dropout}",
         f"training.micro_batch_size={a.micro_batch}", f"training.gradient_accumulation={a.grad_accum}",
         f"training.max_seq_length={a.max_len}", f"training.max_steps={a.warm + a.steps}",
-        "training.logging_steps=1", "training.save_steps=100000", "training.warmup_ratio=0",
+        f"training.attn_implementation={a.attn}", "training.logging_steps=1", "training.save_steps=100000", "training.warmup_ratio=0",
         f"output.output_root={work}",
     ]
     cfg = load_config(preset="llama3-8b-medical", overrides=overrides, env={})
@@ -128,15 +159,17 @@ def main() -> None:
     trainer.train()
     losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
     tps = timer.result["tokens_per_s"]
+    merged = bench_merge(cfg, run, a.model_dir, trainer) if a.merge else {}
     print(json.dumps({
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "quantization": a.quantization,
         "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "packing": a.packing,
         "gradient_checkpointing": not a.no_gc, "lora_dropout": a.dropout,
-        "liger": bool(trainer.args.use_liger_kernel), "load_s": round(load_s, 1),
+        "liger": bool(trainer.args.use_liger_kernel), "attn": trainer.model.config._attn_implementation, "load_s": round(load_s, 1),
         "timed_steps": a.steps, **timer.result,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "mfu_pct": round(100 * tps * MODEL_GFLOP_PER_TOKEN * 1e9 / (PEAK_TFLOPS * 1e12), 1),
         "losses": losses,
+        **merged,
         "date": time.strftime("%Y-%m-%d"),
     }), flush=True)
 

@@ -31,7 +31,15 @@ for run in ${RUNS:-seedfast tuned_gc medtune_qlora medtune_bf16}; do
       step 240 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization none ${MT_ARGS:-} --label "$run" ;;
     medtune_qlora_mb16)  # 16 rows (~5k real tokens) per forward, one micro batch per step
       step 240 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization 4bit --micro-batch 16 --grad-accum 2 ${MT_ARGS:-} --label "$run" ;;
-    medtune_qlora_packed)  # padding-free packing, ~26 rows (~8k tokens) per forward
-      step 240 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization 4bit --packing --micro-batch 26 --grad-accum 2 ${MT_ARGS:-} --label "$run" ;;
+    medtune_qlora_packed)  # padding-free packing, 26 rows (~8k tokens) per forward, ~32k tokens per step
+      step 300 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization 4bit --packing --micro-batch 26 --grad-accum 4 ${MT_ARGS:-} --label "$run" ;;
+    medtune_qlora_packed_merge)  # as above, then merge the adapter into bf16 shards and reload them
+      step 420 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization 4bit --packing --micro-batch 26 --grad-accum 4 --merge ${MT_ARGS:-} --label "$run" ;;
+    medtune_qlora_packed_nogc)  # 13 rows (~4k tokens) per forward without recompute
+      step 300 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization 4bit --packing --micro-batch 13 --grad-accum 8 --no-gc ${MT_ARGS:-} --label "$run" ;;
+    medtune_qlora_mb26)  # no packing: 26 length-grouped rows per forward, padded, SDPA
+      step 300 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization 4bit --micro-batch 26 --grad-accum 4 ${MT_ARGS:-} --label "$run" ;;
+    medtune_bf16_packed)
+      step 300 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization none --packing --micro-batch 26 --grad-accum 4 ${MT_ARGS:-} --label "$run" ;;
   esac
 done

@@ -134,6 +134,11 @@ class TrainingConfig(Section):
         description="On CUDA GPUs, use Liger's fused kernels (linear + cross-entropy without materialising the "
         "logits, RMSNorm, SwiGLU, RoPE) when the `liger-kernel` package is installed (`pip install medtune[gpu]`).",
     )
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+        "auto",
+        description="Attention kernel. `auto`: FlexAttention on CUDA with `lora.packing` (packed examples become "
+        "separate blocks without materialising a mask), PyTorch SDPA otherwise.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to train: `auto` uses CUDA when available, else the CPU."
     )

@@ -42,6 +42,14 @@ def compute_dtype(cfg: MedtuneConfig, device: str) -> torch.dtype:
     return torch.bfloat16 if cfg.lora.bf16 else torch.float16
 
 
+def attention_kernel(cfg: MedtuneConfig, device: str) -> str:
+    if cfg.training.attn_implementation != "auto":
+        return cfg.training.attn_implementation
+    # With packing, SDPA gets a materialised block mask and falls back to the math kernel, which keeps
+    # a full T x T attention matrix per head (measured: out of memory at 4k tokens without recompute).
+    return "flex_attention" if device == "cuda" and cfg.lora.packing else "sdpa"
+
+
 def load_for_training(cfg: MedtuneConfig, model_path: str, device: str) -> Any:
     """The base model with LoRA adapters attached, ready for the Trainer."""
     from peft import LoraConfig, get_peft_model
@@ -55,7 +63,8 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str) -> Any:
     elif cfg.lora.quantization == "8bit":
         quant = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quant,
-                                                 device_map={"": device}, attn_implementation="sdpa")
+                                                 device_map={"": device},
+                                                 attn_implementation=attention_kernel(cfg, device))
     model.config.use_cache = False
     if cfg.lora.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -116,7 +125,7 @@ def use_liger(cfg: MedtuneConfig, device: str) -> bool:
 def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str, callbacks: tuple = ()) -> Any:
     """The model with adapters, the tokenized data and the Trainer, as `train` (and bench/) use them."""
     from datasets import load_from_disk
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
+    from transformers import AutoTokenizer, Trainer
 
     torch.manual_seed(cfg.training.seed)
     device = pick_device(cfg)
@@ -129,11 +138,23 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
     eval_ds = load_from_disk(str(eval_path)) if eval_path.exists() else None
 
     model = load_for_training(cfg, model_path, device)
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None)
+    collator = make_collator(cfg, tokenizer, device)
     trainer = Trainer(model=model, args=training_args(cfg, run, device, eval_ds is not None), train_dataset=train_ds,
                       eval_dataset=eval_ds, data_collator=collator, callbacks=[ProgressLog(), *callbacks])
     trainer.remove_callback(PrinterCallback)  # ProgressLog writes the log lines
     return trainer
+
+
+def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:
+    """Padding to the longest row, or with `lora.packing` padding-free packing: the micro batch becomes
+    one row whose `position_ids` restart at every example, and the attention implementations turn
+    those restarts into separate causal blocks, so no example attends to its neighbour (the first
+    label of each example is masked, as it would be the prediction across the boundary)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if cfg.lora.packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None)
 
 
 def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
