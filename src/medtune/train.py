@@ -108,7 +108,7 @@ def training_args(cfg: MedtuneConfig, run: RunDir, device: str, has_eval: bool) 
 
 def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
     from datasets import load_from_disk
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
+    from transformers import AutoTokenizer, Trainer
     from transformers.trainer_utils import get_last_checkpoint
 
     torch.manual_seed(cfg.training.seed)
@@ -122,7 +122,7 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
     eval_ds = load_from_disk(str(eval_path)) if eval_path.exists() else None
 
     model = load_for_training(cfg, model_path, device)
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None)
+    collator = make_collator(cfg, tokenizer, device)
     progress = ProgressLog()
     trainer = Trainer(model=model, args=training_args(cfg, run, device, eval_ds is not None), train_dataset=train_ds,
                       eval_dataset=eval_ds, data_collator=collator, callbacks=[progress])
@@ -149,6 +149,18 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
         model.save_pretrained(str(tmp))
         (tmp / "README.md").write_text(adapter_card(cfg, metrics))
     return metrics
+
+
+def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:
+    """Padding to the longest row, or with `lora.packing` padding-free packing: the micro batch becomes
+    one row whose `position_ids` restart at every example, and the attention implementations turn
+    those restarts into separate causal blocks, so no example attends to its neighbour (the first
+    label of each example is masked, as it would be the prediction across the boundary)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if cfg.lora.packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None)
 
 
 def adapter_card(cfg: MedtuneConfig, metrics: dict[str, Any]) -> str:
