@@ -23,7 +23,7 @@ from medtune.data.load import RawData, load_raw
 from medtune.data.render import Tokenized, render_rows, to_messages, tokenize_pairs
 from medtune.data.stewardship import duplicates, enforce_phi, overlap, redact, scan_phi
 from medtune.data.templates import check_prompt_column, ensure_chat_template
-from medtune.data.validate import drop_blank, text_columns, validate_rows
+from medtune.data.validate import drop_blank, row_text, text_columns, validate_rows
 from medtune.errors import DataError
 from medtune.rundir import RunDir, atomic_dir
 
@@ -132,7 +132,7 @@ def _phi(cfg: MedtuneConfig, fmt: str, train: Rows, evald: Rows | None, where: s
     for split in (train, evald):
         if split is None:
             continue
-        texts = [_row_text(row, fmt, columns) for row in split.rows]
+        texts = [row_text(row, fmt, columns) for row in split.rows]
         found = scan_phi(texts)
         result["total"] += found["total"]
         for kind, entry in found["by_type"].items():
@@ -144,12 +144,6 @@ def _phi(cfg: MedtuneConfig, fmt: str, train: Rows, evald: Rows | None, where: s
                 _redact_row(row, fmt, columns)
     enforce_phi(result, ds_cfg.phi_action, where)
     return result
-
-
-def _row_text(row: dict[str, Any], fmt: str, columns: list[str]) -> str:
-    if fmt == "messages":
-        return "\n".join(m["content"] for m in row["messages"])
-    return "\n".join(str(row.get(c) or "") for c in columns)
 
 
 def _redact_row(row: dict[str, Any], fmt: str, columns: list[str]) -> None:

@@ -10,10 +10,12 @@ extension unless `dataset.dataset_format` names it, and a file of another format
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,32 +44,53 @@ class RawData:
     provenance: dict[str, object] = field(default_factory=dict)
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """datasets' per-split progress bars would bury a one-line error; medtune logs its own progress."""
+    from datasets.utils import logging as ds_logging
+
+    was_on = ds_logging.is_progress_bar_enabled()
+    ds_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            ds_logging.enable_progress_bar()
+
+
 def check_source(cfg: DatasetConfig) -> None:
     """Checks that need no download, run before the run directory exists: the path, the files'
     format, and (for data already on this machine) the rows themselves."""
     from medtune.data.validate import validate_rows
 
+    with _quiet():
+        raw = _local_raw(cfg)
+        if raw is not None:
+            validate_rows(raw, cfg)
+
+
+def _local_raw(cfg: DatasetConfig) -> RawData | None:
+    """The raw rows when they are on this machine already (None for remote buckets and Hub ids)."""
     if cfg.dataset_source == "bucket":
         url = bucket_url(cfg)
         fs = _filesystem(url)
         if "file" not in fs.protocol and "local" not in fs.protocol:
-            return  # remote: checked after the download
-        raw = _from_path(Path(fs._strip_protocol(url)), cfg, "dataset.dataset_bucket_path")
-    elif cfg.dataset_source == "local":
-        raw = _from_path(Path(cfg.local_dataset_path).expanduser(), cfg, "dataset.local_dataset_path")
-    elif Path(cfg.dataset_name).expanduser().is_dir():
-        raw = _from_hub(cfg, None, None)
-    else:
-        return
-    validate_rows(raw, cfg)
+            return None  # remote: checked after the download
+        return _from_path(Path(fs._strip_protocol(url)), cfg, "dataset.dataset_bucket_path")
+    if cfg.dataset_source == "local":
+        return _from_path(Path(cfg.local_dataset_path).expanduser(), cfg, "dataset.local_dataset_path")
+    if Path(cfg.dataset_name).expanduser().is_dir():
+        return _from_hub(cfg, None, None)
+    return None
 
 
 def load_raw(cfg: DatasetConfig, cache_dir: Path, token: str | None) -> RawData:
-    if cfg.dataset_source == "huggingface":
-        return _from_hub(cfg, cache_dir, token)
-    if cfg.dataset_source == "bucket":
-        return _from_path(_fetch_bucket(cfg, cache_dir), cfg, "dataset.dataset_bucket_path")
-    return _from_path(Path(cfg.local_dataset_path).expanduser(), cfg, "dataset.local_dataset_path")
+    with _quiet():
+        if cfg.dataset_source == "huggingface":
+            return _from_hub(cfg, cache_dir, token)
+        if cfg.dataset_source == "bucket":
+            return _from_path(_fetch_bucket(cfg, cache_dir), cfg, "dataset.dataset_bucket_path")
+        return _from_path(Path(cfg.local_dataset_path).expanduser(), cfg, "dataset.local_dataset_path")
 
 
 def _from_hub(cfg: DatasetConfig, cache_dir: Path | None, token: str | None) -> RawData:
@@ -259,6 +282,9 @@ def _check_format(path: Path, found: str, cfg: DatasetConfig) -> None:
 
 
 def _read_files(builder: str, files: list[Path]) -> Dataset:
+    if builder in ("json", "csv"):
+        for f in files:
+            _check_utf8(f)  # pyarrow's JSON reader lets invalid bytes into string columns
     try:
         return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
     except Exception as exc:  # datasets wraps parser errors in several exception types
@@ -271,13 +297,18 @@ def _read_files(builder: str, files: list[Path]) -> Dataset:
                         "set dataset.dataset_format") from None
 
 
+def _check_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); re-save the file as UTF-8") from None
+
+
 def _locate_bad_json(path: Path) -> None:
     """Name the line of the first JSON error (datasets' own message does not)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        line = path.read_bytes()[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {exc.start}); re-save the file as UTF-8") from None
+    text = _check_utf8(path)
     if not text.strip():
         raise DataError(f"{path} is empty; add rows or point dataset.local_dataset_path elsewhere")
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import logging
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -14,6 +15,7 @@ from datasets import Dataset
 
 from medtune.config import DatasetConfig
 from medtune.data.load import RawData
+from medtune.data.stewardship import enforce_phi, scan_phi
 from medtune.errors import DataError
 
 log = logging.getLogger("medtune.data")
@@ -77,6 +79,11 @@ def validate_rows(raw: RawData, cfg: DatasetConfig) -> str:
             raise DataError(f"{raw.where}: every row of the {name} split has an empty "
                             f"{' or '.join(text_columns(fmt, cfg)[0] or ['messages'])}; nothing left to train on — "
                             "fill those columns")
+        if cfg.phi_action == "fail":
+            columns = sum(text_columns(fmt, cfg), [])
+            columns = [c for c in columns if c in ds.column_names] or ["messages"]
+            texts = [row_text(row, fmt, columns) for row in ds.select_columns(columns).to_list()]
+            enforce_phi(scan_phi(texts), "fail", f"{raw.where} ({name} split)")
     return fmt
 
 
@@ -104,6 +111,13 @@ def _check_messages(ds: Dataset, raw: RawData, split: str) -> None:
         if messages[-1]["role"] != "assistant":
             raise DataError(f"{location(raw, i, split)}: the last message has role {messages[-1]['role']!r}; "
                             "each conversation must end with the assistant's answer")
+
+
+def row_text(row: dict[str, Any], fmt: str, columns: list[str]) -> str:
+    """All the text of a row that training sees (for the PHI scan)."""
+    if fmt == "messages":
+        return "\n".join(m["content"] for m in row["messages"])
+    return "\n".join(str(row.get(c) or "") for c in columns)
 
 
 def blank_mask(ds: Dataset, fmt: str, cfg: DatasetConfig) -> list[bool]:
