@@ -44,7 +44,7 @@ EXPECTED = {
 
 
 def build_tokenizer(out, family: str, with_template: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     spec = SPECIALS[family]
@@ -54,6 +54,9 @@ def build_tokenizer(out, family: str, with_template: bool):
     corpus = [" ".join(ROW.values()), "medical question answer patient treatment"] * 5
     tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=spec["tokens"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bos_id = tok.token_to_id(spec["bos"])  # like the real tokenizers, add BOS when asked for special tokens
+    tok.post_processor = processors.TemplateProcessing(single=f"{spec['bos']} $A", pair=f"{spec['bos']} $A $B",
+                                                       special_tokens=[(spec["bos"], bos_id)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=spec["bos"], eos_token=spec["eos"])
     if with_template:
         fast.chat_template = FAMILY_TEMPLATES[family]
@@ -141,3 +144,17 @@ def test_shared_prompt_column_disagrees_with_mistral_template_and_is_shown(tmp_p
 def test_known_template_faults_of_published_datasets(tmp_path_factory, text, problem):
     tokenizer = build_tokenizer(tmp_path_factory.mktemp("m"), "mistral", with_template=True)
     assert any(problem in p for p in known_problems(text, tokenizer))
+
+
+def test_batch_encoding_matches_the_tokenizer_call(family):
+    """The fast path (the Rust tokenizer directly) gives the ids `tokenizer(text)` gives, BOS handling included."""
+    _, tokenizer, _ = family
+    from medtune.data.render import _encode_batch
+
+    texts = [ROW["output"], tokenizer.bos_token + ROW["input"]]
+    for add_bos in (False, True):
+        expected = tokenizer(texts, add_special_tokens=add_bos)["input_ids"]
+        if add_bos:
+            assert all(ids[0] == tokenizer.bos_token_id for ids in expected)
+            expected = [ids[1:] if ids[:2] == [tokenizer.bos_token_id] * 2 else ids for ids in expected]
+        assert _encode_batch(tokenizer, texts, add_bos) == expected

@@ -80,22 +80,22 @@ def _local_raw(cfg: DatasetConfig) -> RawData | None:
     if cfg.dataset_source == "local":
         return _from_path(Path(cfg.local_dataset_path).expanduser(), cfg, "dataset.local_dataset_path")
     if Path(cfg.dataset_name).expanduser().is_dir():
-        return _from_hub(cfg, None, None)
+        return _from_hub(cfg, None)
     return None
 
 
 def load_raw(cfg: DatasetConfig, cache_dir: Path, token: str | None) -> RawData:
     with _quiet():
         if cfg.dataset_source == "huggingface":
-            return _from_hub(cfg, cache_dir, token)
+            return _from_hub(cfg, token)
         if cfg.dataset_source == "bucket":
             return _from_path(_fetch_bucket(cfg, cache_dir), cfg, "dataset.dataset_bucket_path")
         return _from_path(Path(cfg.local_dataset_path).expanduser(), cfg, "dataset.local_dataset_path")
 
 
-def _from_hub(cfg: DatasetConfig, cache_dir: Path | None, token: str | None) -> RawData:
-    kwargs = {"name": cfg.dataset_config_name or None, "token": token,
-              "cache_dir": str(cache_dir / "hf-datasets") if cache_dir else None}
+def _from_hub(cfg: DatasetConfig, token: str | None) -> RawData:
+    # datasets' own cache (HF_DATASETS_CACHE / HF_HOME): a Hub set is downloaded once per machine, not per run
+    kwargs = {"name": cfg.dataset_config_name or None, "token": token}
     splits = [cfg.dataset_split] + ([cfg.eval_split] if cfg.eval_split else [])
     loaded = {}
     for split in splits:

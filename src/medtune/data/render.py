@@ -94,7 +94,11 @@ def tokenize_pairs(pairs: list[tuple[str, str]], fmt: str, tokenizer: Any, cfg: 
 
 
 def _encode_batch(tokenizer: Any, texts: list[str], add_bos: bool) -> list[list[int]]:
-    batch = tokenizer(texts, add_special_tokens=add_bos)["input_ids"]
+    if tokenizer.is_fast:
+        # the Rust tokenizer straight: no offsets or Python-side conversion (a third of the time for 15k rows)
+        batch = [e.ids for e in tokenizer.backend_tokenizer.encode_batch_fast(texts, add_special_tokens=add_bos)]
+    else:
+        batch = tokenizer(texts, add_special_tokens=add_bos)["input_ids"]
     bos = tokenizer.bos_token_id
     if add_bos and bos is not None:
         # a pre-rendered text that already starts with BOS would get a second one
