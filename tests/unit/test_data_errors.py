@@ -89,6 +89,10 @@ def make(tmp: Path, name: str) -> tuple[Path, list[str]]:
     if name == "phi-fail":
         f.write_text(jsonl([GOOD, {**GOOD, "input": "Patient John, SSN 123-45-6789, mail j.doe@example.org"}]))
         return f, ["dataset.phi_action=fail"]
+    if name == "bucket-path-missing":
+        return f, ["dataset.dataset_source=bucket", f"dataset.dataset_bucket=file://{d}", "dataset.dataset_bucket_path=none.jsonl"]
+    if name == "bucket-unknown-protocol":
+        return f, ["dataset.dataset_source=bucket", "dataset.dataset_bucket=nosuch://b", "dataset.dataset_bucket_path=x.jsonl"]
     raise AssertionError(name)
 
 
@@ -115,6 +119,8 @@ CASES = {
     "split-not-found": ["split 'training' not in", "it has: train", "set dataset.dataset_split"],
     "messages-wrong-shape": ["qa.jsonl:2", "column 'messages' must be a list"],
     "messages-no-answer": ["qa.jsonl:1", "must end with the assistant"],
+    "bucket-path-missing": ["dataset.dataset_bucket_path", "none.jsonl not found", "point it at"],
+    "bucket-unknown-protocol": ["nosuch://b/x.jsonl", "unknown protocol 'nosuch'", "use s3://"],
     "phi-fail": ["qa.jsonl", "possible PHI/PII found", "1 email (rows 2)", "1 ssn (rows 2)", "dataset.phi_action=redact"],
 }
 

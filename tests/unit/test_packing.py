@@ -69,3 +69,4 @@ def test_a_packed_training_run_on_the_tiny_model(tiny_overrides):
     manifest = run.manifest()
     assert manifest["status"] == "succeeded" and manifest["training"]["steps"] == cfg.training.max_steps
     assert (run.adapters / "adapter_model.safetensors").is_file()
+    assert len(manifest["stages"]["data"]["input_sha256"]) == 64  # the input data's digest, in manifest.json

@@ -18,6 +18,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 from datasets import Dataset, DatasetDict
@@ -73,10 +74,10 @@ def _local_raw(cfg: DatasetConfig) -> RawData | None:
     """The raw rows when they are on this machine already (None for remote buckets and Hub ids)."""
     if cfg.dataset_source == "bucket":
         url = bucket_url(cfg)
-        fs = _filesystem(url)
+        fs, path = _filesystem(url)
         if "file" not in fs.protocol and "local" not in fs.protocol:
             return None  # remote: checked after the download
-        return _from_path(Path(fs._strip_protocol(url)), cfg, "dataset.dataset_bucket_path")
+        return _from_path(Path(path), cfg, "dataset.dataset_bucket_path")
     if cfg.dataset_source == "local":
         return _from_path(Path(cfg.local_dataset_path).expanduser(), cfg, "dataset.local_dataset_path")
     if Path(cfg.dataset_name).expanduser().is_dir():
@@ -124,12 +125,13 @@ def bucket_url(cfg: DatasetConfig) -> str:
     return f"{cfg.dataset_bucket.rstrip('/')}/{cfg.dataset_bucket_path.lstrip('/')}"
 
 
-def _filesystem(url: str):  # noqa: ANN202 (fsspec has no public base type worth importing here)
+def _filesystem(url: str) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) for a bucket URL, or a one-line error naming the extra to install."""
     import fsspec
 
     protocol = fsspec.core.split_protocol(url)[0] or "file"
     try:
-        return fsspec.filesystem(protocol)
+        return fsspec.core.url_to_fs(url)
     except ImportError:
         package = {"s3": "'medtune[s3]'", "s3a": "'medtune[s3]'", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
                    "abfs": "adlfs"}.get(protocol, f"the fsspec implementation for {protocol}://")
@@ -143,8 +145,7 @@ def _filesystem(url: str):  # noqa: ANN202 (fsspec has no public base type worth
 def _fetch_bucket(cfg: DatasetConfig, cache_dir: Path) -> Path:
     """Copy the bucket path (a file or a whole folder) into the run's cache once; return the local copy."""
     url = bucket_url(cfg)
-    fs = _filesystem(url)
-    remote = fs._strip_protocol(url)
+    fs, remote = _filesystem(url)
     target = cache_dir / "bucket" / hashlib.sha256(url.encode()).hexdigest()[:16]
     local = target / Path(remote.rstrip("/")).name
     if target.is_dir():
