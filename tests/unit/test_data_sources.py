@@ -196,3 +196,12 @@ def test_shared_dataset_bucket_s3(tmp_path, s3):
     cfg = DatasetConfig(dataset_source="bucket", dataset_bucket=f"s3://{bucket}",
                         dataset_bucket_path=f"datasets/{SHARED_DATASET.name}")
     _check_shared(load_raw(cfg, tmp_path / "cache", None))
+
+
+def test_huggingface_split_not_found_names_the_split(tmp_path):
+    from medtune.errors import DataError
+
+    write(tmp_path / "hub" / "train.jsonl", ROWS, "jsonl")
+    cfg = DatasetConfig(dataset_source="huggingface", dataset_name=str(tmp_path / "hub"), eval_split="validation")
+    with pytest.raises(DataError, match="has no split 'validation'.*set dataset.dataset_split / dataset.eval_split"):
+        check_source(cfg)
