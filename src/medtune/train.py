@@ -186,6 +186,18 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
     return metrics
 
 
+def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:
+    """Padding to the longest row, or with `lora.packing` padding-free packing: the micro batch becomes
+    one row whose `position_ids` restart at every example, and the attention implementations turn
+    those restarts into separate causal blocks, so no example attends to its neighbour (the first
+    label of each example is masked, as it would be the prediction across the boundary)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if cfg.lora.packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None)
+
+
 def adapter_card(cfg: MedtuneConfig, metrics: dict[str, Any]) -> str:
     """The adapter's model card: what it was trained from, how, and how to load it (no secrets)."""
     base = cfg.model.base_model_id if cfg.model.model_source != "local" else cfg.model.local_model_path

@@ -20,7 +20,8 @@ def test_defaults_are_the_seed_defaults():
     assert (c.model.local_model_path, c.model.model_cache_dir) == ("/models/Llama-3.1-8B-Instruct", "~/pw/models")
     d = c.dataset
     assert (d.dataset_source, d.dataset_name) == ("huggingface", "Shekswess/medical_llama3_instruct_dataset")
-    assert (d.dataset_format, d.dataset_split, d.dataset_config_name, d.prompt_field, d.max_samples) == ("json", "train", "", "prompt", 0)
+    # dataset_format: the seed's `json` is still accepted; the default infers the format from the extension
+    assert (d.dataset_format, d.dataset_split, d.dataset_config_name, d.prompt_field, d.max_samples) == ("auto", "train", "", "prompt", 0)
     t = c.training
     assert (t.num_epochs, t.learning_rate, t.micro_batch_size, t.gradient_accumulation, t.max_seq_length) == (3.0, 2e-4, 1, 16, 2048)
     lo = c.lora
