@@ -84,9 +84,10 @@ class DatasetConfig(Section):
     dataset_bucket_path: str = Field("", description="Path inside `dataset_bucket` to a file or folder of files.")
     local_dataset_path: str = Field("", description="Local file or folder (source `local`).")
     dataset_format: Literal["auto", "json", "jsonl", "csv", "parquet", "arrow", "dataset"] = Field(
-        "auto",
-        description="File format of local/bucket data; `dataset` is a `save_to_disk` folder; `auto` infers it from "
-        "the file extensions (a file of another format than the one named here is an error).",
+        "json",
+        description="File format of local/bucket data; `dataset` is a `save_to_disk` folder. When this key is not "
+        "set (the default `json` is the seed's) or is `auto`, the format is inferred from the file extensions; "
+        "a file of another format than the one set here is an error.",
     )
     dataset_split: str = Field("train", description="Split to train on.")
     dataset_config_name: str = Field("", description="Hub dataset configuration name, if the dataset has several.")
@@ -118,6 +119,11 @@ class DatasetConfig(Section):
         description="What a PHI/PII match (email, phone, SSN, MRN, date of birth, street address, name after a "
         "title) does: count it in data_report.json, replace it with `[TYPE]` before training, or stop the run.",
     )
+
+    @property
+    def format_to_use(self) -> str:
+        """The format the loader applies: `auto` unless the user set `dataset_format` explicitly."""
+        return self.dataset_format if "dataset_format" in self.model_fields_set else "auto"
 
 
 class TrainingConfig(Section):

@@ -173,9 +173,9 @@ def _from_path(path: Path, cfg: DatasetConfig, key: str) -> RawData:
     if not path.exists():
         raise DataError(f"{key} {path} not found; point it at a data file or folder")
     if path.is_dir() and _is_saved_dataset(path):
-        if cfg.dataset_format not in ("auto", "dataset"):
+        if cfg.format_to_use not in ("auto", "dataset"):
             raise DataError(f"{path} is a saved dataset (save_to_disk) but dataset.dataset_format is "
-                            f"{cfg.dataset_format}; set dataset.dataset_format=dataset (or auto)")
+                            f"{cfg.format_to_use}; set dataset.dataset_format=dataset (or auto)")
         return _from_saved(path, cfg)
     files = data_files(path, cfg)
     by_split: dict[str, list[Path]] = {}
@@ -238,7 +238,7 @@ def data_files(path: Path, cfg: DatasetConfig) -> list[Path]:
     """The data files to read: `path` itself, or every file of the format under the folder."""
     if path.is_file():
         found = _format_of(path)
-        if cfg.dataset_format == "dataset":
+        if cfg.format_to_use == "dataset":
             raise DataError(f"{path} is a {found} file but dataset.dataset_format is dataset (a save_to_disk folder); "
                             f"set dataset.dataset_format={found}")
         _check_format(path, found, cfg)
@@ -248,7 +248,7 @@ def data_files(path: Path, cfg: DatasetConfig) -> list[Path]:
     if not candidates:
         raise DataError(f"no data files ({', '.join(FORMAT_OF_SUFFIX)}) and no saved dataset in folder {path}; "
                         "check the path")
-    wanted = cfg.dataset_format
+    wanted = cfg.format_to_use
     if wanted == "auto":
         kinds = {"json" if FORMAT_OF_SUFFIX[p.suffix] in JSON_FAMILY else FORMAT_OF_SUFFIX[p.suffix] for p in candidates}
         if len(kinds) > 1:
@@ -277,8 +277,8 @@ def _same_family(found: str, wanted: str) -> bool:
 
 
 def _check_format(path: Path, found: str, cfg: DatasetConfig) -> None:
-    if cfg.dataset_format != "auto" and not _same_family(found, cfg.dataset_format):
-        raise DataError(f"{path} looks like {found} but dataset.dataset_format is {cfg.dataset_format}; "
+    if cfg.format_to_use != "auto" and not _same_family(found, cfg.format_to_use):
+        raise DataError(f"{path} looks like {found} but dataset.dataset_format is {cfg.format_to_use}; "
                         f"set dataset.dataset_format={found} (or auto)")
 
 
