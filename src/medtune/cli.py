@@ -18,7 +18,7 @@ from rich.table import Table
 
 from medtune.config import PRESET_DESCRIPTIONS
 from medtune.config_io import default_preset, load_config, render_markdown, render_yaml, to_dict
-from medtune.errors import MedtuneError
+from medtune.errors import ConfigError, MedtuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="Fine-tune open LLMs on medical instruction data (LoRA/QLoRA) and deliver servable weights.")
@@ -42,10 +42,24 @@ def _resolve(config: Path | None, preset: str | None, overrides: list[str] | Non
 @app.command()
 def run(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, debug: DebugOpt = False,
         run_id: Annotated[str | None, typer.Option("--run-id", help="Resume (or name) this run id.")] = None,
+        resume: Annotated[str | None, typer.Option(
+            "--resume", help="Continue this run (id or run directory) with its own config.yaml.")] = None,
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug-level medtune logs.")] = False) -> int:
-    """Run the whole workflow: setup, container, model, data, finetune, merge, upload, cleanup."""
-    overrides = list(set_ or []) + ([f"output.run_id={run_id}"] if run_id else [])
-    cfg = _resolve(config, preset, overrides)
+    """Run the whole workflow: setup, container, model, data, finetune, merge, upload, cleanup.
+
+    Exit codes: 0 succeeded, 1 failed, 2 user error, 75 stopped by SIGTERM/SIGUSR1 after saving a
+    checkpoint (rerun with --resume to continue).
+    """
+    if resume:
+        if config or preset or run_id:
+            raise ConfigError("--resume reloads the run's own config.yaml; drop --config/--preset/--run-id "
+                              "(change a key with --set)")
+        from medtune.resume import resume_config
+
+        cfg = resume_config(resume, list(set_ or []))
+    else:
+        overrides = list(set_ or []) + ([f"output.run_id={run_id}"] if run_id else [])
+        cfg = _resolve(config, preset, overrides)
     from medtune.workflow import run_workflow
 
     result = run_workflow(cfg, verbose=verbose)
