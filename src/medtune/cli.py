@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -106,6 +107,49 @@ def show_config(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt
     return 0
 
 
+class SchedulerName(str, Enum):
+    slurm = "slurm"
+    pbs = "pbs"
+
+
+@app.command()
+def submit(scheduler: Annotated[SchedulerName, typer.Option("--scheduler", help="Batch system to submit to.")],
+           config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, debug: DebugOpt = False,
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the batch script; submit nothing.")] = False) -> int:
+    """Submit the workflow as a Slurm or PBS batch job (settings: infrastructure.slurm / infrastructure.pbs)."""
+    cfg = _resolve(config, preset, set_)
+    from medtune.launch.submit import submit as submit_job
+    from medtune.workflow import preflight
+
+    if dry_run:
+        sys.stdout.write(submit_job(cfg, scheduler.value, dry_run=True).script)
+        return 0
+    preflight(cfg)
+    job = submit_job(cfg, scheduler.value)
+    out.print(f"submitted {scheduler.value} job {job.job_id}: run {job.run.run_id} in {job.run.root}")
+    out.print(f"follow it with `medtune status {job.run.root}`")
+    return 0
+
+
+@app.command()
+def status(run: Annotated[str, typer.Argument(help="Run id (under output.output_root) or run directory.")],
+           set_: SetOpt = None, debug: DebugOpt = False,
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> int:
+    """Show a run's stage, step/total, last loss and its scheduler job state."""
+    from medtune.resume import find_run, output_root_override
+    from medtune.status import run_status
+
+    info = run_status(find_run(run, output_root_override(list(set_ or []))))
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return 0
+    table = Table("", "", show_header=False)
+    for key, value in info.items():
+        table.add_row(key.replace("_", " "), str(value))
+    out.print(table)
+    return 0
+
+
 @app.command()
 def schema() -> int:
     """Print the configuration reference (docs/config.md) generated from the schema."""
@@ -126,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except (click.ClickException, typer.TyperException) as exc:  # typer vendors its own click
         exc.show()
         return 2
     except click.exceptions.Abort:
