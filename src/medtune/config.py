@@ -35,6 +35,13 @@ class ContainerConfig(Section):
     bucket: str = Field("", description="Bucket URL to pull the container image from (source `pull`).")
 
 
+def _walltime(value: Any) -> Any:
+    """YAML 1.1 reads `24:00:00` as the base-60 integer 86400: turn it back into H:MM:SS."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value // 3600}:{value % 3600 // 60:02d}:{value % 60:02d}"
+    return value
+
+
 class SlurmConfig(Section):
     account: str = Field("", description="Slurm account to charge (`#SBATCH --account`); empty: your default.")
     partition: str = Field("", description="Slurm partition (`#SBATCH --partition`); empty: the cluster's default.")
@@ -51,6 +58,8 @@ class SlurmConfig(Section):
         "and requeues (`#SBATCH --signal`); 0: no warning signal."
     )
 
+    _time = field_validator("time", mode="before")(_walltime)
+
 
 class PbsConfig(Section):
     account: str = Field("", description="PBS account to charge (`#PBS -A`); empty: your default.")
@@ -61,6 +70,8 @@ class PbsConfig(Section):
         "`N:ncpus=C:ngpus=G`, one chunk per node; N above 1 starts torchrun on every node (pbsdsh)."
     )
     extra_directives: tuple[str, ...] = Field((), description="More `#PBS` options, one per item, e.g. `-l mem=64gb`.")
+
+    _walltime = field_validator("walltime", mode="before")(_walltime)
 
     @property
     def chunks(self) -> int:

@@ -9,10 +9,34 @@ on exit 75.
 from __future__ import annotations
 
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
+from medtune.errors import EnvironmentProblem
 from medtune.launch.torchrun import RDZV_PORT
 from medtune.preemption import EXIT_PREEMPTED
+from medtune.rundir import RunDir
+
+
+def render_script(directive: str, options: list[str], run: RunDir, python: str, workdir: Path,
+                  head_node: str | None, requeue: str) -> str:
+    """`#!/bin/bash`, one `<directive> <option>` line per option, then the job body."""
+    lines = ["#!/bin/bash", *(f"{directive} {opt}" for opt in options),
+             f"# medtune run {run.run_id}, written by `medtune submit`; a requeued job resumes the same run.",
+             *job_body(python, run.root, workdir, head_node, requeue)]
+    return "\n".join(lines) + "\n"
+
+
+def hand_over(command: list[str], section: str) -> str:
+    """Run sbatch/qsub; its stdout (the job id), or a one-line error naming the config section."""
+    if shutil.which(command[0]) is None:
+        raise EnvironmentProblem(f"{command[0]} not found; run `medtune submit` on a login node of the cluster "
+                                 "(or add --dry-run to print the script)")
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise EnvironmentProblem(f"{command[0]} refused the job: {proc.stderr.strip()}; fix {section}.* and submit again")
+    return proc.stdout.strip()
 
 
 def job_body(python: str, run_root: Path, workdir: Path, head_node: str | None, requeue: str) -> list[str]:

@@ -14,8 +14,7 @@ import subprocess
 from pathlib import Path
 
 from medtune.config import MedtuneConfig
-from medtune.errors import EnvironmentProblem
-from medtune.launch.jobscript import job_body
+from medtune.launch.jobscript import hand_over, render_script
 from medtune.rundir import RunDir
 
 
@@ -25,22 +24,12 @@ def render(cfg: MedtuneConfig, run: RunDir, python: str, workdir: Path) -> str:
     options += [f"-A {p.account}"] * bool(p.account) + [f"-q {p.queue}"] * bool(p.queue)
     options += [f"-l walltime={p.walltime}", f"-l select={p.select}", *p.extra_directives]
     head = 'head -n 1 "$PBS_NODEFILE"' if p.chunks > 1 else None
-    lines = ["#!/bin/bash", *(f"#PBS {opt}" for opt in options),
-             f"# medtune run {run.run_id}, written by `medtune submit`; a rerun job resumes the same run.",
-             *job_body(python, run.root, workdir, head, 'qrerun "$PBS_JOBID"')]
-    return "\n".join(lines) + "\n"
+    return render_script("#PBS", options, run, python, workdir, head, 'qrerun "$PBS_JOBID"')
 
 
 def submit(script: Path) -> str:
     """qsub the script; returns the job id."""
-    if shutil.which("qsub") is None:
-        raise EnvironmentProblem("qsub not found; run `medtune submit` on a PBS login node "
-                                 "(or add --dry-run to print the script)")
-    proc = subprocess.run(["qsub", str(script)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise EnvironmentProblem(f"qsub refused the job: {proc.stderr.strip()}; fix infrastructure.pbs.* "
-                                 "and submit again")
-    return proc.stdout.strip()
+    return hand_over(["qsub", str(script)], "infrastructure.pbs")
 
 
 def job_state(job_id: str) -> str | None:

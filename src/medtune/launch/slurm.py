@@ -14,8 +14,7 @@ import subprocess
 from pathlib import Path
 
 from medtune.config import MedtuneConfig
-from medtune.errors import EnvironmentProblem
-from medtune.launch.jobscript import job_body
+from medtune.launch.jobscript import hand_over, render_script
 from medtune.rundir import RunDir
 
 
@@ -29,22 +28,12 @@ def render(cfg: MedtuneConfig, run: RunDir, python: str, workdir: Path) -> str:
     options += ["--requeue"] + [f"--signal=B:USR1@{s.signal_seconds}"] * bool(s.signal_seconds)
     options += list(s.extra_directives)
     head = 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' if s.nodes > 1 else None
-    lines = ["#!/bin/bash", *(f"#SBATCH {opt}" for opt in options),
-             f"# medtune run {run.run_id}, written by `medtune submit`; a requeued job resumes the same run.",
-             *job_body(python, run.root, workdir, head, 'scontrol requeue "$SLURM_JOB_ID"')]
-    return "\n".join(lines) + "\n"
+    return render_script("#SBATCH", options, run, python, workdir, head, 'scontrol requeue "$SLURM_JOB_ID"')
 
 
 def submit(script: Path) -> str:
     """sbatch the script; returns the job id."""
-    if shutil.which("sbatch") is None:
-        raise EnvironmentProblem("sbatch not found; run `medtune submit` on a Slurm login node "
-                                 "(or add --dry-run to print the script)")
-    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise EnvironmentProblem(f"sbatch refused the job: {proc.stderr.strip()}; fix infrastructure.slurm.* "
-                                 "and submit again")
-    return proc.stdout.strip().split(";")[0]
+    return hand_over(["sbatch", "--parsable", str(script)], "infrastructure.slurm").split(";")[0]
 
 
 def job_state(job_id: str) -> str | None:
