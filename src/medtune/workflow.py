@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from medtune import __version__
@@ -64,7 +65,8 @@ def run_workflow(cfg: MedtuneConfig, verbose: bool = False) -> RunDir:
 def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
     from medtune.container import container
     from medtune.data import prepare_data
-    from medtune.launch.torchrun import plan_world, torchrun_command, train_distributed
+    from medtune.launch.apptainer import exec_prefix
+    from medtune.launch.torchrun import plan_world, train_in_subprocess, training_command
     from medtune.merge import merge
     from medtune.model import prepare_model
     from medtune.setup import setup
@@ -74,14 +76,14 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
     environment = _stage(run, "setup", lambda: setup(cfg, run), always=True)
     run.update_manifest(environment=environment)
     plan = plan_world(cfg, len(environment["gpus"]))
-    _stage(run, "container", lambda: container(cfg.infrastructure.container), always=True)
+    image = _stage(run, "container", lambda: container(cfg.infrastructure.container), always=True)
     model = _stage(run, "model", lambda: prepare_model(cfg.model), always=True)
     model_path = model["path"]
     _stage(run, "data", lambda: prepare_data(cfg, run, model_path), done=run.data.is_dir())
     done = (run.adapters / "adapter_config.json").is_file()
-    if plan.distributed:
-        command = torchrun_command(cfg, run, plan)
-        finetune = lambda: train_distributed(cfg, run, plan, command)  # noqa: E731
+    if plan.distributed or image.get("image"):
+        command = training_command(cfg, run, plan, exec_prefix(image, [run.root, Path(model_path)]))
+        finetune = lambda: train_in_subprocess(cfg, run, plan, command)  # noqa: E731
     else:
         finetune = lambda: train(cfg, run, model_path, str(run.data))  # noqa: E731
     metrics = _stage(run, "finetune", finetune, done=done)

@@ -78,9 +78,19 @@ def cluster_nodes(cfg: MedtuneConfig) -> int:
     return 1
 
 
-def torchrun_command(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, python: str = sys.executable) -> list[str]:
-    """The full command line: scheduler fan-out (multi-node), then torchrun, then the worker."""
-    torchrun = [python, "-m", "torch.distributed.run", f"--nnodes={plan.nnodes}",
+def training_command(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, wrap: list[str] | None = None) -> list[str]:
+    """The finetune stage as a command: torchrun for several processes, else one worker; `wrap` (the
+    container prefix) goes right before Python, which inside an image is the image's own `python3`."""
+    python = "python3" if wrap else sys.executable
+    if not plan.distributed:
+        return [*(wrap or []), python, "-m", WORKER_MODULE, str(run.root)]
+    return torchrun_command(cfg, run, plan, python, wrap)
+
+
+def torchrun_command(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, python: str = sys.executable,
+                     wrap: list[str] | None = None) -> list[str]:
+    """The full command line: scheduler fan-out (multi-node), container, torchrun, then the worker."""
+    torchrun = [*(wrap or []), python, "-m", "torch.distributed.run", f"--nnodes={plan.nnodes}",
                 f"--nproc-per-node={plan.nproc_per_node}", "--rdzv-backend=c10d", f"--rdzv-id={run.run_id}"]
     if plan.nnodes == 1:
         torchrun += [f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
@@ -107,8 +117,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def train_distributed(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, command: list[str]) -> dict[str, Any]:
-    """Run the ranks, wait for them, and return the training metrics rank 0 wrote to the manifest."""
+def train_in_subprocess(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, command: list[str]) -> dict[str, Any]:
+    """Run the rank(s), wait for them, and return the training metrics rank 0 wrote to the manifest."""
     env = None
     if plan.backend == "gloo" and plan.nnodes == 1:
         env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # one node: keep gloo's sockets on loopback
