@@ -151,6 +151,23 @@ def status(run: Annotated[str, typer.Argument(help="Run id (under output.output_
 
 
 @app.command()
+def doctor(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> int:
+    """Check this machine against the config: GPUs, CUDA, bitsandbytes, disk, containers, schedulers, token."""
+    from medtune.doctor import inspect_machine, judge, machine_rows
+
+    cfg = _resolve(config, preset, set_)
+    found = inspect_machine(cfg)
+    table = Table("check", "found")
+    for name, value in machine_rows(found):
+        table.add_row(name, value)
+    out.print(table)
+    findings = judge(cfg, found)
+    for f in findings:
+        out.print(f"{f.verdict.upper():4} {f.requirement}: {f.detail}", markup=False)
+    return 1 if any(f.verdict == "fail" for f in findings) else 0
+
+
+@app.command()
 def schema() -> int:
     """Print the configuration reference (docs/config.md) generated from the schema."""
     sys.stdout.write(render_markdown())
