@@ -7,6 +7,7 @@ slowed (in the test's own process wrapper) so the test can act while training is
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -20,24 +21,27 @@ from medtune.cli import main
 from medtune.preemption import EXIT_PREEMPTED, last_complete_checkpoint
 
 ARTIFACTS = {"adapters", "merged", "logs", "training.env", "manifest.json", "summary.md", "config.yaml", "data"}
-SLOW_RUN = """
-import sys, time, transformers
-step = transformers.Trainer.training_step
-def slow(self, *args, **kwargs):
+# Imported by every Python process of the run (torchrun ranks included) through PYTHONPATH.
+SLOW_STEPS = """
+import time, transformers
+_step = transformers.Trainer.training_step
+def _slow(self, *args, **kwargs):
     time.sleep(0.25)
-    return step(self, *args, **kwargs)
-transformers.Trainer.training_step = slow
-from medtune.cli import main
-sys.exit(main(sys.argv[1:]))
+    return _step(self, *args, **kwargs)
+transformers.Trainer.training_step = _slow
 """
 STEPS = 24
 
 
-def _start(overrides: list[str], run_id: str) -> subprocess.Popen:
-    args = ["run", "--preset", "smollm2-135m-medical", "--run-id", run_id, *_sets(overrides),
+def _start(overrides: list[str], run_id: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
+    hooks = tmp_path / "slow-steps"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(SLOW_STEPS)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
+    args = ["run", "--preset", "smollm2-135m-medical", "--run-id", run_id, *_sets([*overrides, *extra]),
             "--set", f"training.max_steps={STEPS}", "--set", "training.save_steps=2", "--set", "training.logging_steps=1"]
-    return subprocess.Popen([sys.executable, "-c", SLOW_RUN, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen([sys.executable, "-m", "medtune", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
 
 
 def _sets(overrides: list[str]) -> list[str]:
@@ -65,9 +69,9 @@ def _logged_steps(text: str) -> list[int]:
 
 
 @pytest.mark.e2e
-def test_kill_9_then_resume_continues_from_the_checkpoint(tiny_overrides):
+def test_kill_9_then_resume_continues_from_the_checkpoint(tiny_overrides, tmp_path):
     root = _root(tiny_overrides, "killed")
-    proc = _start(tiny_overrides, "killed")
+    proc = _start(tiny_overrides, "killed", tmp_path)
     _wait_for(lambda: (c := last_complete_checkpoint(root / "checkpoints")) is not None and c.name != "checkpoint-2",
               proc)
     proc.send_signal(signal.SIGKILL)
@@ -91,9 +95,12 @@ def test_kill_9_then_resume_continues_from_the_checkpoint(tiny_overrides):
 
 
 @pytest.mark.e2e
-def test_sigterm_saves_a_checkpoint_and_exits_75(tiny_overrides):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_saves_a_checkpoint_and_exits_75(tiny_overrides, tmp_path, processes):
+    """SIGTERM to `medtune run` (what Slurm sends): with 2 ranks it reaches both, which stop at one step."""
     root = _root(tiny_overrides, "stopped")
-    proc = _start(tiny_overrides, "stopped")
+    proc = _start(tiny_overrides, "stopped", tmp_path, f"infrastructure.cpu_processes={processes}",
+                  "training.gradient_accumulation=1")
     log = root / "logs" / "finetune.log"
     _wait_for(lambda: log.is_file() and len(_logged_steps(log.read_text())) >= 3, proc)
     proc.send_signal(signal.SIGTERM)

@@ -142,7 +142,7 @@ def train_in_subprocess(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, comman
     manifest = run.manifest()
     stop = manifest.get("preemption", {})
     if stop.get("time", 0) >= started:
-        raise Preempted(f"training stopped by {stop.get('signal')} after saving a checkpoint at step "
+        raise Preempted(f"training stopped by {signalled[0] if signalled else stop.get('signal')} after saving a checkpoint at step "
                         f"{stop.get('step')}; rerun with `medtune run --resume {run.root}` to continue")
     if code != 0:
         why = f" after {signalled[0]}" if signalled else ""
