@@ -26,11 +26,11 @@ SLOW_STEPS = """
 import time, transformers
 _step = transformers.Trainer.training_step
 def _slow(self, *args, **kwargs):
-    time.sleep(0.25)
+    time.sleep(0.2)
     return _step(self, *args, **kwargs)
 transformers.Trainer.training_step = _slow
 """
-STEPS = 24
+STEPS = 16
 
 
 def _start(overrides: list[str], run_id: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
@@ -39,7 +39,8 @@ def _start(overrides: list[str], run_id: str, tmp_path: Path, *extra: str) -> su
     (hooks / "sitecustomize.py").write_text(SLOW_STEPS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
     args = ["run", "--preset", "smollm2-135m-medical", "--run-id", run_id, *_sets([*overrides, *extra]),
-            "--set", f"training.max_steps={STEPS}", "--set", "training.save_steps=2", "--set", "training.logging_steps=1"]
+            "--set", f"training.max_steps={STEPS}", "--set", "training.save_steps=2", "--set", "training.logging_steps=1",
+            "--set", "evaluation.validation_questions=0"]
     return subprocess.Popen([sys.executable, "-m", "medtune", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=env)
 
