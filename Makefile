@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(BIN)/medtune run
+	$(BIN)/medtune run --preset smollm2-135m-medical
 
 test: install
 	$(BIN)/python -m pytest -q

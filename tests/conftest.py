@@ -76,6 +76,7 @@ def tiny_overrides(tiny_model_dir: Path, tmp_path: Path) -> list[str]:
         "training.learning_rate=0.01",
         "training.max_seq_length=128",
         "training.save_steps=3",
+        "training.logging_steps=1",
         "lora.quantization=none",
         "lora.lora_r=4",
         "lora.lora_alpha=8",

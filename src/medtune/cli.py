@@ -124,7 +124,7 @@ def submit(scheduler: Annotated[SchedulerName, typer.Option("--scheduler", help=
     if dry_run:
         sys.stdout.write(submit_job(cfg, scheduler.value, dry_run=True).script)
         return 0
-    preflight(cfg)
+    preflight(cfg, on_this_machine=False)
     job = submit_job(cfg, scheduler.value)
     out.print(f"submitted {scheduler.value} job {job.job_id}: run {job.run.run_id} in {job.run.root}")
     out.print(f"follow it with `medtune status {job.run.root}`")

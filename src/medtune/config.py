@@ -193,6 +193,16 @@ class TrainingConfig(Section):
     save_steps: int = Field(100, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
     eval_steps: int = Field(0, ge=0, description="Evaluate on the held-out split every N steps (0 = at the end only).")
+    liger_kernels: bool = Field(
+        True,
+        description="On CUDA GPUs, use Liger's fused kernels (linear + cross-entropy without materialising the "
+        "logits, RMSNorm, SwiGLU, RoPE) when the `liger-kernel` package is installed (`pip install medtune[gpu]`).",
+    )
+    attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+        "auto",
+        description="Attention kernel. `auto`: FlexAttention on CUDA with `lora.packing` (packed examples become "
+        "separate blocks without materialising a mask), PyTorch SDPA otherwise.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to train: `auto` uses CUDA when available, else the CPU."
     )
@@ -280,15 +290,14 @@ def _seed_preset(model_id: str, dataset: str) -> dict[str, Any]:
     return {
         "model": {"model_source": "huggingface", "base_model_id": model_id},
         "dataset": {"dataset_source": "huggingface", "dataset_name": dataset, "rerender_prompts": True},
+        # A 7-8B model on a CPU would take days: refuse up front instead of starting.
+        "training": {"device": "cuda"},
     }
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "llama3-8b-medical": _seed_preset("meta-llama/Llama-3.1-8B-Instruct", "Shekswess/medical_llama3_instruct_dataset"),
-    "llama3-8b-medical-quick": {
-        **_seed_preset("meta-llama/Llama-3.1-8B-Instruct", "Shekswess/medical_llama3_instruct_dataset"),
-        "training": {"num_epochs": 1.0},
-    },
+    "llama3-8b-medical-quick": _seed_preset("meta-llama/Llama-3.1-8B-Instruct", "Shekswess/medical_llama3_instruct_dataset"),
     "mistral-7b-medical": _seed_preset("mistralai/Mistral-7B-Instruct-v0.2", "Shekswess/medical_mistral_instruct_dataset"),
     "gemma-7b-medical": _seed_preset("google/gemma-7b-it", "Shekswess/medical_gemma_instruct_dataset"),
     "llama2-7b-medical": _seed_preset("meta-llama/Llama-2-7b-chat-hf", "Shekswess/medical_llama2_instruct_dataset"),
@@ -310,7 +319,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lora": {"lora_r": 16, "lora_alpha": 32, "quantization": "none", "gradient_checkpointing": False, "bf16": True},
     },
 }
-PRESETS["llama3-8b-medical-quick"]["dataset"] = {**PRESETS["llama3-8b-medical-quick"]["dataset"], "max_samples": 500}
+PRESETS["llama3-8b-medical-quick"]["dataset"]["max_samples"] = 500
+PRESETS["llama3-8b-medical-quick"]["training"]["num_epochs"] = 1.0
 
 PRESET_DESCRIPTIONS: dict[str, str] = {
     "llama3-8b-medical": "Llama 3.1 8B Instruct, QLoRA, the seed's Llama 3 medical dataset (GPU).",

@@ -36,7 +36,10 @@ def merge(cfg: OutputConfig, run: RunDir, model_path: str) -> dict[str, Any]:
 
     dtype = base_dtype(model_path) if cfg.merged_dtype == "auto" else DTYPES[cfg.merged_dtype]
     log.info("merge: loading the base in %s (unquantized) and folding in the adapter", dtype)
-    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map={"": "cpu"})
+    # On a GPU the merge (one add per adapted matrix) and the load are much faster; the saved
+    # weights are identical.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map={"": device})
     merged = PeftModel.from_pretrained(base, str(run.adapters)).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     merged.generation_config.eos_token_id = stop_token_ids(tokenizer)

@@ -12,6 +12,7 @@ its own (4-bit) base on its own device, and only rank 0 writes the manifest and 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import time
@@ -44,6 +45,14 @@ def compute_dtype(cfg: MedtuneConfig, device: str) -> torch.dtype:
     return torch.bfloat16 if cfg.lora.bf16 else torch.float16
 
 
+def attention_kernel(cfg: MedtuneConfig, device: str) -> str:
+    if cfg.training.attn_implementation != "auto":
+        return cfg.training.attn_implementation
+    # With packing, SDPA gets a materialised block mask and falls back to the math kernel, which keeps
+    # a full T x T attention matrix per head (measured: out of memory at 4k tokens without recompute).
+    return "flex_attention" if device == "cuda" and cfg.lora.packing else "sdpa"
+
+
 def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: Any = None) -> Any:
     """The base model with LoRA adapters attached, ready for the Trainer; `place` is this rank's device."""
     from peft import LoraConfig, get_peft_model
@@ -57,7 +66,8 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
     elif cfg.lora.quantization == "8bit":
         quant = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quant,
-                                                 device_map={"": place or device})
+                                                 device_map={"": place or device},
+                                                 attn_implementation=attention_kernel(cfg, device))
     model.config.use_cache = False
     if cfg.lora.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -107,15 +117,22 @@ def training_args(cfg: MedtuneConfig, run: RunDir, device: str, has_eval: bool) 
         length_column_name="length",
         disable_tqdm=True,
         dataloader_num_workers=0,
+        use_liger_kernel=use_liger(cfg, device),
         # LoRA leaves every trainable parameter in the graph; skipping DDP's unused-parameter search
         # also keeps gradient checkpointing working under DDP.
         ddp_find_unused_parameters=False,
     )
 
 
-def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
+def use_liger(cfg: MedtuneConfig, device: str) -> bool:
+    """Liger's Triton kernels (fused linear + cross-entropy, RMSNorm, SwiGLU, RoPE) need CUDA."""
+    return device == "cuda" and cfg.training.liger_kernels and importlib.util.find_spec("liger_kernel") is not None
+
+
+def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str, callbacks: tuple = ()) -> Any:
+    """The model with adapters, the tokenized data and the Trainer, as `train` (and bench/) use them."""
     from datasets import load_from_disk
-    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer
+    from transformers import AutoTokenizer, Trainer
 
     torch.manual_seed(cfg.training.seed)
     device = pick_device(cfg)
@@ -128,22 +145,47 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
     eval_ds = load_from_disk(str(eval_path)) if eval_path.exists() else None
 
     args = training_args(cfg, run, device, eval_ds is not None)
-    model = load_for_training(cfg, model_path, device, place=args.device)
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None)
-    stopper = StopOnSignal().install()
+    model = load_for_training(cfg, model_path, device, place=args.device)  # under torchrun: this rank's GPU
+    collator = make_collator(cfg, tokenizer, device)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-                      callbacks=[ProgressLog(), stopper])
+                      callbacks=[ProgressLog(), *callbacks])
     trainer.remove_callback(PrinterCallback)  # ProgressLog writes the log lines
+    return trainer
+
+
+def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:
+    """Padding to the longest row, or with `lora.packing` padding-free packing: the micro batch becomes
+    one row whose `position_ids` restart at every example, and the attention implementations turn
+    those restarts into separate causal blocks, so no example attends to its neighbour (the first
+    label of each example is masked, as it would be the prediction across the boundary)."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    if cfg.lora.packing:
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None)
+
+
+def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
+    stopper = StopOnSignal().install()
+    try:
+        trainer = build_trainer(cfg, run, model_path, data_path, callbacks=(stopper,))
+        return _train(cfg, run, trainer, stopper)
+    finally:
+        stopper.uninstall()
+
+
+def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal) -> dict[str, Any]:
+    eval_ds, device, world = trainer.eval_dataset, trainer.args.device.type, trainer.args.world_size
     rank0 = trainer.is_world_process_zero()
     if rank0:
         remove_incomplete_checkpoints(run.checkpoints)
     trainer.accelerator.wait_for_everyone()
     resume = last_complete_checkpoint(run.checkpoints)
     metrics: dict[str, Any] = dict(run.manifest().get("training", {}))
-    metrics.update(_batch_metrics(cfg, args.world_size))
+    metrics.update(_batch_metrics(cfg, world))
     log.info("finetune: %d process(es), effective batch %d = micro batch %d x accumulation %d x world size %d",
-             args.world_size, metrics["effective_batch_size"], cfg.training.micro_batch_size,
-             cfg.training.gradient_accumulation, args.world_size)
+             world, metrics["effective_batch_size"], cfg.training.micro_batch_size,
+             cfg.training.gradient_accumulation, world)
     if eval_ds is not None and "base_eval_loss" not in metrics:
         # LoRA's B matrices start at zero, so before training the model *is* the base model.
         metrics["base_eval_loss"] = trainer.evaluate()["eval_loss"]
@@ -153,10 +195,7 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
     if resume:
         log.info("finetune: resuming from %s", resume)
     start = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    finally:
-        stopper.uninstall()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
     if stopper.stopped_at is not None:
         if rank0:

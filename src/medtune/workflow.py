@@ -24,11 +24,15 @@ from medtune.runlog import setup_logging
 log = logging.getLogger("medtune")
 
 
-def preflight(cfg: MedtuneConfig) -> None:
-    """Input checks that need no download or GPU; a failure here leaves nothing on disk."""
+def preflight(cfg: MedtuneConfig, on_this_machine: bool = True) -> None:
+    """Input checks that need no download or GPU; a failure here leaves nothing on disk.
+    `medtune submit` skips the hardware check: a login node need not have the job's GPUs."""
     from medtune.data.load import check_source as check_data
     from medtune.model import check_source as check_model
+    from medtune.setup import check_environment, environment_report
 
+    if on_this_machine:
+        check_environment(cfg, environment_report([]))
     check_model(cfg.model)
     check_data(cfg.dataset)
 

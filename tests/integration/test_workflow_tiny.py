@@ -105,3 +105,27 @@ def test_summary_reports_losses_and_answers(finished_run):
     assert "**Status: succeeded**" in summary
     assert "Held-out eval loss: base" in summary and "Held-out question 1" in summary
     assert "Training + merge + validation" in summary
+
+
+GOLDEN = Path(__file__).resolve().parents[1] / "assets" / "golden_tiny_losses.json"
+
+
+def test_seeded_tiny_run_reproduces_golden_losses(finished_run):
+    """A refactor must not change the numbers: same seed, same data, same losses.
+
+    Regenerate deliberately (after a change that is meant to alter training) with
+    MEDTUNE_REGEN_GOLDEN=1 and explain the change in the commit message.
+    """
+    import os
+
+    _, run = finished_run
+    train = json.loads(run.manifest_path.read_text())["training"]
+    got = {"losses": [h["loss"] for h in train["history"] if "loss" in h],
+           "base_eval_loss": train["base_eval_loss"], "eval_loss": train["eval_loss"]}
+    if os.environ.get("MEDTUNE_REGEN_GOLDEN"):
+        GOLDEN.write_text(json.dumps(got, indent=2) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert len(got["losses"]) == len(golden["losses"]) > 0
+    assert got["losses"] == pytest.approx(golden["losses"], rel=2e-3)
+    assert got["eval_loss"] == pytest.approx(golden["eval_loss"], rel=2e-3)
+    assert got["base_eval_loss"] == pytest.approx(golden["base_eval_loss"], rel=1e-4)

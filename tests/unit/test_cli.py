@@ -25,6 +25,16 @@ def test_user_errors_exit_2_with_one_line(args, capsys):
     assert "Traceback" not in err
 
 
+def test_gpu_preset_on_a_cpu_machine_is_refused_up_front(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert main(["run", "--preset", "llama3-8b-medical", "--set", f"output.output_root={tmp_path}"]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before the run directory was created
+
+
 def test_missing_dataset_file_is_one_line(tmp_path, tiny_model_dir, capsys):
     args = ["run", "--preset", "smollm2-135m-medical", "--set", "model.model_source=local",
             "--set", f"model.local_model_path={tiny_model_dir}", "--set", f"output.output_root={tmp_path}",

@@ -36,7 +36,7 @@ def test_verdicts_follow_the_config():
 def test_doctor_cli_exit_code_and_no_token_value(monkeypatch, capsys, tmp_path):
     monkeypatch.setenv("HF_TOKEN", "hf_DOCTORcanary123")
     sets = ["--set", f"output.output_root={tmp_path}", "--set", f"model.model_cache_dir={tmp_path}"]
-    assert main(["doctor", "--preset", "llama3-8b-medical", *sets]) == 0
+    assert main(["doctor", "--preset", "llama3-8b-medical", *sets, "--set", "training.device=auto"]) == 0
     gpu = torch.cuda.is_available()
     assert main(["doctor", "--preset", "llama3-8b-medical", *sets, "--set", "training.device=cuda"]) == (0 if gpu else 1)
     text = capsys.readouterr().out

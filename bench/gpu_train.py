@@ -1,0 +1,178 @@
+"""Throughput of medtune's own training path on a GPU, on the same token data as the seed anchor.
+
+Runs `medtune.train.build_trainer` — the exact model loading, LoRA, collator and Trainer settings
+`medtune run` uses — on a model folder (e.g. the random Llama-3.1-8B from the seed anchor's `make`)
+and the shared real-length token ids, and prints one JSON line:
+
+    tokens_per_s (real tokens, padding excluded), peak_mem_gib, mfu_pct, first losses.
+
+MFU counts model FLOPs only (recompute excluded): 33.5 GFLOP/token for LoRA on a frozen
+Llama-3.1-8B at sequence 2048 (the figure of the performance issue), against the 795 TFLOP/s bf16
+matmul ceiling measured on the H100 (the H200 measured 769-798).
+
+Usage (see bench/run_gpu.sh):
+    python bench/gpu_train.py --model-dir /tmp/llama31-8b-random --ids medical_token_ids.json \
+        --quantization 4bit --micro-batch 4 --grad-accum 4 --steps 3 --warm 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from medtune.config_io import load_config  # noqa: E402
+from medtune.rundir import RunDir  # noqa: E402
+from medtune.train import build_trainer  # noqa: E402
+
+MODEL_GFLOP_PER_TOKEN = 33.5
+PEAK_TFLOPS = 795.0
+
+
+class StepTimer(TrainerCallback):
+    """Times optimizer steps after `warm` warm-up steps; counts real (non-padding) tokens."""
+
+    def __init__(self, warm: int) -> None:
+        self.warm = warm
+        self.start = 0.0
+        self.tokens0 = 0
+        self.result: dict[str, float] = {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step == self.warm:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = time.perf_counter()
+            self.tokens0 = int(state.num_input_tokens_seen)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - self.start
+        tokens = int(state.num_input_tokens_seen) - self.tokens0
+        self.result = {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds)}
+
+
+def load_ids(path: Path) -> list[list[int]]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as fh:
+        return json.load(fh)
+
+
+def ensure_tokenizer(model_dir: Path) -> None:
+    """The random model folder has no tokenizer; the collator only needs the pad/eos ids."""
+    if (model_dir / "tokenizer.json").is_file():
+        return
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<|begin_of_text|>": 128000, "<|finetune_right_pad_id|>": 128004, "<|eot_id|>": 128009}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")),
+                                  bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                  pad_token="<|finetune_right_pad_id|>", unk_token="<unk>")
+    tok.save_pretrained(model_dir)
+
+
+def write_data(ids: list[list[int]], max_len: int, out: Path) -> None:
+    from datasets import Dataset
+
+    rows = [r[:max_len] for r in ids]
+    # Labels = inputs, as in the seed anchor, so both sides train on the same tokens.
+    Dataset.from_dict({"input_ids": rows, "labels": rows}).save_to_disk(str(out / "train"))
+
+
+def bench_merge(cfg, run: RunDir, model_dir: str, trainer) -> dict[str, object]:
+    """medtune's merge stage on the trained adapter: time, peak GPU memory, shards, reload time."""
+    import resource
+
+    from transformers import AutoModelForCausalLM
+
+    from medtune.merge import merge
+
+    trainer.model.save_pretrained(str(run.adapters))
+    del trainer
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    info = merge(cfg.output, run, model_dir)
+    merge_s = time.perf_counter() - t0
+    merge_peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(str(run.merged), device_map={"": 0})
+    with torch.no_grad():
+        logits = model(torch.tensor([[128000, 1, 2, 3]], device="cuda")).logits
+    reload_s = time.perf_counter() - t0
+    shards = [f for f in info["files"] if f.endswith(".safetensors")]
+    return {"merge_s": round(merge_s, 1), "merge_peak_gpu_gib": round(merge_peak, 2),
+            "merge_peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 1),
+            "merged_shards": len(shards), "merged_dtype": info["dtype"], "reload_s": round(reload_s, 1),
+            "reload_finite": bool(torch.isfinite(logits).all())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--ids", required=True, type=Path)
+    ap.add_argument("--quantization", default="4bit", choices=["4bit", "8bit", "none"])
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--grad-accum", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--no-gc", action="store_true", help="turn gradient checkpointing off")
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--warm", type=int, default=1)
+    ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex_attention", "eager"])
+    ap.add_argument("--label", default="medtune")
+    ap.add_argument("--merge", action="store_true", help="then save the adapter, merge it (medtune.merge) and reload")
+    a = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="medtune-bench-"))
+    ensure_tokenizer(Path(a.model_dir))
+    write_data(load_ids(a.ids), a.max_len, work / "data")
+    overrides = [
+        "model.model_source=local", f"model.local_model_path={a.model_dir}",
+        "dataset.dataset_source=local", f"dataset.local_dataset_path={a.ids}",
+        f"lora.quantization={a.quantization}", "lora.bf16=true", f"lora.packing={str(a.packing).lower()}",
+        f"lora.gradient_checkpointing={str(not a.no_gc).lower()}", f"lora.lora_dropout={a.dropout}",
+        f"training.micro_batch_size={a.micro_batch}", f"training.gradient_accumulation={a.grad_accum}",
+        f"training.max_seq_length={a.max_len}", f"training.max_steps={a.warm + a.steps}",
+        f"training.attn_implementation={a.attn}", "training.logging_steps=1", "training.save_steps=100000", "training.warmup_ratio=0",
+        f"output.output_root={work}",
+    ]
+    cfg = load_config(preset="llama3-8b-medical", overrides=overrides, env={})
+    run = RunDir.for_run(work, "bench").create()
+    timer = StepTimer(a.warm)
+    t0 = time.perf_counter()
+    trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer,))
+    load_s = time.perf_counter() - t0
+    trainer.train()
+    losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
+    tps = timer.result["tokens_per_s"]
+    merged = bench_merge(cfg, run, a.model_dir, trainer) if a.merge else {}
+    print(json.dumps({
+        "run": a.label, "gpu": torch.cuda.get_device_name(0), "quantization": a.quantization,
+        "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "packing": a.packing,
+        "gradient_checkpointing": not a.no_gc, "lora_dropout": a.dropout,
+        "liger": bool(trainer.args.use_liger_kernel), "attn": trainer.model.config._attn_implementation, "load_s": round(load_s, 1),
+        "timed_steps": a.steps, **timer.result,
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "mfu_pct": round(100 * tps * MODEL_GFLOP_PER_TOKEN * 1e9 / (PEAK_TFLOPS * 1e12), 1),
+        "losses": losses,
+        **merged,
+        "date": time.strftime("%Y-%m-%d"),
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
