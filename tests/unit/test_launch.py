@@ -217,3 +217,15 @@ def test_submit_dry_run_prints_and_writes_nothing(tmp_path, capsys):
     assert main(args) == 0
     assert "#SBATCH --job-name=medtune-dry" in capsys.readouterr().out
     assert not any(tmp_path.iterdir())
+
+
+def test_status_command_prints_the_run(tmp_path, capsys):
+    run = RunDir.for_run(tmp_path, "cli").create()
+    run.config_yaml.write_text("{}\n")
+    run.update_manifest(status="preempted", stages={s: {"status": "done"} for s in ("setup", "container", "model", "data")})
+    _checkpoint(run.checkpoints, 12, True, loss=0.75)
+    assert main(["status", "cli", "--set", f"output.output_root={tmp_path}", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["status"], info["stage"], info["step"], info["last_loss"]) == ("preempted", "finetune", 12, 0.75)
+    assert main(["status", str(run.root)]) == 0 and "preempted" in capsys.readouterr().out
+    assert main(["status", "nope", "--set", f"output.output_root={tmp_path}"]) == 2
