@@ -229,3 +229,13 @@ def test_status_command_prints_the_run(tmp_path, capsys):
     assert (info["status"], info["stage"], info["step"], info["last_loss"]) == ("preempted", "finetune", 12, 0.75)
     assert main(["status", str(run.root)]) == 0 and "preempted" in capsys.readouterr().out
     assert main(["status", "nope", "--set", f"output.output_root={tmp_path}"]) == 2
+
+
+def test_submit_without_the_scheduler_is_one_line_and_writes_nothing(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    args = ["submit", "--scheduler", "pbs", "--preset", "smollm2-135m-medical", "--set", f"output.output_root={tmp_path}",
+            "--set", "model.model_source=local", "--set", f"model.local_model_path={tiny_model_dir}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: qsub not found") and err.count("\n") == 1
+    assert not any(tmp_path.glob("medical-finetune-*"))

@@ -28,11 +28,16 @@ def render_script(directive: str, options: list[str], run: RunDir, python: str, 
     return "\n".join(lines) + "\n"
 
 
+def require(tool: str) -> None:
+    """Refuse before anything is written when the scheduler's submit command is missing."""
+    if shutil.which(tool) is None:
+        raise EnvironmentProblem(f"{tool} not found; run `medtune submit` on a login node of the cluster "
+                                 "(or add --dry-run to print the script)")
+
+
 def hand_over(command: list[str], section: str) -> str:
     """Run sbatch/qsub; its stdout (the job id), or a one-line error naming the config section."""
-    if shutil.which(command[0]) is None:
-        raise EnvironmentProblem(f"{command[0]} not found; run `medtune submit` on a login node of the cluster "
-                                 "(or add --dry-run to print the script)")
+    require(command[0])
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         raise EnvironmentProblem(f"{command[0]} refused the job: {proc.stderr.strip()}; fix {section}.* and submit again")

@@ -16,10 +16,12 @@ from medtune import __version__
 from medtune.config import MedtuneConfig
 from medtune.config_io import render_yaml
 from medtune.launch import pbs, slurm
+from medtune.launch.jobscript import require
 from medtune.rundir import RunDir, new_run_id, write_text
 
 Scheduler = Literal["slurm", "pbs"]
 SCHEDULERS = {"slurm": slurm, "pbs": pbs}
+SUBMIT_TOOLS = {"slurm": "sbatch", "pbs": "qsub"}
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ def submit(cfg: MedtuneConfig, scheduler: Scheduler, dry_run: bool = False,
     script = module.render(cfg, run, python, (workdir or Path.cwd()).resolve())
     if dry_run:
         return Submission(run, script, None)
+    require(SUBMIT_TOOLS[scheduler])
     run.create()
     write_text(run.config_yaml, render_yaml(cfg, header=f"Resolved config of run {run.run_id} (secrets removed)."))
     path = run.logs / f"job.{scheduler}"
