@@ -43,7 +43,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.sock
+# cred_expire: a requeued job may start again once its old credential expires (default 120 s).
+AuthInfo=socket={root}/munge/munge.sock,cred_expire=10
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid
@@ -139,3 +140,59 @@ def test_submitted_job_runs_the_workflow_to_completion(slurm_cluster, tiny_overr
     manifest = json.loads(run.manifest_path.read_text())
     assert manifest["config"]["infrastructure"]["cluster"] == "slurm"
     assert manifest["environment"]["host"]  # the stages ran inside the job
+
+
+SLOW_STEPS = """
+import time, transformers
+_step = transformers.Trainer.training_step
+def _slow(self, *args, **kwargs):
+    time.sleep(0.3)
+    return _step(self, *args, **kwargs)
+transformers.Trainer.training_step = _slow
+"""
+
+
+def _wait_state(run: RunDir, states: tuple[str, ...], timeout: float = 300) -> str:
+    deadline = time.monotonic() + timeout
+    while (state := run_status(run)["job_state"]) not in states:
+        assert time.monotonic() < deadline, f"job stuck in {state}"
+        time.sleep(1)
+    return state
+
+
+@pytest.mark.e2e
+def test_warning_signal_checkpoints_requeues_and_the_job_finishes(slurm_cluster, tiny_overrides, monkeypatch, tmp_path):
+    """`--signal=B:USR1` as Slurm sends it before the time limit: checkpoint, exit 75, requeue, resume."""
+    hooks = tmp_path / "slow-steps"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_STEPS)
+    monkeypatch.setenv("SLURM_CONF", str(slurm_cluster))
+    monkeypatch.setenv("PYTHONPATH", str(hooks))  # reaches the job through sbatch's exported environment
+    sets = [arg for item in [*tiny_overrides, "infrastructure.slurm.cpus_per_task=1", "output.run_id=requeue",
+                             "training.max_steps=16", "training.save_steps=4", "training.logging_steps=1",
+                             "evaluation.validation_questions=0"] for arg in ("--set", item)]
+    assert main(["submit", "--scheduler", "slurm", "--preset", "smollm2-135m-medical", *sets]) == 0
+    out_root = next(i.partition("=")[2] for i in tiny_overrides if i.startswith("output.output_root="))
+    run = RunDir.for_run(out_root, "requeue")
+    job_id = json.loads(run.manifest_path.read_text())["scheduler"]["job_id"]
+    deadline = time.monotonic() + 300
+    while run_status(run).get("step", 0) < 3:
+        assert time.monotonic() < deadline, "training did not start"
+        time.sleep(0.5)
+
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True)
+    requeued = _wait_state(run, ("PENDING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+    assert requeued == "PENDING", f"{requeued}: {(run.logs / f'slurm-{job_id}.out').read_text()[-3000:]}"
+    state = _wait_state(run, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"))
+
+    job_log = (run.logs / f"slurm-{job_id}.out").read_text()
+    assert state == "COMPLETED", f"{state}: {job_log[-3000:]}"
+    manifest = json.loads(run.manifest_path.read_text())
+    stopped = manifest["preemption"]
+    assert stopped["signal"] == "SIGUSR1" and 3 <= stopped["step"] < 16
+    assert "medtune stopped at a checkpoint; requeueing" in job_log
+    assert manifest["status"] == "succeeded" and manifest["training"]["steps"] == 16
+    log = (run.logs / "finetune.log").read_text()
+    checkpoint = run.checkpoints / f"checkpoint-{stopped['step']}"
+    assert f"resuming from {checkpoint}" in log
+    assert {p.name for p in run.root.iterdir()} == ARTIFACTS
