@@ -19,10 +19,10 @@ STAGE_ORDER = ("setup", "container", "model", "data", "finetune", "merge", "uplo
 TIMED_STAGES = ("finetune", "merge", "validate")
 
 
-def cleanup(run: RunDir, error: str | None) -> str:
+def cleanup(run: RunDir, error: str | None, status: str | None = None) -> str:
     """Write summary.md; drop working checkpoints once the adapter is delivered. Returns the status."""
     manifest = run.manifest()
-    status = "failed" if error else "succeeded"
+    status = status or ("failed" if error else "succeeded")
     if not error and (run.adapters / "adapter_config.json").is_file():
         shutil.rmtree(run.checkpoints, ignore_errors=True)
     write_text(run.summary, render_summary(run, manifest, status, error))
@@ -102,6 +102,9 @@ def _training_section(train: dict[str, Any]) -> list[str]:
         lines.append(f"- {train['steps']} optimizer steps on {train['device']}, {train['tokens']} tokens in "
                      f"{train['train_seconds']} s ({train['tokens_per_second']} tokens/s); final train loss "
                      f"{train['train_loss']:.4f}.")
+    if "effective_batch_size" in train:
+        lines.append(f"- Effective batch {train['effective_batch_size']} sequences per optimizer step "
+                     f"(micro batch × gradient accumulation × {train['world_size']} process(es)).")
     if "eval_loss" in train:
         lines.append(f"- Held-out eval loss: base **{train['base_eval_loss']:.4f}** → tuned **{train['eval_loss']:.4f}** "
                      f"({100 * train['eval_loss_reduction']:.1f}% lower).")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from medtune.config import PRESET_DESCRIPTIONS
 from medtune.config_io import default_preset, load_config, render_markdown, render_yaml, to_dict
-from medtune.errors import MedtuneError
+from medtune.errors import ConfigError, MedtuneError
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
                   help="Fine-tune open LLMs on medical instruction data (LoRA/QLoRA) and deliver servable weights.")
@@ -42,10 +43,24 @@ def _resolve(config: Path | None, preset: str | None, overrides: list[str] | Non
 @app.command()
 def run(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, debug: DebugOpt = False,
         run_id: Annotated[str | None, typer.Option("--run-id", help="Resume (or name) this run id.")] = None,
+        resume: Annotated[str | None, typer.Option(
+            "--resume", help="Continue this run (id or run directory) with its own config.yaml.")] = None,
         verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug-level medtune logs.")] = False) -> int:
-    """Run the whole workflow: setup, container, model, data, finetune, merge, upload, cleanup."""
-    overrides = list(set_ or []) + ([f"output.run_id={run_id}"] if run_id else [])
-    cfg = _resolve(config, preset, overrides)
+    """Run the whole workflow: setup, container, model, data, finetune, merge, upload, cleanup.
+
+    Exit codes: 0 succeeded, 1 failed, 2 user error, 75 stopped by SIGTERM/SIGUSR1 after saving a
+    checkpoint (rerun with --resume to continue).
+    """
+    if resume:
+        if config or preset or run_id:
+            raise ConfigError("--resume reloads the run's own config.yaml; drop --config/--preset/--run-id "
+                              "(change a key with --set)")
+        from medtune.resume import resume_config
+
+        cfg = resume_config(resume, list(set_ or []))
+    else:
+        overrides = list(set_ or []) + ([f"output.run_id={run_id}"] if run_id else [])
+        cfg = _resolve(config, preset, overrides)
     from medtune.workflow import run_workflow
 
     result = run_workflow(cfg, verbose=verbose)
@@ -92,6 +107,66 @@ def show_config(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt
     return 0
 
 
+class SchedulerName(str, Enum):
+    slurm = "slurm"
+    pbs = "pbs"
+
+
+@app.command()
+def submit(scheduler: Annotated[SchedulerName, typer.Option("--scheduler", help="Batch system to submit to.")],
+           config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, debug: DebugOpt = False,
+           dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the batch script; submit nothing.")] = False) -> int:
+    """Submit the workflow as a Slurm or PBS batch job (settings: infrastructure.slurm / infrastructure.pbs)."""
+    cfg = _resolve(config, preset, set_)
+    from medtune.launch.submit import submit as submit_job
+    from medtune.workflow import preflight
+
+    if dry_run:
+        sys.stdout.write(submit_job(cfg, scheduler.value, dry_run=True).script)
+        return 0
+    preflight(cfg, on_this_machine=False)
+    job = submit_job(cfg, scheduler.value)
+    out.print(f"submitted {scheduler.value} job {job.job_id}: run {job.run.run_id} in {job.run.root}")
+    out.print(f"follow it with `medtune status {job.run.root}`")
+    return 0
+
+
+@app.command()
+def status(run: Annotated[str, typer.Argument(help="Run id (under output.output_root) or run directory.")],
+           set_: SetOpt = None, debug: DebugOpt = False,
+           as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False) -> int:
+    """Show a run's stage, step/total, last loss and its scheduler job state."""
+    from medtune.resume import find_run, output_root_override
+    from medtune.status import run_status
+
+    info = run_status(find_run(run, output_root_override(list(set_ or []))))
+    if as_json:
+        sys.stdout.write(json.dumps(info, indent=2) + "\n")
+        return 0
+    table = Table("", "", show_header=False)
+    for key, value in info.items():
+        table.add_row(key.replace("_", " "), str(value))
+    out.print(table)
+    return 0
+
+
+@app.command()
+def doctor(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, debug: DebugOpt = False) -> int:
+    """Check this machine against the config: GPUs, CUDA, bitsandbytes, disk, containers, schedulers, token."""
+    from medtune.doctor import inspect_machine, judge, machine_rows
+
+    cfg = _resolve(config, preset, set_)
+    found = inspect_machine(cfg)
+    table = Table("check", "found")
+    for name, value in machine_rows(found):
+        table.add_row(name, value)
+    out.print(table)
+    findings = judge(cfg, found)
+    for f in findings:
+        out.print(f"{f.verdict.upper():4} {f.requirement}: {f.detail}", markup=False)
+    return 1 if any(f.verdict == "fail" for f in findings) else 0
+
+
 @app.command()
 def schema() -> int:
     """Print the configuration reference (docs/config.md) generated from the schema."""
@@ -127,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.ClickException as exc:
+    except (click.ClickException, typer.TyperException) as exc:  # typer vendors its own click
         exc.show()
         return 2
     except click.exceptions.Abort:

@@ -11,7 +11,7 @@ import copy
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from medtune.errors import ConfigError
 
@@ -35,6 +35,49 @@ class ContainerConfig(Section):
     bucket: str = Field("", description="Bucket URL to pull the container image from (source `pull`).")
 
 
+def _walltime(value: Any) -> Any:
+    """YAML 1.1 reads `24:00:00` as the base-60 integer 86400: turn it back into H:MM:SS."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value // 3600}:{value % 3600 // 60:02d}:{value % 60:02d}"
+    return value
+
+
+class SlurmConfig(Section):
+    account: str = Field("", description="Slurm account to charge (`#SBATCH --account`); empty: your default.")
+    partition: str = Field("", description="Slurm partition (`#SBATCH --partition`); empty: the cluster's default.")
+    qos: str = Field("", description="Slurm quality of service (`#SBATCH --qos`); empty: none.")
+    cpus_per_task: int = Field(8, ge=1, description="CPU cores per node for the job (`#SBATCH --cpus-per-task`).")
+    time: str = Field("24:00:00", description="Wall-time limit (`#SBATCH --time`, e.g. `2-00:00:00`).")
+    gres: str = Field("", description="Generic resources per node, e.g. `gpu:4` (`#SBATCH --gres`); empty: none.")
+    nodes: int = Field(1, ge=1, description="Nodes; above 1 torchrun starts on every node (srun) with rendezvous on the first.")
+    extra_directives: tuple[str, ...] = Field(
+        (), description="More `#SBATCH` options, one per item, e.g. `--mem=64G` or `--constraint=a100`."
+    )
+    signal_seconds: int = Field(
+        300, ge=0, description="Seconds before the time limit at which Slurm sends SIGUSR1 so the run checkpoints "
+        "and requeues (`#SBATCH --signal`); 0: no warning signal."
+    )
+
+    _time = field_validator("time", mode="before")(_walltime)
+
+
+class PbsConfig(Section):
+    account: str = Field("", description="PBS account to charge (`#PBS -A`); empty: your default.")
+    queue: str = Field("", description="PBS queue (`#PBS -q`); empty: the server's default.")
+    walltime: str = Field("24:00:00", description="Wall-time limit (`#PBS -l walltime=`).")
+    select: str = Field(
+        "1:ncpus=8:ngpus=1", pattern=r"^[0-9]+:", description="Resource chunks (`#PBS -l select=`): "
+        "`N:ncpus=C:ngpus=G`, one chunk per node; N above 1 starts torchrun on every node (pbsdsh)."
+    )
+    extra_directives: tuple[str, ...] = Field((), description="More `#PBS` options, one per item, e.g. `-l mem=64gb`.")
+
+    _walltime = field_validator("walltime", mode="before")(_walltime)
+
+    @property
+    def chunks(self) -> int:
+        return int(self.select.split(":", 1)[0])
+
+
 class InfrastructureConfig(Section):
     cluster: Literal["local", "slurm", "pbs"] = Field(
         "local", description="Where the workflow runs: this machine, or a Slurm/PBS cluster (via `medtune submit`)."
@@ -43,6 +86,27 @@ class InfrastructureConfig(Section):
     output_bucket: str = Field(
         "", description="fsspec URL to upload the run's outputs to (e.g. `s3://bucket/prefix`). Empty: outputs stay local."
     )
+    num_gpus: int | Literal["auto"] = Field(
+        "auto", description="GPUs per node to train on, data-parallel: `auto` uses every visible GPU, a number at "
+        "most that many. Above 1, `medtune run` relaunches the finetune stage under torchrun itself."
+    )
+    cpu_processes: int = Field(
+        1, ge=1, description="Data-parallel processes when training on the CPU (gloo). Above 1 it runs the "
+        "multi-process path without GPUs (tests, debugging); it does not make one machine faster."
+    )
+    rdzv_endpoint: str = Field(
+        "", description="host:port of the torchrun rendezvous for multi-node runs; the batch scripts of "
+        "`medtune submit` set it to the job's first node."
+    )
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Batch job settings for `medtune submit --scheduler slurm`.")
+    pbs: PbsConfig = Field(default_factory=PbsConfig, description="Batch job settings for `medtune submit --scheduler pbs`.")
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _positive_gpus(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be `auto` or at least 1")
+        return value
 
 
 class ModelConfig(Section):

@@ -247,4 +247,6 @@ def _type_name(annotation: Any) -> str:
         return "secret"
     if origin is tuple:
         return "list of str"
+    if type(None) not in get_args(annotation) and len(get_args(annotation)) > 1 and origin is not dict:
+        return " or ".join(_type_name(a) for a in get_args(annotation))  # a union such as `int | "auto"`
     return getattr(annotation, "__name__", str(annotation))

@@ -4,8 +4,10 @@ The base is loaded in the configured precision and never silently upcast: 4-bit 
 quantization (QLoRA), 8-bit, or unquantized bf16/fp16 on GPUs; on CPUs bf16 where the CPU has
 native bf16 matmuls (else float32, logged). The loss
 covers the answer tokens the data stage labelled (end-of-turn included). Checkpoints go to
-`<run>/checkpoints/` on a schedule and a rerun resumes from the last one; the adapter is written to
-`<run>/adapters/` in one atomic rename.
+`<run>/checkpoints/` on a schedule and a rerun resumes from the last complete one; SIGTERM/SIGUSR1
+save one and stop (see preemption.py); the adapter is written to `<run>/adapters/` in one atomic
+rename. Under torchrun (launch/torchrun.py) the same function runs on every rank: each rank holds
+its own (4-bit) base on its own device, and only rank 0 writes the manifest and the adapter.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from medtune.config import MedtuneConfig
+from medtune.preemption import Preempted, StopOnSignal, last_complete_checkpoint, remove_incomplete_checkpoints
 from medtune.rundir import RunDir, atomic_dir
 
 log = logging.getLogger("medtune.train")
@@ -50,8 +53,8 @@ def attention_kernel(cfg: MedtuneConfig, device: str) -> str:
     return "flex_attention" if device == "cuda" and cfg.lora.packing else "sdpa"
 
 
-def load_for_training(cfg: MedtuneConfig, model_path: str, device: str) -> Any:
-    """The base model with LoRA adapters attached, ready for the Trainer."""
+def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: Any = None) -> Any:
+    """The base model with LoRA adapters attached, ready for the Trainer; `place` is this rank's device."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -63,7 +66,7 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str) -> Any:
     elif cfg.lora.quantization == "8bit":
         quant = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quant,
-                                                 device_map={"": device},
+                                                 device_map={"": place or device},
                                                  attn_implementation=attention_kernel(cfg, device))
     model.config.use_cache = False
     if cfg.lora.gradient_checkpointing:
@@ -78,6 +81,7 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str) -> Any:
 
 
 def training_args(cfg: MedtuneConfig, run: RunDir, device: str, has_eval: bool) -> Any:
+    """Trainer arguments; under torchrun they also carry the rank, world size and this rank's device."""
     from transformers import TrainingArguments
 
     t = cfg.training
@@ -114,6 +118,9 @@ def training_args(cfg: MedtuneConfig, run: RunDir, device: str, has_eval: bool) 
         disable_tqdm=True,
         dataloader_num_workers=0,
         use_liger_kernel=use_liger(cfg, device),
+        # LoRA leaves every trainable parameter in the graph; skipping DDP's unused-parameter search
+        # also keeps gradient checkpointing working under DDP.
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -137,10 +144,11 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
     eval_path = Path(data_path) / "eval"
     eval_ds = load_from_disk(str(eval_path)) if eval_path.exists() else None
 
-    model = load_for_training(cfg, model_path, device)
+    args = training_args(cfg, run, device, eval_ds is not None)
+    model = load_for_training(cfg, model_path, device, place=args.device)  # under torchrun: this rank's GPU
     collator = make_collator(cfg, tokenizer, device)
-    trainer = Trainer(model=model, args=training_args(cfg, run, device, eval_ds is not None), train_dataset=train_ds,
-                      eval_dataset=eval_ds, data_collator=collator, callbacks=[ProgressLog(), *callbacks])
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+                      callbacks=[ProgressLog(), *callbacks])
     trainer.remove_callback(PrinterCallback)  # ProgressLog writes the log lines
     return trainer
 
@@ -158,44 +166,62 @@ def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:
 
 
 def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
-    from transformers.trainer_utils import get_last_checkpoint
+    stopper = StopOnSignal().install()
+    try:
+        trainer = build_trainer(cfg, run, model_path, data_path, callbacks=(stopper,))
+        return _train(cfg, run, trainer, stopper)
+    finally:
+        stopper.uninstall()
 
-    trainer = build_trainer(cfg, run, model_path, data_path)
-    model, eval_ds, device = trainer.model, trainer.eval_dataset, trainer.args.device.type
-    resume = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
+
+def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal) -> dict[str, Any]:
+    eval_ds, device, world = trainer.eval_dataset, trainer.args.device.type, trainer.args.world_size
+    rank0 = trainer.is_world_process_zero()
+    if rank0:
+        remove_incomplete_checkpoints(run.checkpoints)
+    trainer.accelerator.wait_for_everyone()
+    resume = last_complete_checkpoint(run.checkpoints)
     metrics: dict[str, Any] = dict(run.manifest().get("training", {}))
+    metrics.update(_batch_metrics(cfg, world))
+    log.info("finetune: %d process(es), effective batch %d = micro batch %d x accumulation %d x world size %d",
+             world, metrics["effective_batch_size"], cfg.training.micro_batch_size,
+             cfg.training.gradient_accumulation, world)
     if eval_ds is not None and "base_eval_loss" not in metrics:
         # LoRA's B matrices start at zero, so before training the model *is* the base model.
         metrics["base_eval_loss"] = trainer.evaluate()["eval_loss"]
-        run.update_manifest(training={"base_eval_loss": metrics["base_eval_loss"]})
+        if rank0:
+            run.update_manifest(training={"base_eval_loss": metrics["base_eval_loss"]})
         log.info("finetune: base model eval loss %.4f", metrics["base_eval_loss"])
     if resume:
         log.info("finetune: resuming from %s", resume)
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - start
+    if stopper.stopped_at is not None:
+        if rank0:
+            run.update_manifest(preemption={"signal": stopper.signal_name, "step": stopper.stopped_at,
+                                            "time": time.time()})
+        raise Preempted(f"training stopped by {stopper.signal_name} after saving a checkpoint at step "
+                        f"{stopper.stopped_at}; rerun with `medtune run --resume {run.root}` to continue")
     metrics.update(_train_metrics(trainer, result, seconds, device))
     if eval_ds is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         metrics["eval_loss_reduction"] = 1 - metrics["eval_loss"] / metrics["base_eval_loss"]
         log.info("finetune: eval loss %.4f (base %.4f, %.1f%% lower)", metrics["eval_loss"],
                  metrics["base_eval_loss"], 100 * metrics["eval_loss_reduction"])
-    with atomic_dir(run.adapters) as tmp:
-        model.save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(adapter_card(cfg, metrics))
+    if rank0:
+        with atomic_dir(run.adapters) as tmp:
+            trainer.model.save_pretrained(str(tmp))
+            (tmp / "README.md").write_text(adapter_card(cfg, metrics))
+        run.update_manifest(training=metrics)
+    trainer.accelerator.wait_for_everyone()
     return metrics
 
 
-def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:
-    """Padding to the longest row, or with `lora.packing` padding-free packing: the micro batch becomes
-    one row whose `position_ids` restart at every example, and the attention implementations turn
-    those restarts into separate causal blocks, so no example attends to its neighbour (the first
-    label of each example is masked, as it would be the prediction across the boundary)."""
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
-
-    if cfg.lora.packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
-    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None)
+def _batch_metrics(cfg: MedtuneConfig, world_size: int) -> dict[str, int]:
+    t = cfg.training
+    return {"world_size": world_size,
+            "effective_batch_size": t.micro_batch_size * t.gradient_accumulation * world_size}
 
 
 def adapter_card(cfg: MedtuneConfig, metrics: dict[str, Any]) -> str:

@@ -10,25 +10,29 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from medtune import __version__
 from medtune.config import MedtuneConfig
 from medtune.config_io import render_env, render_yaml, to_dict
 from medtune.errors import MedtuneError
+from medtune.preemption import Preempted
 from medtune.rundir import RunDir, new_run_id, remove_stale_temps, write_text
 from medtune.runlog import setup_logging
 
 log = logging.getLogger("medtune")
 
 
-def preflight(cfg: MedtuneConfig) -> None:
-    """Input checks that need no download or GPU; a failure here leaves nothing on disk."""
+def preflight(cfg: MedtuneConfig, on_this_machine: bool = True) -> None:
+    """Input checks that need no download or GPU; a failure here leaves nothing on disk.
+    `medtune submit` skips the hardware check: a login node need not have the job's GPUs."""
     from medtune.data.load import check_source as check_data
     from medtune.model import check_source as check_model
     from medtune.setup import check_environment, environment_report
 
-    check_environment(cfg, environment_report([]))
+    if on_this_machine:
+        check_environment(cfg, environment_report([]))
     check_model(cfg.model)
     check_data(cfg.dataset)
 
@@ -36,6 +40,8 @@ def preflight(cfg: MedtuneConfig) -> None:
 def run_workflow(cfg: MedtuneConfig, verbose: bool = False) -> RunDir:
     preflight(cfg)
     run = RunDir.for_run(cfg.output.output_root, cfg.output.run_id or new_run_id()).create()
+    # config.yaml carries the run id, so `--resume`, the torchrun ranks and a requeued job find this run.
+    cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_id": run.run_id})})
     secrets = [cfg.model.hf_token.get_secret_value()] if cfg.model.hf_token else []
     setup_logging(run.log_file, secrets, verbose)
     remove_stale_temps(run.root)
@@ -43,9 +49,12 @@ def run_workflow(cfg: MedtuneConfig, verbose: bool = False) -> RunDir:
     write_text(run.training_env, render_env(cfg))
     write_text(run.config_yaml, render_yaml(cfg, header=f"Resolved config of run {run.run_id} (secrets removed)."))
     run.update_manifest(medtune_version=__version__, run_id=run.run_id, config=to_dict(cfg), status="running")
-    error = None
+    error, status = None, None
     try:
         _run_stages(cfg, run)
+    except Preempted as exc:
+        error, status = str(exc), "preempted"
+        raise
     except MedtuneError as exc:
         error = str(exc)
         raise
@@ -53,13 +62,15 @@ def run_workflow(cfg: MedtuneConfig, verbose: bool = False) -> RunDir:
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        _cleanup(cfg, run, error)
+        _cleanup(cfg, run, error, status)
     return run
 
 
 def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
     from medtune.container import container
     from medtune.data import prepare_data
+    from medtune.launch.apptainer import exec_prefix
+    from medtune.launch.torchrun import plan_world, train_in_subprocess, training_command
     from medtune.merge import merge
     from medtune.model import prepare_model
     from medtune.setup import setup
@@ -68,12 +79,18 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
 
     environment = _stage(run, "setup", lambda: setup(cfg, run), always=True)
     run.update_manifest(environment=environment)
-    _stage(run, "container", lambda: container(cfg.infrastructure.container), always=True)
+    plan = plan_world(cfg, len(environment["gpus"]))
+    image = _stage(run, "container", lambda: container(cfg.infrastructure.container), always=True)
     model = _stage(run, "model", lambda: prepare_model(cfg.model), always=True)
     model_path = model["path"]
     _stage(run, "data", lambda: prepare_data(cfg, run, model_path), done=run.data.is_dir())
     done = (run.adapters / "adapter_config.json").is_file()
-    metrics = _stage(run, "finetune", lambda: train(cfg, run, model_path, str(run.data)), done=done)
+    if plan.distributed or image.get("image"):
+        command = training_command(cfg, run, plan, exec_prefix(image, [run.root, Path(model_path)]))
+        finetune = lambda: train_in_subprocess(cfg, run, plan, command)  # noqa: E731
+    else:
+        finetune = lambda: train(cfg, run, model_path, str(run.data))  # noqa: E731
+    metrics = _stage(run, "finetune", finetune, done=done)
     if metrics:
         run.update_manifest(training=metrics)
     if cfg.output.merge_full_weights:
@@ -95,7 +112,7 @@ def _stage(run: RunDir, name: str, fn: Callable[[], Any], done: bool = True, alw
     return result
 
 
-def _cleanup(cfg: MedtuneConfig, run: RunDir, error: str | None) -> None:
+def _cleanup(cfg: MedtuneConfig, run: RunDir, error: str | None, status: str | None = None) -> None:
     from medtune.cleanup import cleanup
     from medtune.evaluate import validate
 
@@ -111,5 +128,5 @@ def _cleanup(cfg: MedtuneConfig, run: RunDir, error: str | None) -> None:
         except Exception as exc:  # a failed check must still leave a summary behind
             log.exception("validate failed")
             error = f"validation failed: {type(exc).__name__}: {exc}"
-    status = cleanup(run, error)
+    status = cleanup(run, error, status)
     log.info("run %s %s; summary: %s", run.run_id, status, run.summary)
