@@ -323,7 +323,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # learning rate make two epochs over ~200 rows useful in a few minutes.
     EMBEDDED_PRESET: {
         "model": {"model_source": "gguf", "base_model_id": "HuggingFaceTB/SmolLM2-135M-Instruct"},
-        "dataset": {"dataset_source": "local", "dataset_format": "jsonl", "eval_split": "heldout"},
+        "dataset": {"dataset_source": "local", "eval_split": "heldout"},
         "training": {
             "num_epochs": 2.0,
             "learning_rate": 1e-3,

@@ -22,6 +22,7 @@ from medtune.config import (
     PRESETS,
     MedtuneConfig,
     _deep_merge,
+    embedded_dataset_path,
     preset_dict,
 )
 from medtune.errors import ConfigError
@@ -46,10 +47,12 @@ def load_config(
     env = os.environ if env is None else env
     file_data = _read_yaml(config_file) if config_file else {}
     name = preset or file_data.get("model", {}).get("model_config") or (None if config_file else fallback_preset)
-    data: dict[str, Any] = preset_dict(name) if name in PRESETS or preset else {}
-    data = _deep_merge(data, file_data)
+    user = file_data
     for item in overrides:
-        data = _deep_merge(data, _parse_override(item))
+        user = _deep_merge(user, _parse_override(item))
+    data = _deep_merge(preset_dict(name) if name in PRESETS or preset else {}, user)
+    if name == EMBEDDED_PRESET:
+        _own_data_only(data, user)
     if "hf_token" in data.get("model", {}):
         raise ConfigError(
             "model.hf_token must not be written in a config or on the command line; "
@@ -59,6 +62,15 @@ def load_config(
     if token:
         data.setdefault("model", {})["hf_token"] = token
     return validate(data)
+
+
+def _own_data_only(data: dict[str, Any], user: dict[str, Any]) -> None:
+    """The embedded preset's `heldout` split belongs to its bundled data: pointed at other data, the
+    preset evaluates on a fraction instead (unless the user named an eval split)."""
+    ds, mine = data.get("dataset", {}), user.get("dataset", {})
+    if ds.get("local_dataset_path") != str(embedded_dataset_path()) or ds.get("dataset_source") != "local":
+        if "eval_split" not in mine:
+            ds["eval_split"] = ""
 
 
 def validate(data: dict[str, Any]) -> MedtuneConfig:

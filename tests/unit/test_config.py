@@ -112,9 +112,17 @@ def test_docs_config_md_is_generated_from_schema():
 
 def test_dataset_format_is_inferred_unless_set_explicitly():
     implicit = load_config(preset=EMBEDDED_PRESET, overrides=["dataset.local_dataset_path=x.parquet"], env={})
-    assert implicit.dataset.dataset_format == "jsonl"  # the preset sets it
+    assert implicit.dataset.format_to_use == "auto"
     plain = MedtuneConfig.model_validate({"dataset": {"dataset_source": "local", "local_dataset_path": "x.csv"}})
     assert plain.dataset.dataset_format == "json" and plain.dataset.format_to_use == "auto"
     explicit = MedtuneConfig.model_validate({"dataset": {"dataset_source": "local", "local_dataset_path": "x.csv",
                                                          "dataset_format": "json"}})
     assert explicit.dataset.format_to_use == "json"
+
+
+def test_embedded_heldout_split_only_applies_to_bundled_data():
+    assert load_config(preset=EMBEDDED_PRESET, env={}).dataset.eval_split == "heldout"
+    other = load_config(preset=EMBEDDED_PRESET, overrides=["dataset.local_dataset_path=/data/qa.jsonl"], env={})
+    assert other.dataset.eval_split == ""
+    named = load_config(preset=EMBEDDED_PRESET, overrides=["dataset.local_dataset_path=/d", "dataset.eval_split=test"], env={})
+    assert named.dataset.eval_split == "test"

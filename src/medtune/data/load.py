@@ -229,7 +229,7 @@ def _from_saved(path: Path, cfg: DatasetConfig) -> RawData:
         if cfg.eval_split:
             raise DataError(f"{path} is a single saved Dataset with no splits, so dataset.eval_split "
                             f"{cfg.eval_split!r} cannot be found; leave it empty and use dataset.eval_fraction")
-    hashes = {str(Path(f["filename"]).relative_to(path)): file_sha256(Path(f["filename"]))
+    hashes = {str(Path(f["filename"]).resolve().relative_to(path.resolve())): file_sha256(Path(f["filename"]))
               for ds in (train, evald) if ds is not None for f in ds.cache_files}
     return RawData(train, evald, str(path), [], {"source": str(path), "files": hashes})
 
