@@ -17,6 +17,7 @@ import torch
 
 from medtune.chat import stop_token_ids
 from medtune.config import OutputConfig
+from medtune.modelcard import write_card
 from medtune.rundir import RunDir, atomic_dir
 
 log = logging.getLogger("medtune.merge")
@@ -46,6 +47,7 @@ def merge(cfg: OutputConfig, run: RunDir, model_path: str) -> dict[str, Any]:
         merged.save_pretrained(str(tmp), safe_serialization=cfg.merged_save_format == "safetensors",
                                max_shard_size=cfg.max_shard_size)
         tokenizer.save_pretrained(str(tmp))
+        write_card(tmp, "merged", run.manifest(), model_path)
     files = sorted(p.name for p in run.merged.iterdir())
     log.info("merge: wrote %s (%s)", run.merged, ", ".join(files))
     return {"dtype": str(dtype).removeprefix("torch."), "format": cfg.merged_save_format, "files": files}

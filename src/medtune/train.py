@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from medtune.config import MedtuneConfig
+from medtune.modelcard import write_card
 from medtune.rundir import RunDir, atomic_dir
 
 log = logging.getLogger("medtune.train")
@@ -147,30 +148,8 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
                  metrics["base_eval_loss"], 100 * metrics["eval_loss_reduction"])
     with atomic_dir(run.adapters) as tmp:
         model.save_pretrained(str(tmp))
-        (tmp / "README.md").write_text(adapter_card(cfg, metrics))
+        write_card(tmp, "adapters", {**run.manifest(), "training": metrics}, model_path)
     return metrics
-
-
-def adapter_card(cfg: MedtuneConfig, metrics: dict[str, Any]) -> str:
-    """The adapter's model card: what it was trained from, how, and how to load it (no secrets)."""
-    base = cfg.model.base_model_id if cfg.model.model_source != "local" else cfg.model.local_model_path
-    source = cfg.dataset.dataset_name if cfg.dataset.dataset_source == "huggingface" else cfg.dataset.dataset_source
-    lines = [
-        "---", "library_name: peft", f"base_model: {base}", "tags: [medtune, lora, medical]", "---", "",
-        f"# LoRA adapter for {base}", "",
-        f"Fine-tuned by medtune on medical instruction data ({source}) with "
-        f"{'QLoRA (' + cfg.lora.quantization + ' base)' if cfg.lora.quantization != 'none' else 'LoRA'}: "
-        f"r={cfg.lora.lora_r}, alpha={cfg.lora.lora_alpha}, dropout={cfg.lora.lora_dropout}, "
-        f"targets {', '.join(cfg.lora.target_modules)}; {metrics.get('steps')} steps, learning rate "
-        f"{cfg.training.learning_rate}, max length {cfg.training.max_seq_length}.", "",
-    ]
-    if "eval_loss" in metrics:
-        lines += [f"Held-out eval loss: base {metrics['base_eval_loss']:.4f}, tuned {metrics['eval_loss']:.4f}.", ""]
-    lines += ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-              f'base = AutoModelForCausalLM.from_pretrained("{base}")',
-              'model = PeftModel.from_pretrained(base, "path/to/adapters")', "```", "",
-              "Not a medical device: outputs need review by a qualified clinician.", ""]
-    return "\n".join(lines)
 
 
 def _with_length(ds: Any) -> Any:
