@@ -44,10 +44,20 @@ def merge(cfg: OutputConfig, run: RunDir, model_path: str) -> dict[str, Any]:
     if merged.generation_config.pad_token_id is None:
         merged.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     with atomic_dir(run.merged) as tmp:
-        merged.save_pretrained(str(tmp), safe_serialization=cfg.merged_save_format == "safetensors",
-                               max_shard_size=cfg.max_shard_size)
+        merged.save_pretrained(str(tmp), max_shard_size=cfg.max_shard_size)
+        if cfg.merged_save_format == "bin":
+            _resave_as_bin(merged, tmp, cfg.max_shard_size)
         tokenizer.save_pretrained(str(tmp))
         write_card(tmp, "merged", run.manifest(), model_path)
     files = sorted(p.name for p in run.merged.iterdir())
     log.info("merge: wrote %s (%s)", run.merged, ", ".join(files))
     return {"dtype": str(dtype).removeprefix("torch."), "format": cfg.merged_save_format, "files": files}
+
+
+def _resave_as_bin(model: Any, folder: Path, max_shard_size: str) -> None:
+    """transformers 5 writes only safetensors; `bin` (for old serving stacks) swaps in torch pickles."""
+    from huggingface_hub import save_torch_state_dict
+
+    for path in [*folder.glob("*.safetensors"), *folder.glob("*.safetensors.index.json")]:
+        path.unlink()
+    save_torch_state_dict(model.state_dict(), folder, max_shard_size=max_shard_size, safe_serialization=False)

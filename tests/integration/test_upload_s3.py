@@ -184,7 +184,13 @@ def test_workflow_uploads_without_leaking_the_token(s3, tiny_overrides, monkeypa
     for path in run.root.rglob("*"):
         if path.is_file():
             assert CANARY.encode() not in path.read_bytes(), path
-    assert json.loads(run.manifest_path.read_text())["status"] == "succeeded"
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["status"] == "succeeded" and manifest["seed"] == cfg.training.seed
+    assert manifest["provenance"]["base_model_files"]["model.safetensors"]
+    # The cards in the bucket were written after validation, so they carry its results.
+    card = fs.cat_file(f"{url}/merged/README.md").decode()
+    assert "not a medical device" in card and "Merged weights vs adapter-on-base: top-1 agreement" in card
+    assert "*Fine-tuned:*" in card and manifest["provenance"]["base_model_files"]["model.safetensors"] in card
 
 
 def test_cli_upload_of_a_finished_run(s3, run_dir, capsys):
