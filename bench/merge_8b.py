@@ -2,6 +2,7 @@
 
     python bench/merge_8b.py make  WORK   # random bf16 base in 5GB shards + a random r=64 adapter (GPU)
     python bench/merge_8b.py merge WORK   # medtune.merge.merge into 5GB bf16 shards, reload, spot-check
+    python bench/merge_8b.py stream WORK  # the same through the shard-by-shard path (as if RAM were short)
 
 `merge` runs in its own process so its peak RSS is the merge's alone. Prints one JSON line per mode.
 """
@@ -49,13 +50,17 @@ def make(work: Path) -> dict:
             "base_gb": round(sum(p.stat().st_size for p in base_dir.glob("*.safetensors")) / 1e9, 2)}
 
 
-def merge_and_reload(work: Path) -> dict:
+def merge_and_reload(work: Path, stream: bool) -> dict:
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
+    import medtune.merge
     from medtune.config import OutputConfig
     from medtune.merge import merge
     from medtune.rundir import RunDir
+
+    if stream:
+        medtune.merge.ram_budget = lambda: 0
 
     run = RunDir(work / "medical-finetune-bench")
     start = time.perf_counter()
@@ -80,7 +85,7 @@ def merge_and_reload(work: Path) -> dict:
     ids = torch.randint(0, 300, (1, 64), device="cuda")
     with torch.no_grad():
         finite = bool(torch.isfinite(merged(ids).logits).all())
-    return {"mode": "merge", "merge_seconds": round(merge_s, 1), "merge_peak_rss_gib": round(merge_rss, 1),
+    return {"mode": info["method"], "merge_seconds": round(merge_s, 1), "merge_peak_rss_gib": round(merge_rss, 1),
             "shards": [f"{p.name} {p.stat().st_size / 1e9:.2f} GB" for p in shards], "dtype": info["dtype"],
             "reload_seconds": round(reload_s, 1), "spot_check_max_diff": float((got.float() - expected.float()).abs().max()),
             "forward_finite": finite, "gpu": torch.cuda.get_device_name(0)}
@@ -88,7 +93,8 @@ def merge_and_reload(work: Path) -> dict:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["make", "merge"])
+    parser.add_argument("mode", choices=["make", "merge", "stream"])
     parser.add_argument("work", type=Path)
     args = parser.parse_args()
-    print(json.dumps(make(args.work) if args.mode == "make" else merge_and_reload(args.work)), flush=True)
+    print(json.dumps(make(args.work) if args.mode == "make" else merge_and_reload(args.work, args.mode == "stream")),
+          flush=True)

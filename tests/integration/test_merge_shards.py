@@ -54,3 +54,30 @@ def test_small_shard_size_gives_shards_that_reload(run_with_adapter, tiny_model_
         torch.testing.assert_close(merged(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4)
         with adapted.disable_adapter():
             assert not torch.allclose(merged(ids).logits, adapted(ids).logits, atol=1e-3)
+
+
+def test_streamed_merge_matches_the_in_memory_merge(run_with_adapter, tiny_model_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import medtune.merge as merge_stage
+    from medtune.chat import stop_token_ids
+
+    run = run_with_adapter
+    cfg = OutputConfig(max_shard_size="200KB", merged_dtype="float32")
+    assert merge(cfg, run, str(tiny_model_dir))["method"] == "in_memory"
+    expected = {k: v for p in run.merged.glob("*.safetensors") for k, v in load_file(p).items()}
+
+    monkeypatch.setattr(merge_stage, "ram_budget", lambda: 0)  # as if the base were larger than free RAM
+    result = merge(cfg, run, str(tiny_model_dir))
+    assert result["method"] == "streamed"
+    got = {k: v for p in run.merged.glob("*.safetensors") for k, v in load_file(p).items()}
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-6, rtol=1e-5)
+    generation = json.loads((run.merged / "generation_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert generation["eos_token_id"] == stop_token_ids(tokenizer) and tokenizer.convert_tokens_to_ids("<|im_end|>") in stop_token_ids(tokenizer)
+    assert json.loads((run.merged / "config.json").read_text())["dtype"] == "float32"
+    AutoModelForCausalLM.from_pretrained(run.merged)  # loads as a normal folder
+    assert (run.merged / "README.md").is_file() and (run.merged / "tokenizer.json").is_file()
