@@ -2,7 +2,8 @@
 
 Each stage is one call from typed config to files in the run directory; a stage whose output is
 already complete is skipped, so rerunning the same command after a crash finishes the run.
-Cleanup (validation + summary.md) always runs, also after a failure.
+Cleanup (validation, model cards, summary.md) always runs, also after a failure; a succeeded run is
+then published (Hub push, bucket upload), last, so what leaves the machine is the final state.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
     _stage(run, "container", lambda: container(cfg.infrastructure.container), always=True)
     model = _stage(run, "model", lambda: prepare_model(cfg.model), always=True)
     model_path = model["path"]
-    run.update_manifest(provenance={"base_model_files": model_fingerprint(model_path)})
+    if "base_model_files" not in run.manifest().get("provenance", {}):  # hashing 16 GB takes a minute: once per run
+        run.update_manifest(provenance={"base_model_files": model_fingerprint(model_path)})
     _stage(run, "data", lambda: prepare_data(cfg, run, model_path), done=run.data.is_dir())
     done = (run.adapters / "adapter_config.json").is_file()
     metrics = _stage(run, "finetune", lambda: train(cfg, run, model_path, str(run.data)), done=done)
