@@ -7,7 +7,9 @@ Credentials and endpoints come from each backend's usual environment variables (
     <output_bucket>/medical-finetune-<RUN_ID>/ adapters/ merged/ logs/ training.env manifest.json
                                                summary.md [report.html] SHA256SUMS
 
-Every file is read back and hashed after its copy; a mismatch is retried, then fails the stage.
+Files go up 4 at a time; the backend splits large ones into parts sent in parallel (s3fs: 50 MB
+multipart chunks, 10 at a time). Every file is read back and hashed after its copy; a failure or a
+mismatch is retried with exponential backoff, then fails the stage.
 A rerun hashes what is already in the bucket and copies only what is missing or different, so an
 interrupted upload resumes. The local run directory is never modified beyond manifest.json.
 """
