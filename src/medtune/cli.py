@@ -189,6 +189,30 @@ def data_inspect(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOp
     return 0
 
 
+@app.command()
+def upload(run_dir: Annotated[Path, typer.Argument(help="A run directory (medical-finetune-<RUN_ID>).")],
+           to: Annotated[str, typer.Option("--to", help="fsspec URL, e.g. s3://bucket/prefix.")],
+           debug: DebugOpt = False) -> int:
+    """Upload a finished run to a bucket: only missing or changed files, each verified by sha256."""
+    from medtune.storage import upload_run
+
+    result = upload_run(run_dir, to)
+    out.print(f"uploaded to {result['destination']}: {result['copied']} copied, "
+              f"{result['already_present']} already there (verified)")
+    return 0
+
+
+@app.command()
+def push(run_dir: Annotated[Path, typer.Argument(help="A run directory (medical-finetune-<RUN_ID>).")],
+         set_: SetOpt = None, debug: DebugOpt = False) -> int:
+    """Publish a finished run to the Hub with its run's config (`--set output.hub_model_id=org/name`)."""
+    from medtune.hub import push_run
+
+    result = push_run(run_dir, list(set_ or []))
+    out.print(f"published {result['repo']} at commit {result['commit']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args

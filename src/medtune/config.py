@@ -254,8 +254,14 @@ class OutputConfig(Section):
         "auto", description="Dtype of the merged weights; `auto` keeps the base checkpoint's dtype."
     )
     max_shard_size: str = Field("5GB", description="Largest merged weight file before sharding.")
-    push_to_hub: bool = Field(False, description="Publish the merged model to the Hub (needs `hub_model_id` and a token).")
+    push_to_hub: bool = Field(
+        False, description="Publish the adapter and model card to the Hub (needs `hub_model_id` and a token with write access)."
+    )
     hub_model_id: str = Field("", description="Hub repo id to publish to.")
+    hub_private: bool = Field(True, description="Create the Hub repo private (the safe default for medical work).")
+    hub_push_merged: bool = Field(
+        False, description="Also publish the merged weights (at the repo root; the adapter then goes to `adapters/`)."
+    )
     output_root: str = Field("outputs", description="Folder under which run directories are created.")
     run_id: str = Field("", description="Run id; empty = a new timestamped id. Reuse an id to resume that run.")
 

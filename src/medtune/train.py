@@ -25,6 +25,7 @@ from transformers.trainer_callback import PrinterCallback
 
 from medtune.config import MedtuneConfig
 from medtune.preemption import Preempted, StopOnSignal, last_complete_checkpoint, remove_incomplete_checkpoints
+from medtune.modelcard import write_card
 from medtune.rundir import RunDir, atomic_dir
 
 log = logging.getLogger("medtune.train")
@@ -169,12 +170,12 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
     stopper = StopOnSignal().install()
     try:
         trainer = build_trainer(cfg, run, model_path, data_path, callbacks=(stopper,))
-        return _train(cfg, run, trainer, stopper)
+        return _train(cfg, run, trainer, stopper, model_path)
     finally:
         stopper.uninstall()
 
 
-def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal) -> dict[str, Any]:
+def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal, model_path: str) -> dict[str, Any]:
     eval_ds, device, world = trainer.eval_dataset, trainer.args.device.type, trainer.args.world_size
     rank0 = trainer.is_world_process_zero()
     if rank0:
@@ -212,7 +213,7 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal)
     if rank0:
         with atomic_dir(run.adapters) as tmp:
             trainer.model.save_pretrained(str(tmp))
-            (tmp / "README.md").write_text(adapter_card(cfg, metrics))
+            write_card(tmp, "adapters", {**run.manifest(), "training": metrics}, model_path)
         run.update_manifest(training=metrics)
     trainer.accelerator.wait_for_everyone()
     return metrics
@@ -222,28 +223,6 @@ def _batch_metrics(cfg: MedtuneConfig, world_size: int) -> dict[str, int]:
     t = cfg.training
     return {"world_size": world_size,
             "effective_batch_size": t.micro_batch_size * t.gradient_accumulation * world_size}
-
-
-def adapter_card(cfg: MedtuneConfig, metrics: dict[str, Any]) -> str:
-    """The adapter's model card: what it was trained from, how, and how to load it (no secrets)."""
-    base = cfg.model.base_model_id if cfg.model.model_source != "local" else cfg.model.local_model_path
-    source = cfg.dataset.dataset_name if cfg.dataset.dataset_source == "huggingface" else cfg.dataset.dataset_source
-    lines = [
-        "---", "library_name: peft", f"base_model: {base}", "tags: [medtune, lora, medical]", "---", "",
-        f"# LoRA adapter for {base}", "",
-        f"Fine-tuned by medtune on medical instruction data ({source}) with "
-        f"{'QLoRA (' + cfg.lora.quantization + ' base)' if cfg.lora.quantization != 'none' else 'LoRA'}: "
-        f"r={cfg.lora.lora_r}, alpha={cfg.lora.lora_alpha}, dropout={cfg.lora.lora_dropout}, "
-        f"targets {', '.join(cfg.lora.target_modules)}; {metrics.get('steps')} steps, learning rate "
-        f"{cfg.training.learning_rate}, max length {cfg.training.max_seq_length}.", "",
-    ]
-    if "eval_loss" in metrics:
-        lines += [f"Held-out eval loss: base {metrics['base_eval_loss']:.4f}, tuned {metrics['eval_loss']:.4f}.", ""]
-    lines += ["```python", "from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
-              f'base = AutoModelForCausalLM.from_pretrained("{base}")',
-              'model = PeftModel.from_pretrained(base, "path/to/adapters")', "```", "",
-              "Not a medical device: outputs need review by a qualified clinician.", ""]
-    return "\n".join(lines)
 
 
 def _with_length(ds: Any) -> Any:

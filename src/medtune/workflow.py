@@ -2,7 +2,8 @@
 
 Each stage is one call from typed config to files in the run directory; a stage whose output is
 already complete is skipped, so rerunning the same command after a crash finishes the run.
-Cleanup (validation + summary.md) always runs, also after a failure.
+Cleanup (validation, model cards, summary.md) always runs, also after a failure; a succeeded run is
+then published (Hub push, bucket upload), last, so what leaves the machine is the final state.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from medtune.config import MedtuneConfig
 from medtune.config_io import render_env, render_yaml, to_dict
 from medtune.errors import MedtuneError
 from medtune.preemption import Preempted
+from medtune.modelcard import write_card
+from medtune.provenance import medtune_revision, model_fingerprint
 from medtune.rundir import RunDir, new_run_id, remove_stale_temps, write_text
 from medtune.runlog import setup_logging
 
@@ -28,6 +31,7 @@ def preflight(cfg: MedtuneConfig, on_this_machine: bool = True) -> None:
     """Input checks that need no download or GPU; a failure here leaves nothing on disk.
     `medtune submit` skips the hardware check: a login node need not have the job's GPUs."""
     from medtune.data.load import check_source as check_data
+    from medtune.hub import check_publishing
     from medtune.model import check_source as check_model
     from medtune.setup import check_environment, environment_report
 
@@ -35,6 +39,7 @@ def preflight(cfg: MedtuneConfig, on_this_machine: bool = True) -> None:
         check_environment(cfg, environment_report([]))
     check_model(cfg.model)
     check_data(cfg.dataset)
+    check_publishing(cfg)
 
 
 def run_workflow(cfg: MedtuneConfig, verbose: bool = False) -> RunDir:
@@ -48,7 +53,8 @@ def run_workflow(cfg: MedtuneConfig, verbose: bool = False) -> RunDir:
     log.info("medtune %s: run %s in %s", __version__, run.run_id, run.root)
     write_text(run.training_env, render_env(cfg))
     write_text(run.config_yaml, render_yaml(cfg, header=f"Resolved config of run {run.run_id} (secrets removed)."))
-    run.update_manifest(medtune_version=__version__, run_id=run.run_id, config=to_dict(cfg), status="running")
+    run.update_manifest(medtune_version=__version__, run_id=run.run_id, config=to_dict(cfg), status="running",
+                        seed=cfg.training.seed, provenance={"medtune_git": medtune_revision()})
     error, status = None, None
     try:
         _run_stages(cfg, run)
@@ -63,6 +69,7 @@ def run_workflow(cfg: MedtuneConfig, verbose: bool = False) -> RunDir:
         raise
     finally:
         _cleanup(cfg, run, error, status)
+    _publish(cfg, run)
     return run
 
 
@@ -74,7 +81,6 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
     from medtune.merge import merge
     from medtune.model import prepare_model
     from medtune.setup import setup
-    from medtune.storage import upload
     from medtune.train import train
 
     environment = _stage(run, "setup", lambda: setup(cfg, run), always=True)
@@ -83,6 +89,8 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
     image = _stage(run, "container", lambda: container(cfg.infrastructure.container), always=True)
     model = _stage(run, "model", lambda: prepare_model(cfg.model), always=True)
     model_path = model["path"]
+    if "base_model_files" not in run.manifest().get("provenance", {}):  # hashing 16 GB takes a minute: once per run
+        run.update_manifest(provenance={"base_model_files": model_fingerprint(model_path)})
     _stage(run, "data", lambda: prepare_data(cfg, run, model_path), done=run.data.is_dir())
     done = (run.adapters / "adapter_config.json").is_file()
     if plan.distributed or image.get("image"):
@@ -95,7 +103,6 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
         run.update_manifest(training=metrics)
     if cfg.output.merge_full_weights:
         _stage(run, "merge", lambda: merge(cfg.output, run, model_path), done=(run.merged / "config.json").is_file())
-    _stage(run, "upload", lambda: upload(cfg.infrastructure.output_bucket, run))
 
 
 def _stage(run: RunDir, name: str, fn: Callable[[], Any], done: bool = True, always: bool = False) -> Any:
@@ -128,5 +135,29 @@ def _cleanup(cfg: MedtuneConfig, run: RunDir, error: str | None, status: str | N
         except Exception as exc:  # a failed check must still leave a summary behind
             log.exception("validate failed")
             error = f"validation failed: {type(exc).__name__}: {exc}"
+    model_path = run.stage("model").get("path")
+    if model_path:  # the cards again, now that evaluation results and all timings are known
+        for kind, folder in (("adapters", run.adapters), ("merged", run.merged)):
+            if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+                write_card(folder, kind, run.manifest(), model_path)
     status = cleanup(run, error, status)
     log.info("run %s %s; summary: %s", run.run_id, status, run.summary)
+
+
+def _publish(cfg: MedtuneConfig, run: RunDir) -> None:
+    """Upload and Hub push run last, so they carry the final summary, cards and manifest."""
+    from medtune.cleanup import cleanup
+    from medtune.hub import push_to_hub
+    from medtune.storage import upload
+
+    if run.manifest().get("status") != "succeeded":
+        return
+    try:
+        if cfg.output.push_to_hub:  # first, so the uploaded manifest records the Hub commit
+            token = cfg.model.hf_token.get_secret_value() if cfg.model.hf_token else None
+            _stage(run, "hub", lambda: push_to_hub(cfg.output, run, token), always=True)
+        log.info("== upload")
+        upload(cfg.infrastructure.output_bucket, run)
+    except MedtuneError as exc:
+        cleanup(run, str(exc))
+        raise
