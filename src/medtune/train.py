@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from medtune import base_eval_cache
 from medtune.config import MedtuneConfig
+from medtune.progress import ProgressLog, peak_memory_gib
 from medtune.rundir import RunDir, atomic_dir
 
 log = logging.getLogger("medtune.train")
@@ -123,25 +124,27 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
 
     model = load_for_training(cfg, model_path, device)
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None)
-    progress = ProgressLog()
+    progress = ProgressLog(run.logs, device)
     trainer = Trainer(model=model, args=training_args(cfg, run, device, eval_ds is not None), train_dataset=train_ds,
-                      eval_dataset=eval_ds, data_collator=collator, callbacks=[progress])
+                      eval_dataset=eval_ds, data_collator=collator, callbacks=[progress, _tensorboard(run)])
     trainer.remove_callback(PrinterCallback)  # ProgressLog writes the log lines
     resume = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
     metrics: dict[str, Any] = dict(run.manifest().get("training", {}))
     if eval_ds is not None and "base_eval_loss" not in metrics:
-        # LoRA's B matrices start at zero, so before training the model *is* the base model.
-        metrics["base_eval_loss"] = trainer.evaluate()["eval_loss"]
-        run.update_manifest(training={"base_eval_loss": metrics["base_eval_loss"]})
-        log.info("finetune: base model eval loss %.4f", metrics["base_eval_loss"])
+        metrics.update(_base_eval(cfg, trainer, model_path, eval_path, device))
+        run.update_manifest(training={k: metrics[k] for k in ("base_eval_loss", "base_eval_perplexity", "base_eval_cached")})
     if resume:
         log.info("finetune: resuming from %s", resume)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume)
     seconds = time.perf_counter() - start
     metrics.update(_train_metrics(trainer, result, seconds, device))
+    metrics["throughput"] = progress.samples
+    metrics["peak_memory_gib"] = round(peak_memory_gib(device), 3)
+    metrics["peak_memory_kind"] = "gpu allocated" if device == "cuda" else "process rss"
     if eval_ds is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics["eval_perplexity"] = _perplexity(metrics["eval_loss"])
         metrics["eval_loss_reduction"] = 1 - metrics["eval_loss"] / metrics["base_eval_loss"]
         log.info("finetune: eval loss %.4f (base %.4f, %.1f%% lower)", metrics["eval_loss"],
                  metrics["base_eval_loss"], 100 * metrics["eval_loss_reduction"])
@@ -173,6 +176,38 @@ def adapter_card(cfg: MedtuneConfig, metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _base_eval(cfg: MedtuneConfig, trainer: Any, model_path: str, eval_path: Path, device: str) -> dict[str, Any]:
+    """The base model's eval loss, from the cache when this model, data and precision were seen before."""
+    settings = {"quantization": cfg.lora.quantization, "dtype": str(compute_dtype(cfg, device)), "device": device,
+                "micro_batch_size": cfg.training.micro_batch_size}
+    key = base_eval_cache.eval_key(model_path, eval_path, settings)
+    cached = base_eval_cache.lookup(cfg.model.model_cache_dir, key)
+    if cached is not None:
+        log.info("finetune: base model eval loss %.4f (cached)", cached["eval_loss"])
+        loss = cached["eval_loss"]
+    else:
+        # LoRA's B matrices start at zero, so before training the model *is* the base model.
+        loss = trainer.evaluate()["eval_loss"]
+        base_eval_cache.store(cfg.model.model_cache_dir, key, {"eval_loss": loss, **settings})
+        log.info("finetune: base model eval loss %.4f (perplexity %.2f)", loss, _perplexity(loss))
+    return {"base_eval_loss": loss, "base_eval_perplexity": _perplexity(loss), "base_eval_cached": cached is not None}
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def _tensorboard(run: RunDir) -> Any:
+    """Event files under logs/tensorboard/ (`tensorboard --logdir <run>/logs/tensorboard`)."""
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+
+    folder = str(run.logs / "tensorboard")
+    callback = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=folder))
+    callback.logging_dir = folder  # the final evaluate() after train_end reopens a writer: keep it here too
+    return callback
+
+
 def _with_length(ds: Any) -> Any:
     return ds.map(lambda row: {"length": len(row["input_ids"])})
 
@@ -191,20 +226,3 @@ def _train_metrics(trainer: Any, result: Any, seconds: float, device: str) -> di
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
         "history": history,
     }
-
-
-class ProgressLog(TrainerCallback):
-    """One plain log line per logging step: step/total, loss, lr, tok/s, ETA (readable in Slurm logs)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if not logs or "loss" not in logs:
-            return
-        elapsed = time.perf_counter() - self.start
-        done = max(state.global_step, 1)
-        eta = elapsed / done * (state.max_steps - state.global_step)
-        tok_s = state.num_input_tokens_seen / elapsed if elapsed > 0 else math.nan
-        log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s eta %s", state.global_step, state.max_steps, logs["loss"],
-                 logs.get("learning_rate", math.nan), tok_s, time.strftime("%M:%S", time.gmtime(eta)))
