@@ -160,3 +160,24 @@ def test_report_renders_in_chromium(finished_run, tmp_path):
     assert image.size[0] >= 800
     histogram = image.histogram()
     assert max(histogram) < 0.97 * sum(histogram)  # not one flat colour: text and charts were drawn
+
+
+def test_eval_and_report_commands(finished_run, tmp_path, capsys):
+    from medtune.cli import main
+
+    _, run = finished_run
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "What lowers a fever in adults?"}) + "\n")
+    mcq_file = tmp_path / "mcq.jsonl"
+    mcq_file.write_text(json.dumps({"question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 2}) + "\n")
+    (run.root / "report.html").unlink()
+    assert main(["eval", str(run.root), "--questions", str(questions), "--mcq", str(mcq_file)]) == 0
+    assert "What lowers a fever in adults?" in capsys.readouterr().out
+    ev = json.loads(run.manifest_path.read_text())["evaluation"]
+    assert [a["question"] for a in ev["answers"]] == ["What lowers a fever in adults?"]
+    assert ev["mcq"]["source"] == str(mcq_file) and ev["mcq"]["answers"] == ["C"]
+    assert "What lowers a fever in adults?" in (run.root / "report.html").read_text()
+    assert main(["report", str(run.root)]) == 0
+    assert main(["report", str(tmp_path)]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+    assert main(["eval", str(run.root), "--questions", str(tmp_path / "missing.jsonl")]) == 2

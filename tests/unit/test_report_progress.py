@@ -56,3 +56,16 @@ def test_progress_log_and_run_progress(tmp_path):
     run.manifest_path.write_text(json.dumps({"status": "succeeded", "stages": {}}))
     assert run_progress(run.root)["stage"] is None
     assert run_progress(tmp_path / "nothing")["status"] == "not started"
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    callback = ProgressLog(tmp_path, "cpu", tty=True)
+    state = SimpleNamespace(global_step=0, max_steps=4, num_input_tokens_seen=0)
+    callback.on_train_begin(None, state, None)
+    assert callback.bar is not None and callback.bar.tasks[0].total == 4
+    state.global_step, state.num_input_tokens_seen = 2, 100
+    callback.on_log(None, state, None, logs={"loss": 0.5})
+    callback.on_step_end(None, state, None)
+    assert callback.bar.tasks[0].completed == 2 and "loss 0.5000" in callback.bar.tasks[0].fields["info"]
+    callback.on_train_end(None, state, None)
+    assert callback.bar is None and json.loads((tmp_path / "progress.json").read_text())["status"] == "done"
