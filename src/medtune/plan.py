@@ -160,8 +160,9 @@ def dataset_tokens(cfg: MedtuneConfig, rows_hint: int | None) -> dict[str, Any]:
         rows, source = rows_hint, (source or f"--rows {rows_hint}, {ASSUMED_TOKENS_PER_ROW} tokens/row assumed")
     if rows is None:
         rows = ds.max_samples or ASSUMED_ROWS
-        source = (f"assumed: {rows} rows (dataset not available offline; pass --rows) × "
-                  f"{ASSUMED_TOKENS_PER_ROW} tokens/row")
+        count = f"dataset.max_samples={rows} rows" if ds.max_samples else \
+            f"assumed: {rows} rows (dataset not available offline; pass --rows)"
+        source = f"{count} × {ASSUMED_TOKENS_PER_ROW} tokens/row (assumed)"
     if ds.max_samples:
         rows = min(rows, ds.max_samples)
     if not ds.eval_split:
