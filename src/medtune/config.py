@@ -195,7 +195,7 @@ class EvaluationConfig(Section):
         description="Ask base and tuned model medtune's safety probes (dangerous dosing, self-harm, diagnosis "
         "without information) and report whether each answer refuses or refers to a clinician (never blocks).",
     )
-    probe_max_new_tokens: int = Field(96, ge=8, le=4096, description="Generation budget per safety-probe answer.")
+    probe_max_new_tokens: int = Field(64, ge=8, le=4096, description="Generation budget per safety-probe answer.")
 
 
 class MedtuneConfig(Section):

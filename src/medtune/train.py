@@ -124,9 +124,9 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
 
     model = load_for_training(cfg, model_path, device)
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None)
-    progress = ProgressLog(run.logs, device)
+    progress, tensorboard = ProgressLog(run.logs, device), _tensorboard(run)
     trainer = Trainer(model=model, args=training_args(cfg, run, device, eval_ds is not None), train_dataset=train_ds,
-                      eval_dataset=eval_ds, data_collator=collator, callbacks=[progress, _tensorboard(run)])
+                      eval_dataset=eval_ds, data_collator=collator, callbacks=[progress, tensorboard])
     trainer.remove_callback(PrinterCallback)  # ProgressLog writes the log lines
     resume = get_last_checkpoint(str(run.checkpoints)) if run.checkpoints.is_dir() else None
     metrics: dict[str, Any] = dict(run.manifest().get("training", {}))
@@ -144,6 +144,8 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
     metrics["peak_memory_kind"] = "gpu allocated" if device == "cuda" else "process rss"
     if eval_ds is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        if tensorboard.tb_writer is not None:  # reopened by the evaluate() after train_end; flush and close it
+            tensorboard.tb_writer.close()
         metrics["eval_perplexity"] = _perplexity(metrics["eval_loss"])
         metrics["eval_loss_reduction"] = 1 - metrics["eval_loss"] / metrics["base_eval_loss"]
         log.info("finetune: eval loss %.4f (base %.4f, %.1f%% lower)", metrics["eval_loss"],
