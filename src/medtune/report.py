@@ -26,7 +26,8 @@ vertical-align:top}th{background:#eef2f8}.ok{color:#16794a;font-weight:600}.bad{
 .status{display:inline-block;padding:.2em .7em;border-radius:1em;color:#fff}.succeeded{background:#16794a}
 .failed,.running{background:#b3261e}.running{background:#946200}.pair{display:grid;grid-template-columns:1fr 1fr;gap:1em}
 .answer{background:#f6f8fb;border:1px solid #d5dbe5;border-radius:6px;padding:.6em;white-space:pre-wrap}
-.muted{color:#5b6475;font-size:.9em}img{max-width:100%}details{margin:.4em 0}code{background:#eef2f8;padding:0 .2em}
+.muted{color:#5b6475;font-size:.9em}img{max-width:100%}details{margin:.4em 0}code{background:#eef2f8;padding:0 .2em;
+overflow-wrap:anywhere}td{overflow-wrap:anywhere}
 """
 
 
