@@ -84,6 +84,9 @@ def tiny_overrides(tiny_model_dir: Path, tmp_path: Path) -> list[str]:
         "lora.bf16=false",
         "evaluation.validation_questions=1",
         "evaluation.max_new_tokens=12",
+        "evaluation.mcq_questions=4",
+        "evaluation.probe_max_new_tokens=8",
+        "training.eval_steps=3",
         f"output.output_root={tmp_path / 'outputs'}",
         "output.merged_dtype=float32",
     ]

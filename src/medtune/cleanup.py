@@ -49,9 +49,12 @@ def render_summary(run: RunDir, manifest: dict[str, Any], status: str, error: st
     lines += _data_section(stages.get("data", {}).get("report"))
     lines += _training_section(manifest.get("training", {}))
     lines += _validation_section(manifest.get("validation", {}))
+    lines += _evaluation_section(manifest.get("evaluation", {}))
     lines += ["", "## Outputs", "",
               f"- `adapters/` — LoRA adapter: `PeftModel.from_pretrained(base, \"{run.adapters}\")`",
               f"- `merged/` — full 16-bit weights, tokenizer and chat template: `vllm serve {run.merged}`",
+              "- `report.html` — the run at a glance: charts, base-vs-tuned tables and answers, safety probes, "
+              "artifact checksums",
               "- `logs/finetune.log`, `training.env` (every resolved parameter), `manifest.json` (versions, "
               "input hashes, timings, results)", ""]
     return "\n".join(lines)
@@ -127,3 +130,21 @@ def _validation_section(val: dict[str, Any]) -> list[str]:
                   f"**Tuned model** ({ans['tuned']['tokens']} tokens{'' if ans['tuned']['stopped'] else ', did not stop'}):",
                   "", ans["tuned"]["text"] or "_(empty)_", "", f"Reference: {ans['reference']}"]
     return lines
+
+
+def _evaluation_section(ev: dict[str, Any]) -> list[str]:
+    """Headline numbers of `medtune eval`; the answers and probe texts are in report.html."""
+    lines = []
+    if "mcq" in ev:
+        m = ev["mcq"]
+        lines.append(f"- Multiple choice ({m['questions']} questions, {m['source']}), length-normalised accuracy: "
+                     f"base {100 * m['base']['accuracy_norm']:.1f}%, tuned {100 * m['tuned']['accuracy_norm']:.1f}%.")
+    if "safety" in ev:
+        s = ev["safety"]["summary"]
+        lines.append(f"- Safety probes answered with a refusal or a referral: base {s['base']['safe_response']} of "
+                     f"{s['probes']}, tuned {s['tuned']['safe_response']} of {s['probes']} (reported, not blocked).")
+    if "stop_rate" in ev:
+        r = ev["stop_rate"]
+        lines.append(f"- Answers ending on the end-of-turn token (greedy + sampled): base {r['base']['stopped']} of "
+                     f"{r['base']['answers']}, tuned {r['tuned']['stopped']} of {r['tuned']['answers']}.")
+    return ["", "## Evaluation", "", *lines] if lines else []

@@ -15,6 +15,7 @@ from typing import Annotated
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from medtune.config import PRESET_DESCRIPTIONS
@@ -186,6 +187,39 @@ def data_inspect(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOp
     from medtune.data_inspect import inspect_data
 
     inspect_data(cfg, out, example=example)
+@app.command()
+def plan(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, debug: DebugOpt = False,
+         gpu: Annotated[str | None, typer.Option("--gpu", help="Plan for this card (e.g. H100-80GB, A100-40GB) or cpu.")] = None,
+         rows: Annotated[int | None, typer.Option("--rows", help="Training rows, when the dataset is not local.")] = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> int:
+    """Estimate parameters, memory, tokens, time and the scheduler request, offline, before any download."""
+    from medtune.plan import make_plan, render_plan
+
+    result = make_plan(_resolve(config, preset, set_), gpu, rows)
+    sys.stdout.write(json.dumps(result, indent=2) + "\n" if as_json else render_plan(result))
+    return 0
+
+
+RunDirArg = Annotated[Path, typer.Argument(help="A run directory (outputs/medical-finetune-<RUN_ID>).")]
+
+
+@app.command("eval")
+def eval_run(run_dir: RunDirArg, debug: DebugOpt = False,
+             questions: Annotated[Path | None, typer.Option("--questions", help="JSONL of questions to answer.")] = None,
+             mcq: Annotated[Path | None, typer.Option("--mcq", help="MedQA/MedMCQA-style JSONL to score.")] = None) -> int:
+    """Base vs tuned: answers (greedy + seeded), multiple-choice accuracy, safety probes; updates report.html."""
+    from medtune.medeval import evaluate_run_dir
+    from medtune.runlog import setup_logging
+
+    setup_logging(None, [])
+    result = evaluate_run_dir(run_dir, questions, mcq)
+    for i, a in enumerate(result["answers"], 1):
+        out.print(f"\n[bold]Q{i}[/bold] {escape(a['question'])}")
+        for side in ("base", "tuned"):
+            ans = a["greedy"][side]
+            out.print(f"  [bold]{side}[/bold] ({ans['tokens']} tokens{'' if ans['stopped'] else ', DID NOT STOP'}): "
+                      f"{escape(ans['text'])}", highlight=False)
+    out.print(f"\nreport: {run_dir.resolve() / 'report.html'}")
     return 0
 
 
@@ -210,6 +244,16 @@ def push(run_dir: Annotated[Path, typer.Argument(help="A run directory (medical-
 
     result = push_run(run_dir, list(set_ or []))
     out.print(f"published {result['repo']} at commit {result['commit']}")
+def report(run_dir: RunDirArg, debug: DebugOpt = False) -> int:
+    """Write RUN_DIR/report.html (self-contained) from the run's manifest.json."""
+    from medtune.errors import RunDirError
+    from medtune.report import write_report
+    from medtune.rundir import RunDir
+
+    run = RunDir(run_dir.expanduser().resolve())
+    if not run.manifest_path.is_file():
+        raise RunDirError(f"{run.root} has no manifest.json; give a run directory that `medtune run` created")
+    out.print(f"wrote {write_report(run)}")
     return 0
 
 

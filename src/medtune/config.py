@@ -274,6 +274,26 @@ class EvaluationConfig(Section):
     merge_top1_min: float = Field(
         0.95, gt=0, le=1, description="Minimum top-1 agreement of merged vs adapter-on-base logits."
     )
+    sampled_answers: bool = Field(
+        True,
+        description="Besides the greedy answer, sample one answer per question with a fixed seed "
+        "(`training.seed`) and `sample_temperature`, for base and tuned model.",
+    )
+    sample_temperature: float = Field(0.7, gt=0, le=2, description="Temperature of the seeded sampled answers.")
+    mcq_questions: int = Field(
+        20,
+        ge=0,
+        le=2000,
+        description="Multiple-choice questions scored by option log-likelihood for base and tuned model: the "
+        "held-out split's when it has options + answer columns (MedQA/MedMCQA style), else medtune's built-in "
+        "sample set. 0 = off.",
+    )
+    safety_probes: bool = Field(
+        True,
+        description="Ask base and tuned model medtune's safety probes (dangerous dosing, self-harm, diagnosis "
+        "without information) and report whether each answer refuses or refers to a clinician (never blocks).",
+    )
+    probe_max_new_tokens: int = Field(64, ge=8, le=4096, description="Generation budget per safety-probe answer.")
 
 
 class MedtuneConfig(Section):
@@ -338,6 +358,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "max_seq_length": 384,
             "logging_steps": 5,
             "save_steps": 25,
+            "eval_steps": 20,
             "warmup_ratio": 0.05,
         },
         "lora": {"lora_r": 16, "lora_alpha": 32, "quantization": "none", "gradient_checkpointing": False, "bf16": True},

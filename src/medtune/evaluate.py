@@ -48,9 +48,9 @@ def validate(cfg: EvaluationConfig, run: RunDir, model_path: str) -> dict[str, A
     stops = merged.generation_config.eos_token_id
     for q in questions:
         prompt = tokenizer.apply_chat_template(q["messages"], tokenize=False, add_generation_prompt=True)
-        tuned = _generate(merged, tokenizer, prompt, cfg.max_new_tokens, stops, device)
+        tuned = generate_answer(merged, tokenizer, prompt, cfg.max_new_tokens, stops, device)
         with adapted.disable_adapter():
-            before = _generate(adapted, tokenizer, prompt, cfg.max_new_tokens, stops, device)
+            before = generate_answer(adapted, tokenizer, prompt, cfg.max_new_tokens, stops, device)
         answers.append({"question": q["messages"][-1]["content"], "reference": q.get("reference", ""),
                         "base": before, "tuned": tuned})
     stopped = sum(a["tuned"]["stopped"] for a in answers)
@@ -78,12 +78,17 @@ def _compare_logits(merged: Any, adapted: Any, tokenizer: Any, texts: list[str],
 
 
 @torch.no_grad()
-def _generate(model: Any, tokenizer: Any, prompt: str, max_new: int, stops: list[int] | int, device: str) -> dict[str, Any]:
+def generate_answer(model: Any, tokenizer: Any, prompt: str, max_new: int, stops: list[int] | int, device: str,
+                    seed: int | None = None, temperature: float = 0.7) -> dict[str, Any]:
+    """Greedy answer, or (with `seed`) one sampled answer that the same seed reproduces."""
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device)
-    out = model.generate(**ids, max_new_tokens=max_new, do_sample=False, eos_token_id=stops,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    sampling: dict[str, Any] = {"do_sample": False}
+    if seed is not None:
+        torch.manual_seed(seed)
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0}
+    out = model.generate(**ids, max_new_tokens=max_new, eos_token_id=stops,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
     new = out[0, ids.input_ids.shape[1]:].tolist()
     stop_set = set(stops if isinstance(stops, list) else [stops])
     return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "tokens": len(new),
             "stopped": bool(new) and new[-1] in stop_set}
-

@@ -20,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
+from medtune import base_eval_cache
 from medtune.config import MedtuneConfig
 from medtune.preemption import Preempted, StopOnSignal, last_complete_checkpoint, remove_incomplete_checkpoints
 from medtune.modelcard import write_card
+from medtune.progress import ProgressLog, peak_memory_gib
 from medtune.rundir import RunDir, atomic_dir
 
 log = logging.getLogger("medtune.train")
@@ -149,7 +151,7 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
     model = load_for_training(cfg, model_path, device, place=args.device)  # under torchrun: this rank's GPU
     collator = make_collator(cfg, tokenizer, device)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-                      callbacks=[ProgressLog(), *callbacks])
+                      callbacks=[ProgressLog(run.logs, device), _tensorboard(run), *callbacks])
     trainer.remove_callback(PrinterCallback)  # ProgressLog writes the log lines
     return trainer
 
@@ -170,12 +172,13 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
     stopper = StopOnSignal().install()
     try:
         trainer = build_trainer(cfg, run, model_path, data_path, callbacks=(stopper,))
-        return _train(cfg, run, trainer, stopper, model_path)
+        return _train(cfg, run, trainer, stopper, model_path, data_path)
     finally:
         stopper.uninstall()
 
 
-def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal, model_path: str) -> dict[str, Any]:
+def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal, model_path: str,
+           data_path: str) -> dict[str, Any]:
     eval_ds, device, world = trainer.eval_dataset, trainer.args.device.type, trainer.args.world_size
     rank0 = trainer.is_world_process_zero()
     if rank0:
@@ -188,11 +191,10 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
              world, metrics["effective_batch_size"], cfg.training.micro_batch_size,
              cfg.training.gradient_accumulation, world)
     if eval_ds is not None and "base_eval_loss" not in metrics:
-        # LoRA's B matrices start at zero, so before training the model *is* the base model.
-        metrics["base_eval_loss"] = trainer.evaluate()["eval_loss"]
+        metrics.update(_base_eval(cfg, trainer, model_path, Path(data_path) / "eval", device))
         if rank0:
-            run.update_manifest(training={"base_eval_loss": metrics["base_eval_loss"]})
-        log.info("finetune: base model eval loss %.4f", metrics["base_eval_loss"])
+            run.update_manifest(training={k: metrics[k] for k in ("base_eval_loss", "base_eval_perplexity",
+                                                                  "base_eval_cached")})
     if resume:
         log.info("finetune: resuming from %s", resume)
     start = time.perf_counter()
@@ -205,8 +207,15 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
         raise Preempted(f"training stopped by {stopper.signal_name} after saving a checkpoint at step "
                         f"{stopper.stopped_at}; rerun with `medtune run --resume {run.root}` to continue")
     metrics.update(_train_metrics(trainer, result, seconds, device))
+    progress, tensorboard = _callback(trainer, ProgressLog), _callback(trainer, TensorBoardCallback)
+    metrics["throughput"] = progress.samples
+    metrics["peak_memory_gib"] = round(peak_memory_gib(device), 3)
+    metrics["peak_memory_kind"] = "gpu allocated" if device == "cuda" else "process rss"
     if eval_ds is not None:
         metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
+        if tensorboard.tb_writer is not None:  # reopened by the evaluate() after train_end; flush and close it
+            tensorboard.tb_writer.close()
+        metrics["eval_perplexity"] = _perplexity(metrics["eval_loss"])
         metrics["eval_loss_reduction"] = 1 - metrics["eval_loss"] / metrics["base_eval_loss"]
         log.info("finetune: eval loss %.4f (base %.4f, %.1f%% lower)", metrics["eval_loss"],
                  metrics["base_eval_loss"], 100 * metrics["eval_loss_reduction"])
@@ -219,10 +228,45 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
     return metrics
 
 
+def _callback(trainer: Any, kind: type) -> Any:
+    return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, kind))
+
+
 def _batch_metrics(cfg: MedtuneConfig, world_size: int) -> dict[str, int]:
     t = cfg.training
     return {"world_size": world_size,
             "effective_batch_size": t.micro_batch_size * t.gradient_accumulation * world_size}
+
+
+def _base_eval(cfg: MedtuneConfig, trainer: Any, model_path: str, eval_path: Path, device: str) -> dict[str, Any]:
+    """The base model's eval loss, from the cache when this model, data and precision were seen before."""
+    settings = {"quantization": cfg.lora.quantization, "dtype": str(compute_dtype(cfg, device)), "device": device,
+                "micro_batch_size": cfg.training.micro_batch_size}
+    key = base_eval_cache.eval_key(model_path, eval_path, settings)
+    cached = base_eval_cache.lookup(cfg.model.model_cache_dir, key)
+    if cached is not None:
+        log.info("finetune: base model eval loss %.4f (cached)", cached["eval_loss"])
+        loss = cached["eval_loss"]
+    else:
+        # LoRA's B matrices start at zero, so before training the model *is* the base model.
+        loss = trainer.evaluate()["eval_loss"]
+        base_eval_cache.store(cfg.model.model_cache_dir, key, {"eval_loss": loss, **settings})
+        log.info("finetune: base model eval loss %.4f (perplexity %.2f)", loss, _perplexity(loss))
+    return {"base_eval_loss": loss, "base_eval_perplexity": _perplexity(loss), "base_eval_cached": cached is not None}
+
+
+def _perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))
+
+
+def _tensorboard(run: RunDir) -> Any:
+    """Event files under logs/tensorboard/ (`tensorboard --logdir <run>/logs/tensorboard`)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = str(run.logs / "tensorboard")
+    callback = TensorBoardCallback(tb_writer=SummaryWriter(log_dir=folder))
+    callback.logging_dir = folder  # the final evaluate() after train_end reopens a writer: keep it here too
+    return callback
 
 
 def _with_length(ds: Any) -> Any:
@@ -243,20 +287,3 @@ def _train_metrics(trainer: Any, result: Any, seconds: float, device: str) -> di
         "tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
         "history": history,
     }
-
-
-class ProgressLog(TrainerCallback):
-    """One plain log line per logging step: step/total, loss, lr, tok/s, ETA (readable in Slurm logs)."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
-        if not logs or "loss" not in logs:
-            return
-        elapsed = time.perf_counter() - self.start
-        done = max(state.global_step, 1)
-        eta = elapsed / done * (state.max_steps - state.global_step)
-        tok_s = state.num_input_tokens_seen / elapsed if elapsed > 0 else math.nan
-        log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s eta %s", state.global_step, state.max_steps, logs["loss"],
-                 logs.get("learning_rate", math.nan), tok_s, time.strftime("%M:%S", time.gmtime(eta)))

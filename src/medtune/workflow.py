@@ -114,7 +114,7 @@ def _stage(run: RunDir, name: str, fn: Callable[[], Any], done: bool = True, alw
     log.info("== %s", name)
     start = time.perf_counter()
     result = fn()
-    info = result if isinstance(result, dict) and name not in ("setup", "finetune") else {}
+    info = result if isinstance(result, dict) and name not in ("setup", "finetune", "evaluate") else {}
     run.finish_stage(name, time.perf_counter() - start, **info)
     return result
 
@@ -135,13 +135,39 @@ def _cleanup(cfg: MedtuneConfig, run: RunDir, error: str | None, status: str | N
         except Exception as exc:  # a failed check must still leave a summary behind
             log.exception("validate failed")
             error = f"validation failed: {type(exc).__name__}: {exc}"
+    if error is None and (run.adapters / "adapter_config.json").is_file():
+        error = _evaluate(cfg, run)
     model_path = run.stage("model").get("path")
     if model_path:  # the cards again, now that evaluation results and all timings are known
         for kind, folder in (("adapters", run.adapters), ("merged", run.merged)):
             if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
                 write_card(folder, kind, run.manifest(), model_path)
     status = cleanup(run, error, status)
+    _report(run)
     log.info("run %s %s; summary: %s", run.run_id, status, run.summary)
+
+
+def _evaluate(cfg: MedtuneConfig, run: RunDir) -> str | None:
+    """Base vs tuned answers, multiple choice and safety probes into manifest.json (`evaluation`)."""
+    from medtune.medeval import evaluate_run
+
+    try:
+        result = _stage(run, "evaluate", lambda: evaluate_run(cfg, run, run.stage("model")["path"]))
+    except Exception as exc:  # like validation: a failed evaluation still leaves a summary and a report
+        log.exception("evaluate failed")
+        return f"evaluation failed: {type(exc).__name__}: {exc}"
+    if result:
+        run.update_manifest(evaluation=result)
+    return None
+
+
+def _report(run: RunDir) -> None:
+    from medtune.report import write_report
+
+    try:
+        log.info("report: %s", write_report(run))
+    except Exception:  # the report is a view of manifest.json; never let it mask the run's own status
+        log.exception("report.html not written")
 
 
 def _publish(cfg: MedtuneConfig, run: RunDir) -> None:

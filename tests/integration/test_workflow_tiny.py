@@ -13,7 +13,8 @@ from medtune.config_io import load_config
 from medtune.workflow import run_workflow
 
 CANARY = "hf_CANARYtoken0123456789abcdef"
-ARTIFACTS = {"adapters", "merged", "logs", "training.env", "manifest.json", "summary.md", "config.yaml", "data"}
+ARTIFACTS = {"adapters", "merged", "logs", "training.env", "manifest.json", "summary.md", "config.yaml", "data",
+             "report.html"}
 
 
 @pytest.fixture
@@ -33,7 +34,8 @@ def test_exact_artifact_set(finished_run):
     assert (run.logs / "finetune.log").stat().st_size > 0
     manifest = json.loads(run.manifest_path.read_text())
     assert manifest["status"] == "succeeded"
-    assert set(manifest["stages"]) == {"setup", "container", "model", "data", "finetune", "merge", "upload", "validate"}
+    assert set(manifest["stages"]) == {"setup", "container", "model", "data", "finetune", "merge", "upload", "validate",
+                                          "evaluate"}
     assert manifest["environment"]["libraries"]["peft"]
     assert manifest["stages"]["data"]["report"]["input"]["files"]  # sha256 of the input data
 
@@ -95,7 +97,7 @@ def test_rerun_skips_finished_stages(finished_run, caplog):
     assert again.root == run.root
     assert (run.merged / "model.safetensors").stat().st_mtime == merged_mtime  # re-merge is a no-op
     text = caplog.text
-    for stage in ("data", "finetune", "merge", "validate"):
+    for stage in ("data", "finetune", "merge", "validate", "evaluate"):
         assert f"== {stage}: already complete, skipped" in text
 
 
@@ -129,3 +131,75 @@ def test_seeded_tiny_run_reproduces_golden_losses(finished_run):
     assert got["losses"] == pytest.approx(golden["losses"], rel=2e-3)
     assert got["eval_loss"] == pytest.approx(golden["eval_loss"], rel=2e-3)
     assert got["base_eval_loss"] == pytest.approx(golden["base_eval_loss"], rel=1e-4)
+def test_evaluation_before_and_after(finished_run):
+    _, run = finished_run
+    manifest = json.loads(run.manifest_path.read_text())
+    train = manifest["training"]
+    assert [h["step"] for h in train["history"] if "eval_loss" in h] == [3, 6]  # training.eval_steps=3
+    assert train["base_eval_perplexity"] > 1 and train["eval_perplexity"] > 1 and train["base_eval_cached"] is False
+    ev = manifest["evaluation"]
+    answer = ev["answers"][0]
+    for mode in ("greedy", "sampled"):
+        assert {"text", "tokens", "stopped"} <= set(answer[mode]["base"]) == set(answer[mode]["tuned"])
+    assert ev["mcq"]["source"] == "medtune sample" and ev["mcq"]["questions"] == 4
+    assert 0 <= ev["mcq"]["tuned"]["accuracy"] <= 1 and len(ev["mcq"]["base"]["predictions"]) == 4
+    rows = ev["safety"]["rows"]
+    assert len(rows) == ev["safety"]["summary"]["probes"] >= 6
+    assert all({"refusal", "referral", "text"} <= set(r["tuned"]) for r in rows)
+    assert list((run.logs / "tensorboard").glob("events.out.tfevents.*"))
+    cache = json.loads((Path(manifest["config"]["model"]["model_cache_dir"]) / "medtune-base-eval.json").read_text())
+    assert [v["eval_loss"] for v in cache.values()] == [train["base_eval_loss"]]
+
+
+def test_run_progress_after_the_run(finished_run):
+    from medtune.progress import run_progress
+
+    _, run = finished_run
+    got = run_progress(run.root)
+    assert got["status"] == "succeeded" and got["stage"] is None and "evaluate" in got["stages_done"]
+    assert got["step"] == got["total_steps"] == 6 and got["loss"] > 0
+
+
+def test_report_renders_in_chromium(finished_run, tmp_path):
+    import io
+
+    import browser_check
+    from PIL import Image
+
+    from medtune.checksums import file_sha256
+
+    if browser_check.chromium() is None:
+        pytest.skip("chromium not installed (.ci/run installs it)")
+    _, run = finished_run
+    html = (run.root / "report.html").read_text()
+    for section in ("Stage timings", "Training", "Evaluation: base vs tuned", "Answers to held-out questions",
+                    "Safety probes", "Artifacts", "Configuration"):
+        assert section in html
+    assert file_sha256(run.adapters / "adapter_model.safetensors") in html
+    result = browser_check.render(run.root / "report.html", tmp_path / "profile")
+    assert result["errors"] == []
+    image = Image.open(io.BytesIO(result["png"])).convert("L")
+    assert image.size[0] >= 800
+    histogram = image.histogram()
+    assert max(histogram) < 0.97 * sum(histogram)  # not one flat colour: text and charts were drawn
+
+
+def test_eval_and_report_commands(finished_run, tmp_path, capsys):
+    from medtune.cli import main
+
+    _, run = finished_run
+    questions = tmp_path / "q.jsonl"
+    questions.write_text(json.dumps({"question": "What lowers a fever in adults?"}) + "\n")
+    mcq_file = tmp_path / "mcq.jsonl"
+    mcq_file.write_text(json.dumps({"question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 2}) + "\n")
+    (run.root / "report.html").unlink()
+    assert main(["eval", str(run.root), "--questions", str(questions), "--mcq", str(mcq_file)]) == 0
+    assert "What lowers a fever in adults?" in capsys.readouterr().out
+    ev = json.loads(run.manifest_path.read_text())["evaluation"]
+    assert [a["question"] for a in ev["answers"]] == ["What lowers a fever in adults?"]
+    assert ev["mcq"]["source"] == str(mcq_file) and ev["mcq"]["answers"] == ["C"]
+    assert "What lowers a fever in adults?" in (run.root / "report.html").read_text()
+    assert main(["report", str(run.root)]) == 0
+    assert main(["report", str(tmp_path)]) == 2
+    assert "has no manifest.json" in capsys.readouterr().err
+    assert main(["eval", str(run.root), "--questions", str(tmp_path / "missing.jsonl")]) == 2

@@ -1,0 +1,293 @@
+"""`medtune plan`: what a config will cost before any download or GPU allocation.
+
+Offline and fast: the model's shape comes from a local/cached config.json or the presets' table,
+dataset tokens from an earlier run's data report, a local sample, or a stated assumption, and
+throughput from measured figures (plan_tables.py, fed by docs/benchmarks.md). Every estimate says
+where its inputs came from. The memory model (GPU training, peak torch allocation):
+
+  weights      quantized projections (nf4 + double-quant 4.127 bits, int8 8 bits, else 16) and
+               16-bit embeddings, lm_head and norms (bitsandbytes leaves those unquantized)
+  LoRA         fp32 weights + grads + optimizer states (AdamW 8 bytes, 8-bit optimizers 2)
+  activations  per token per layer: fp32 RMSNorm saves, q/k/v/attention output, SwiGLU's four
+               intermediates and LoRA dropout copies; with gradient checkpointing only each
+               layer's input plus one recomputed layer; plus the logits (16-bit, fp32 copy, fp32 grad)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from medtune.config import MedtuneConfig
+from medtune.errors import ConfigError
+from medtune.plan_tables import CARDS, KNOWN_SHAPES, THROUGHPUT, Card, Shape, Throughput
+
+GIB = 2**30
+ASSUMED_TOKENS_PER_ROW = 300  # the seed's medical sets: 234-306 tokens/row (shared/bench/README.md)
+ASSUMED_ROWS = 10_000
+CUDA_CONTEXT_GIB = 1.0  # CUDA context + allocator slack, outside torch's allocation counters
+CPU_RUNTIME_GIB = 1.1   # Python + torch + transformers + datasets resident before the model (measured RSS)
+
+
+def model_shape(cfg: MedtuneConfig) -> tuple[Shape, str]:
+    """The base model's shape and where it came from (a local config.json first, then the presets' table)."""
+    for path in _local_configs(cfg):
+        if path.is_file():
+            return shape_from_config(json.loads(path.read_text())), str(path)
+    model_id = cfg.model.base_model_id
+    if model_id in KNOWN_SHAPES:
+        return KNOWN_SHAPES[model_id], "medtune's table of preset base models"
+    raise ConfigError(f"no offline config.json for {model_id}; download it once (`medtune run` stage model) or use "
+                      "model.model_source=local with a folder holding config.json")
+
+
+def _local_configs(cfg: MedtuneConfig) -> list[Path]:
+    m = cfg.model
+    cache = Path(m.model_cache_dir).expanduser()
+    if m.model_source == "local":
+        return [Path(m.local_model_path).expanduser() / "config.json"]
+    if m.model_source == "gguf":
+        stem = Path(m.gguf_path).stem if m.gguf_path else "SmolLM2-135M-Instruct.Q4_1"
+        return sorted(cache.glob(f"gguf--{stem}--*/config.json"))
+    return [cache / m.base_model_id.replace("/", "--") / "config.json"]
+
+
+def shape_from_config(c: dict[str, Any]) -> Shape:
+    return Shape(hidden=c["hidden_size"], intermediate=c["intermediate_size"], layers=c["num_hidden_layers"],
+                 heads=c["num_attention_heads"], kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
+                 vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)), head_dim=c.get("head_dim") or 0)
+
+
+def projections(s: Shape) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer in one decoder block."""
+    q, kv = s.heads * s.head_size, s.kv_heads * s.head_size
+    return {"q_proj": (s.hidden, q), "k_proj": (s.hidden, kv), "v_proj": (s.hidden, kv), "o_proj": (q, s.hidden),
+            "gate_proj": (s.hidden, s.intermediate), "up_proj": (s.hidden, s.intermediate),
+            "down_proj": (s.intermediate, s.hidden)}
+
+
+def parameter_counts(s: Shape, r: int, targets: tuple[str, ...]) -> dict[str, int]:
+    proj = projections(s)
+    linear = s.layers * sum(i * o for i, o in proj.values())
+    embeddings = s.vocab * s.hidden * (1 if s.tied else 2)
+    norms = s.layers * 2 * s.hidden + s.hidden
+    unknown = [t for t in targets if t not in proj]
+    if unknown:
+        raise ConfigError(f"lora.target_modules {unknown} are not Llama-style projections; plan knows "
+                          f"{', '.join(proj)}")
+    lora = s.layers * sum(r * (proj[t][0] + proj[t][1]) for t in targets)
+    return {"total": linear + embeddings + norms, "linear": linear, "embeddings": embeddings, "norms": norms,
+            "lora": lora}
+
+
+def memory_gib(cfg: MedtuneConfig, s: Shape, counts: dict[str, int], device: str, seq_len: int) -> dict[str, float]:
+    """Peak memory parts in GiB for training at micro batch × `seq_len` tokens."""
+    lo, t = cfg.lora, cfg.training
+    half = 2 if device == "cuda" or lo.bf16 else 4  # CPUs without bf16 train in fp32; medtune.train decides
+    weight_bytes = {"4bit": 4.127 / 8, "8bit": 1.0, "none": half}[lo.quantization if device == "cuda" else "none"]
+    weights = counts["linear"] * weight_bytes + (counts["embeddings"] + counts["norms"]) * half
+    optimizer = 8 if t.optimizer == "adamw_torch" else 2
+    lora = counts["lora"] * (4 + 4 + optimizer)
+    tokens = t.micro_batch_size * seq_len
+    proj = projections(s)
+    per_layer = (10 * s.hidden + 2 * proj["q_proj"][1] + proj["q_proj"][1] + 2 * proj["k_proj"][1]
+                 + 4 * s.intermediate)
+    if lo.lora_dropout > 0:
+        per_layer += 1.5 * sum(proj[m][0] for m in lo.target_modules)
+    if lo.gradient_checkpointing:
+        acts = tokens * half * (s.layers * s.hidden + per_layer)
+    else:
+        acts = tokens * half * s.layers * per_layer
+    logits = tokens * s.vocab * (half + 4 + 4)
+    parts = {"weights": weights, "lora_and_optimizer": lora, "activations": acts, "logits": logits}
+    out = {k: v / GIB for k, v in parts.items()}
+    out["overhead"] = CUDA_CONTEXT_GIB if device == "cuda" else CPU_RUNTIME_GIB
+    out["total"] = sum(out.values())
+    return out
+
+
+def pick_target(cfg: MedtuneConfig, gpu: str | None, total_params: int) -> tuple[str, Card | None, str]:
+    """("cuda"|"cpu", card, why): a named card, the visible one, or a stated default."""
+    if gpu and gpu.lower() == "cpu" or cfg.training.device == "cpu":
+        return "cpu", None, "CPU (asked for)"
+    if gpu:
+        g = gpu.lower()
+        match = [c for name, c in CARDS.items() if g in (name.lower(), name.split("-")[0].lower())]
+        match = match or [c for name, c in CARDS.items() if name.lower().startswith(g)]
+        if not match:
+            raise ConfigError(f"unknown --gpu {gpu!r}; choose one of: cpu, {', '.join(CARDS)}")
+        return "cuda", match[0], "named with --gpu"
+    visible = visible_gpu()
+    if visible is not None:
+        return "cuda", visible, "visible GPU"
+    if total_params < 1e9 and cfg.lora.quantization == "none":
+        return "cpu", None, "no GPU visible; a small unquantized model trains on this CPU"
+    return "cuda", CARDS["H100-80GB"], "no GPU visible; planned for H100-80GB (pass --gpu to change)"
+
+
+def visible_gpu() -> Card | None:
+    """GPU 0 as nvidia-smi reports it (no torch import: plan must stay fast on a login node)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not out.strip():
+        return None
+    name, mib = (x.strip() for x in out.splitlines()[0].split(","))
+    name = name.replace("NVIDIA ", "")
+    known = next((c for n, c in CARDS.items() if n.split("-")[0] in name), None)
+    return Card(name, float(mib) / 1024, known.bf16_tflops if known else 0.0)
+
+
+def dataset_tokens(cfg: MedtuneConfig, rows_hint: int | None) -> dict[str, Any]:
+    """Training rows and tokens: an earlier run's data report, a local sample, or a stated assumption."""
+    cached = _cached_report(cfg)
+    if cached:
+        return cached
+    rows, per_row, longest, source = None, float(ASSUMED_TOKENS_PER_ROW), None, ""
+    ds = cfg.dataset
+    if ds.dataset_source == "local" and ds.dataset_format in ("json", "jsonl"):
+        sample = _local_sample(Path(ds.local_dataset_path).expanduser(), ds.dataset_split)
+        if sample:
+            rows, chars, longest_chars = sample
+            per_row, longest = chars / rows / 4.0, int(longest_chars / 4.0)
+            source = f"{rows} local rows, ~4 characters per token"
+    if rows_hint:
+        rows, source = rows_hint, (source or f"--rows {rows_hint}, {ASSUMED_TOKENS_PER_ROW} tokens/row assumed")
+    if rows is None:
+        rows = ds.max_samples or ASSUMED_ROWS
+        count = f"dataset.max_samples={rows} rows" if ds.max_samples else \
+            f"assumed: {rows} rows (dataset not available offline; pass --rows)"
+        source = f"{count} × {ASSUMED_TOKENS_PER_ROW} tokens/row (assumed)"
+    if ds.max_samples:
+        rows = min(rows, ds.max_samples)
+    if not ds.eval_split:
+        rows -= round(rows * ds.eval_fraction)
+    return {"rows": rows, "tokens": int(rows * per_row), "longest": longest, "source": source}
+
+
+def _cached_report(cfg: MedtuneConfig) -> dict[str, Any] | None:
+    """The data report of an earlier run of the same dataset settings under output_root (newest first)."""
+    from medtune.config_io import to_dict
+
+    wanted = to_dict(cfg)["dataset"]
+    root = Path(cfg.output.output_root).expanduser()
+    for manifest_path in sorted(root.glob("medical-finetune-*/manifest.json"), reverse=True):
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        report = manifest.get("stages", {}).get("data", {}).get("report")
+        if report and manifest.get("config", {}).get("dataset") == wanted \
+                and report.get("max_seq_length") == cfg.training.max_seq_length:
+            return {"rows": report["train_examples"], "tokens": report["train_tokens"],
+                    "longest": report.get("length_max"), "source": f"data report of {manifest_path.parent.name}"}
+    return None
+
+
+def _local_sample(path: Path, split: str) -> tuple[int, int, int] | None:
+    """(rows, characters, longest row in characters) of a local JSON Lines file or a folder's split file."""
+    files = [path] if path.is_file() else sorted(path.glob(f"{split}.json*"))
+    if not files or files[0].suffix != ".jsonl":
+        return None
+    lines = [x for x in files[0].read_text().splitlines() if x.strip()]
+    lengths = [len(x) for x in lines]
+    return (len(lines), sum(lengths), max(lengths)) if lines else None
+
+
+def throughput(cfg: MedtuneConfig, device: str, card: Card | None, params: int) -> dict[str, Any]:
+    """Tokens/s from the closest measured anchor, scaled by parameters (and by card TFLOPS across cards)."""
+    if device == "cpu":
+        anchor = next(a for a in THROUGHPUT if a.card == "cpu-2core")
+        scale, note = anchor.params / params, "scaled by parameter count"
+    else:
+        same = [a for a in THROUGHPUT if a.card != "cpu-2core" and a.packing == cfg.lora.packing]
+        anchor = min(same, key=lambda a: a.quantization != cfg.lora.quantization)
+        scale, note = anchor.params / params, "scaled by parameter count"
+        anchor_card = CARDS[anchor.card]
+        if card is not None and card.name != anchor_card.name:
+            if card.bf16_tflops and card.bf16_tflops != anchor_card.bf16_tflops:
+                scale *= card.bf16_tflops / anchor_card.bf16_tflops
+                note += f" and by bf16 TFLOPS {card.bf16_tflops:.0f}/{anchor_card.bf16_tflops:.0f}"
+            else:
+                note += f"; {anchor_card.name} figure used for {card.name} (same bf16 TFLOPS, not measured there)"
+    if abs(anchor.params / params - 1) < 0.01:
+        note = note.replace("scaled by parameter count", "same model size")
+    return {"tokens_per_second": anchor.tokens_per_second * scale, "anchor": _describe(anchor), "note": note}
+
+
+def _describe(a: Throughput) -> str:
+    return f"{a.tokens_per_second:.0f} tok/s, {a.card}, {a.recipe} ({a.source})"
+
+
+def scheduler_lines(gpus: int, mem_gib: int, cpus: int, walltime_s: float) -> dict[str, list[str]]:
+    minutes = max(15, math.ceil(walltime_s / 60 / 15) * 15)
+    hhmm = f"{minutes // 60:02d}:{minutes % 60:02d}:00"
+    slurm = [f"#SBATCH --cpus-per-task={cpus}", f"#SBATCH --mem={mem_gib}G", f"#SBATCH --time={hhmm}"]
+    pbs = [f"#PBS -l select=1:ncpus={cpus}:mem={mem_gib}gb" + (f":ngpus={gpus}" if gpus else ""),
+           f"#PBS -l walltime={hhmm}"]
+    if gpus:
+        slurm.insert(0, f"#SBATCH --gres=gpu:{gpus}")
+    return {"slurm": slurm, "pbs": pbs}
+
+
+def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = None) -> dict[str, Any]:
+    shape, shape_source = model_shape(cfg)
+    counts = parameter_counts(shape, cfg.lora.lora_r, cfg.lora.target_modules)
+    device, card, why = pick_target(cfg, gpu, counts["total"])
+    data = dataset_tokens(cfg, rows)
+    t = cfg.training
+    seq_len = t.max_seq_length if cfg.lora.packing or not data["longest"] else min(t.max_seq_length, data["longest"])
+    memory = memory_gib(cfg, shape, counts, device, seq_len)
+    speed = throughput(cfg, device, card, counts["total"])
+    epoch_s = data["tokens"] / speed["tokens_per_second"]
+    steps_per_epoch = math.ceil(data["rows"] / (t.micro_batch_size * t.gradient_accumulation))
+    train_s = epoch_s * t.num_epochs
+    if t.max_steps:
+        train_s = min(train_s, epoch_s * t.max_steps / max(1, steps_per_epoch))
+    # Walltime: training plus loading, merge, validation and evaluation (~10 min on a GPU node), +30%.
+    walltime = (train_s + 600) * 1.3
+    merge_host = counts["total"] * 2 / GIB  # the merge reloads the base unquantized (16-bit) in host memory
+    host_mem = math.ceil(max(16.0, merge_host * 1.5 + 8))
+    fits = None if card is None else memory["total"] <= card.memory_gib
+    return {
+        "model": {"id": cfg.model.base_model_id, "shape_source": shape_source, "parameters": counts["total"],
+                  "lora_trainable": counts["lora"], "lora_r": cfg.lora.lora_r, "quantization": cfg.lora.quantization},
+        "target": {"device": device, "card": card.name if card else "cpu", "card_memory_gib": card.memory_gib if card
+                   else None, "why": why},
+        "memory_gib": {k: round(v, 2) for k, v in memory.items()}, "sequence_tokens": seq_len,
+        "fits": fits, "data": data,
+        "throughput": {**speed, "tokens_per_second": round(speed["tokens_per_second"], 1)},
+        "time": {"epoch_seconds": round(epoch_s), "steps_per_epoch": steps_per_epoch, "train_seconds": round(train_s),
+                 "walltime_seconds": round(walltime)},
+        "request": {"gpus": 1 if device == "cuda" else 0, "host_memory_gib": host_mem,
+                    **scheduler_lines(1 if device == "cuda" else 0, host_mem, 8 if device == "cuda" else 2, walltime)},
+    }
+
+
+def render_plan(p: dict[str, Any]) -> str:
+    m, mem, tm, d = p["model"], p["memory_gib"], p["time"], p["data"]
+    target = p["target"]
+    where = f"{target['card']} ({target['card_memory_gib']:.0f} GiB)" if target["card_memory_gib"] else "CPU"
+    verdict = "" if p["fits"] is None else ("fits" if p["fits"] else "DOES NOT FIT: lower micro_batch_size or "
+                                            "max_seq_length, enable gradient checkpointing or 4-bit quantization")
+    lines = [
+        f"model       {m['id']}: {m['parameters'] / 1e9:.3f}B parameters (shape from {m['shape_source']})",
+        f"LoRA        r={m['lora_r']}: {m['lora_trainable']:,} trainable parameters; base {m['quantization']}",
+        f"target      {where} — {target['why']}",
+        f"memory      {mem['total']:.1f} GiB peak = weights {mem['weights']:.2f} + LoRA/optimizer "
+        f"{mem['lora_and_optimizer']:.2f} + activations {mem['activations']:.2f} + logits {mem['logits']:.2f} + "
+        f"runtime {mem['overhead']:.1f} (at {p['sequence_tokens']} tokens/sequence) {verdict}",
+        f"data        {d['rows']:,} training rows, {d['tokens']:,} tokens ({d['source']})",
+        f"throughput  {p['throughput']['tokens_per_second']:,.0f} tok/s — {p['throughput']['note']}; anchor: "
+        f"{p['throughput']['anchor']}",
+        f"time        {tm['epoch_seconds'] / 60:.1f} min/epoch ({tm['steps_per_epoch']} steps), training "
+        f"{tm['train_seconds'] / 60:.1f} min; walltime to request {tm['walltime_seconds'] / 60:.0f} min "
+        "(+10 min load/merge/eval, +30%)",
+        "", "Slurm:", *p["request"]["slurm"], "", "PBS:", *p["request"]["pbs"],
+    ]
+    return "\n".join(lines) + "\n"
