@@ -101,7 +101,12 @@ def memory_gib(cfg: MedtuneConfig, s: Shape, counts: dict[str, int], device: str
         acts = tokens * half * (s.layers * s.hidden + per_layer)
     else:
         acts = tokens * half * s.layers * per_layer
-    logits = tokens * s.vocab * (half + 4 + 4)
+    if device == "cuda" and t.liger_kernels:
+        # Liger's fused linear + cross-entropy never holds the full logits: it works through chunks
+        # of rows (up to ~2k at these vocab sizes), keeping one chunk's 16-bit logits and fp32 grad.
+        logits = min(tokens, 2048) * s.vocab * (half + 4)
+    else:
+        logits = tokens * s.vocab * (half + 4 + 4)
     parts = {"weights": weights, "lora_and_optimizer": lora, "activations": acts, "logits": logits}
     out = {k: v / GIB for k, v in parts.items()}
     out["overhead"] = CUDA_CONTEXT_GIB if device == "cuda" else CPU_RUNTIME_GIB
@@ -241,7 +246,12 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
     device, card, why = pick_target(cfg, gpu, counts["total"])
     data = dataset_tokens(cfg, rows)
     t = cfg.training
-    seq_len = t.max_seq_length if cfg.lora.packing or not data["longest"] else min(t.max_seq_length, data["longest"])
+    if cfg.lora.packing:
+        # medtune's padding-free packing flattens `micro_batch_size` rows into one sequence: a micro
+        # batch holds that many rows of average length, not that many full-length sequences.
+        seq_len = min(t.max_seq_length, max(1, round(data["tokens"] / max(1, data["rows"]))))
+    else:
+        seq_len = min(t.max_seq_length, data["longest"]) if data["longest"] else t.max_seq_length
     memory = memory_gib(cfg, shape, counts, device, seq_len)
     speed = throughput(cfg, device, card, counts["total"])
     epoch_s = data["tokens"] / speed["tokens_per_second"]
