@@ -58,7 +58,8 @@ def test_memory_model_orders_the_levers():
 
 
 def test_plan_reports_when_it_does_not_fit(capsys):
-    assert main(["plan", "--preset", "llama3-8b-medical", "--gpu", "A10", "--set", "lora.quantization=none"]) == 0
+    assert main(["plan", "--preset", "llama3-8b-medical", "--gpu", "A10", "--set", "lora.quantization=none",
+                 "--set", "training.micro_batch_size=8"]) == 0
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", "--preset", "llama3-8b-medical", "--gpu", "TPU"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown --gpu 'TPU'; choose one of: cpu, H100-80GB")
