@@ -65,7 +65,33 @@ def _data_section(report: dict[str, Any] | None) -> list[str]:
             f"{report['eval_examples']} held-out examples; {report['train_tokens']} training tokens "
             f"({report['trained_tokens']} with loss).",
             f"- Length p50 {report['length_p50']}, p90 {report['length_p90']}, max {report['length_max']} tokens "
-            f"(limit {report['max_seq_length']}); {report['truncated']} truncated, {report['dropped']} dropped."]
+            f"(limit {report['max_seq_length']}); {report['truncated']} truncated, {report['dropped']} dropped."
+            ] + _stewardship_lines(report)
+
+
+def _stewardship_lines(report: dict[str, Any]) -> list[str]:
+    """Template, duplicates, contamination, PHI and input hash (reports from before these fields have none)."""
+    lines = []
+    if "template" in report:
+        lines.append(f"- Template: {report['template']}; truncation policy `{report['truncation']}`; "
+                     f"{report['blank_rows_dropped']} blank rows left out.")
+    if "duplicates" in report:
+        dup, over = report["duplicates"], report["train_eval_overlap"]
+        lines.append(f"- Duplicates in training: {dup['exact']} exact, {dup['near']} near; held-out rows also in "
+                     f"training: {over['eval_rows_in_train']} (same prompt: {over['eval_prompts_in_train']}).")
+    if "phi" in report:
+        phi = report["phi"]
+        kinds = ", ".join(f"{k} {v['count']} (rows {', '.join(map(str, v['example_rows']))})"
+                          for k, v in phi["by_type"].items()) or "none found"
+        lines.append(f"- PHI/PII screen (action `{phi['action']}`): {kinds}.")
+    if report.get("prompt_column_check"):
+        check = report["prompt_column_check"]
+        lines.append(f"- The pre-rendered prompt column disagrees with the model's template (row {check['row']}): "
+                     f"{'; '.join(check['problems']) or check['diff'][:200]}"
+                     f"{' — re-rendered' if check['rerendered'] else ' — trained as is'}.")
+    if report.get("input", {}).get("sha256"):
+        lines.append(f"- Input data sha256: `{report['input']['sha256']}`.")
+    return lines
 
 
 def _training_section(train: dict[str, Any]) -> list[str]:

@@ -174,6 +174,21 @@ def schema() -> int:
     return 0
 
 
+data_app = typer.Typer(help="Look at the training data before training on it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("inspect")
+def data_inspect(config: ConfigOpt = None, preset: PresetOpt = None, set_: SetOpt = None, debug: DebugOpt = False,
+                 example: Annotated[int, typer.Option("--example", help="Which training example to show.")] = 0) -> int:
+    """Check and tokenize the data as `run` would; print the data report and one example, trained tokens highlighted."""
+    cfg = _resolve(config, preset, set_)
+    from medtune.data_inspect import inspect_data
+
+    inspect_data(cfg, out, example=example)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args

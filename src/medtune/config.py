@@ -147,8 +147,11 @@ class DatasetConfig(Section):
     dataset_bucket: str = Field("", description="Bucket URL (source `bucket`), e.g. `s3://my-bucket`.")
     dataset_bucket_path: str = Field("", description="Path inside `dataset_bucket` to a file or folder of files.")
     local_dataset_path: str = Field("", description="Local file or folder (source `local`).")
-    dataset_format: Literal["json", "jsonl", "csv", "parquet", "arrow", "dataset"] = Field(
-        "json", description="File format of local/bucket data; `dataset` is a `save_to_disk` folder."
+    dataset_format: Literal["auto", "json", "jsonl", "csv", "parquet", "arrow", "dataset"] = Field(
+        "json",
+        description="File format of local/bucket data; `dataset` is a `save_to_disk` folder. When this key is not "
+        "set (the default `json` is the seed's) or is `auto`, the format is inferred from the file extensions; "
+        "a file of another format than the one set here is an error.",
     )
     dataset_split: str = Field("train", description="Split to train on.")
     dataset_config_name: str = Field("", description="Hub dataset configuration name, if the dataset has several.")
@@ -170,6 +173,21 @@ class DatasetConfig(Section):
         0.05, ge=0.0, lt=0.5, description="Fraction of rows held out for evaluation (ignored when `eval_split` is set)."
     )
     eval_split: str = Field("", description="Named split (or file for local data) to evaluate on instead of a fraction.")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate",
+        description="Rows longer than `training.max_seq_length`: cut at the limit, or leave out (counted in "
+        "data_report.json either way). Rows whose prompt alone fills the limit are always left out.",
+    )
+    phi_action: Literal["report", "redact", "fail"] = Field(
+        "report",
+        description="What a PHI/PII match (email, phone, SSN, MRN, date of birth, street address, name after a "
+        "title) does: count it in data_report.json, replace it with `[TYPE]` before training, or stop the run.",
+    )
+
+    @property
+    def format_to_use(self) -> str:
+        """The format the loader applies: `auto` unless the user set `dataset_format` explicitly."""
+        return self.dataset_format if "dataset_format" in self.model_fields_set else "auto"
 
 
 class TrainingConfig(Section):

@@ -30,5 +30,5 @@ def test_embedded_preset_runs_end_to_end(tmp_path, capsys):
     tokenizer_config = (run / "merged" / "chat_template.jinja").read_text()
     assert "<|im_start|>" in tokenizer_config
     # The converted model is cached: a second run reuses it instead of converting again.
-    cache = list((tmp_path / "models").iterdir())
+    cache = [p for p in (tmp_path / "models").iterdir() if p.name != "data-cache"]  # data-cache: the data stage's
     assert len(cache) == 1 and (cache[0] / "model.safetensors").is_file()

@@ -20,6 +20,7 @@ def test_defaults_are_the_seed_defaults():
     assert (c.model.local_model_path, c.model.model_cache_dir) == ("/models/Llama-3.1-8B-Instruct", "~/pw/models")
     d = c.dataset
     assert (d.dataset_source, d.dataset_name) == ("huggingface", "Shekswess/medical_llama3_instruct_dataset")
+    # dataset_format: the seed's `json`; left unset, the loader infers the format from the extension
     assert (d.dataset_format, d.dataset_split, d.dataset_config_name, d.prompt_field, d.max_samples) == ("json", "train", "", "prompt", 0)
     t = c.training
     assert (t.num_epochs, t.learning_rate, t.micro_batch_size, t.gradient_accumulation, t.max_seq_length) == (3.0, 2e-4, 1, 16, 2048)
@@ -107,3 +108,13 @@ def test_init_yaml_round_trips(tmp_path):
 
 def test_docs_config_md_is_generated_from_schema():
     assert DOCS.read_text() == render_markdown(), "docs/config.md drifted: run `make docs`"
+
+
+def test_dataset_format_is_inferred_unless_set_explicitly():
+    implicit = load_config(preset=EMBEDDED_PRESET, overrides=["dataset.local_dataset_path=x.parquet"], env={})
+    assert implicit.dataset.dataset_format == "jsonl"  # the preset sets it
+    plain = MedtuneConfig.model_validate({"dataset": {"dataset_source": "local", "local_dataset_path": "x.csv"}})
+    assert plain.dataset.dataset_format == "json" and plain.dataset.format_to_use == "auto"
+    explicit = MedtuneConfig.model_validate({"dataset": {"dataset_source": "local", "local_dataset_path": "x.csv",
+                                                         "dataset_format": "json"}})
+    assert explicit.dataset.format_to_use == "json"
