@@ -90,3 +90,23 @@ def tiny_overrides(tiny_model_dir: Path, tmp_path: Path) -> list[str]:
         f"output.output_root={tmp_path / 'outputs'}",
         "output.merged_dtype=float32",
     ]
+
+
+SLOW_STEPS = """
+import time, transformers
+_step = transformers.Trainer.training_step
+def _slow(self, *args, **kwargs):
+    time.sleep(0.25)
+    return _step(self, *args, **kwargs)
+transformers.Trainer.training_step = _slow
+"""
+
+
+@pytest.fixture
+def slow_steps(tmp_path: Path) -> Path:
+    """A folder for PYTHONPATH whose sitecustomize slows every optimizer step by 0.25 s in each Python
+    process started with it (torchrun ranks and Slurm jobs included): tests act while training runs."""
+    hooks = tmp_path / "slow-steps"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_STEPS)
+    return hooks

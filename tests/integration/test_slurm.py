@@ -142,15 +142,6 @@ def test_submitted_job_runs_the_workflow_to_completion(slurm_cluster, tiny_overr
     assert manifest["environment"]["host"]  # the stages ran inside the job
 
 
-SLOW_STEPS = """
-import time, transformers
-_step = transformers.Trainer.training_step
-def _slow(self, *args, **kwargs):
-    time.sleep(0.3)
-    return _step(self, *args, **kwargs)
-transformers.Trainer.training_step = _slow
-"""
-
 
 def _wait_state(run: RunDir, states: tuple[str, ...], timeout: float = 300) -> str:
     deadline = time.monotonic() + timeout
@@ -161,13 +152,11 @@ def _wait_state(run: RunDir, states: tuple[str, ...], timeout: float = 300) -> s
 
 
 @pytest.mark.e2e
-def test_warning_signal_checkpoints_requeues_and_the_job_finishes(slurm_cluster, tiny_overrides, monkeypatch, tmp_path):
+def test_warning_signal_checkpoints_requeues_and_the_job_finishes(slurm_cluster, tiny_overrides, monkeypatch,
+                                                                   slow_steps):
     """`--signal=B:USR1` as Slurm sends it before the time limit: checkpoint, exit 75, requeue, resume."""
-    hooks = tmp_path / "slow-steps"
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SLOW_STEPS)
     monkeypatch.setenv("SLURM_CONF", str(slurm_cluster))
-    monkeypatch.setenv("PYTHONPATH", str(hooks))  # reaches the job through sbatch's exported environment
+    monkeypatch.setenv("PYTHONPATH", str(slow_steps))  # reaches the job through sbatch's exported environment
     sets = [arg for item in [*tiny_overrides, "infrastructure.slurm.cpus_per_task=1", "output.run_id=requeue",
                              "training.max_steps=16", "training.save_steps=4", "training.logging_steps=1",
                              "evaluation.validation_questions=0"] for arg in ("--set", item)]

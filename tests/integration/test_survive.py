@@ -1,7 +1,7 @@
 """Runs that survive: kill -9 mid-training then --resume, and SIGTERM -> checkpoint + exit 75.
 
 The training subprocess is the real `medtune run` on the tiny model; only its optimizer step is
-slowed (in the test's own process wrapper) so the test can act while training is under way.
+slowed (the `slow_steps` fixture, in every process of the run) so the test can act while it trains.
 """
 
 from __future__ import annotations
@@ -21,22 +21,10 @@ from medtune.cli import main
 from medtune.preemption import EXIT_PREEMPTED, last_complete_checkpoint
 
 ARTIFACTS = {"adapters", "merged", "logs", "training.env", "manifest.json", "summary.md", "config.yaml", "data"}
-# Imported by every Python process of the run (torchrun ranks included) through PYTHONPATH.
-SLOW_STEPS = """
-import time, transformers
-_step = transformers.Trainer.training_step
-def _slow(self, *args, **kwargs):
-    time.sleep(0.2)
-    return _step(self, *args, **kwargs)
-transformers.Trainer.training_step = _slow
-"""
 STEPS = 16
 
 
-def _start(overrides: list[str], run_id: str, tmp_path: Path, *extra: str) -> subprocess.Popen:
-    hooks = tmp_path / "slow-steps"
-    hooks.mkdir(exist_ok=True)
-    (hooks / "sitecustomize.py").write_text(SLOW_STEPS)
+def _start(overrides: list[str], run_id: str, hooks: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
     args = ["run", "--preset", "smollm2-135m-medical", "--run-id", run_id, *_sets([*overrides, *extra]),
             "--set", f"training.max_steps={STEPS}", "--set", "training.save_steps=2", "--set", "training.logging_steps=1",
@@ -70,9 +58,9 @@ def _logged_steps(text: str) -> list[int]:
 
 
 @pytest.mark.e2e
-def test_kill_9_then_resume_continues_from_the_checkpoint(tiny_overrides, tmp_path):
+def test_kill_9_then_resume_continues_from_the_checkpoint(tiny_overrides, slow_steps):
     root = _root(tiny_overrides, "killed")
-    proc = _start(tiny_overrides, "killed", tmp_path)
+    proc = _start(tiny_overrides, "killed", slow_steps)
     _wait_for(lambda: (c := last_complete_checkpoint(root / "checkpoints")) is not None and c.name != "checkpoint-2",
               proc)
     proc.send_signal(signal.SIGKILL)
@@ -97,10 +85,10 @@ def test_kill_9_then_resume_continues_from_the_checkpoint(tiny_overrides, tmp_pa
 
 @pytest.mark.e2e
 @pytest.mark.parametrize("processes", [1, 2])
-def test_sigterm_saves_a_checkpoint_and_exits_75(tiny_overrides, tmp_path, processes):
+def test_sigterm_saves_a_checkpoint_and_exits_75(tiny_overrides, slow_steps, processes):
     """SIGTERM to `medtune run` (what Slurm sends): with 2 ranks it reaches both, which stop at one step."""
     root = _root(tiny_overrides, "stopped")
-    proc = _start(tiny_overrides, "stopped", tmp_path, f"infrastructure.cpu_processes={processes}",
+    proc = _start(tiny_overrides, "stopped", slow_steps, f"infrastructure.cpu_processes={processes}",
                   "training.gradient_accumulation=1")
     log = root / "logs" / "finetune.log"
     _wait_for(lambda: log.is_file() and len(_logged_steps(log.read_text())) >= 3, proc)
