@@ -16,8 +16,9 @@ import pytest
 
 from medtune.config_io import load_config
 from medtune.workflow import run_workflow
+from tests_support import RUN_ARTIFACTS
 
-ARTIFACTS = {"adapters", "merged", "logs", "training.env", "manifest.json", "summary.md", "config.yaml", "data"}
+ARTIFACTS = RUN_ARTIFACTS
 STAND_IN = """#!/bin/sh
 [ "$1" = exec ] && [ "$2" = --nv ] && [ "$3" = --bind ] && [ "$5" = "{image}" ] && [ "$6" = python3 ] || exit 64
 echo "$@" >> {calls}

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from medtune.config_io import load_config
 from medtune.workflow import run_workflow
+from tests_support import RUN_ARTIFACTS
 
-ARTIFACTS = {"adapters", "merged", "logs", "training.env", "manifest.json", "summary.md", "config.yaml", "data"}
+ARTIFACTS = RUN_ARTIFACTS
 
 
 @pytest.mark.e2e

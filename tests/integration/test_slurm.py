@@ -22,9 +22,10 @@ import pytest
 from medtune.cli import main
 from medtune.rundir import RunDir
 from medtune.status import run_status
+from tests_support import RUN_ARTIFACTS
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "scontrol")
-ARTIFACTS = {"adapters", "merged", "logs", "training.env", "manifest.json", "summary.md", "config.yaml", "data"}
+ARTIFACTS = RUN_ARTIFACTS
 
 
 def _free_port() -> int:

@@ -19,8 +19,9 @@ import pytest
 
 from medtune.cli import main
 from medtune.preemption import EXIT_PREEMPTED, last_complete_checkpoint
+from tests_support import RUN_ARTIFACTS
 
-ARTIFACTS = {"adapters", "merged", "logs", "training.env", "manifest.json", "summary.md", "config.yaml", "data"}
+ARTIFACTS = RUN_ARTIFACTS
 STEPS = 16
 
 

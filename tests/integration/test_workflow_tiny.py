@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 
 from medtune.config_io import load_config
 from medtune.workflow import run_workflow
+from tests_support import RUN_ARTIFACTS
 
 CANARY = "hf_CANARYtoken0123456789abcdef"
-ARTIFACTS = {"adapters", "merged", "logs", "training.env", "manifest.json", "summary.md", "config.yaml", "data",
-             "report.html"}
+ARTIFACTS = RUN_ARTIFACTS
 
 
 @pytest.fixture
