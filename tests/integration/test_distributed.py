@@ -35,8 +35,10 @@ def test_two_cpu_ranks_match_one_process(tiny_overrides):
     a, b = (load_file(r.adapters / "adapter_model.safetensors") for r in (single, double))
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     t1, t2 = one["training"], two["training"]
-    # Step 1 sees the same 4 rows from the same initial weights: the same loss, however they are split.
-    assert t1["history"][0]["loss"] == pytest.approx(t2["history"][0]["loss"], abs=2e-3)
+    # Step 1 sees the same 4 rows from the same initial weights: the same loss up to how it is averaged
+    # (accumulation averages per micro batch, DDP per rank; rows of different lengths weigh slightly
+    # differently), measured at up to 4.3e-3 on a loss of 6.40.
+    assert t1["history"][0]["loss"] == pytest.approx(t2["history"][0]["loss"], rel=1e-3)
     # Both learn, and by a similar amount (the row order after step 1 differs between 1 and 2 ranks).
     drop1, drop2 = t1["base_eval_loss"] - t1["eval_loss"], t2["base_eval_loss"] - t2["eval_loss"]
     assert drop1 > 0 and drop2 > 0
