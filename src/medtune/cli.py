@@ -244,6 +244,10 @@ def push(run_dir: Annotated[Path, typer.Argument(help="A run directory (medical-
 
     result = push_run(run_dir, list(set_ or []))
     out.print(f"published {result['repo']} at commit {result['commit']}")
+    return 0
+
+
+@app.command()
 def report(run_dir: RunDirArg, debug: DebugOpt = False) -> int:
     """Write RUN_DIR/report.html (self-contained) from the run's manifest.json."""
     from medtune.errors import RunDirError

@@ -31,6 +31,22 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class CurrentStderr(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted, not the stream of set-up time, so
+    a caller that swaps stderr (a test harness, an embedding application) never gets a closed stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(log_file: Path | None, secrets: list[str], verbose: bool = False) -> None:
     """Route medtune's and the libraries' logs to the console and (when given) the run's log file."""
     root = logging.getLogger()
@@ -43,7 +59,7 @@ def setup_logging(log_file: Path | None, secrets: list[str], verbose: bool = Fal
     if sys.stderr.isatty():
         console = RichHandler(show_path=False, markup=False, rich_tracebacks=False)
     else:
-        console = logging.StreamHandler(sys.stderr)
+        console = CurrentStderr()
         console.setFormatter(logging.Formatter(PLAIN_FORMAT, "%H:%M:%S"))
     handlers = [console]
     if log_file is not None:

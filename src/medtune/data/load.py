@@ -47,14 +47,19 @@ class RawData:
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """datasets' per-split progress bars would bury a one-line error; medtune logs its own progress."""
+    """datasets' per-split progress bars, and its own ERROR line about a file it cannot parse, would bury
+    medtune's one-line error (which names the file and the fix); medtune logs its own progress."""
     from datasets.utils import logging as ds_logging
 
     was_on = ds_logging.is_progress_bar_enabled()
     ds_logging.disable_progress_bar()
+    ds_logger = logging.getLogger("datasets")
+    level = ds_logger.level
+    ds_logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
+        ds_logger.setLevel(level)
         if was_on:
             ds_logging.enable_progress_bar()
 
