@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,11 +27,9 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from medtune.config_io import load_config  # noqa: E402
-from medtune.rundir import RunDir  # noqa: E402
-from medtune.train import build_trainer  # noqa: E402
+from medtune.config_io import load_config
+from medtune.rundir import RunDir
+from medtune.train import build_trainer
 
 MODEL_GFLOP_PER_TOKEN = 33.5
 PEAK_TFLOPS = 795.0
@@ -135,6 +132,10 @@ def main() -> None:
     ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex_attention", "eager"])
     ap.add_argument("--label", default="medtune")
     ap.add_argument("--merge", action="store_true", help="then save the adapter, merge it (medtune.merge) and reload")
+    ap.add_argument("--plain", action="store_true",
+                    help="the plain PEFT path: padded rows, SDPA, no Liger kernels (the loss-agreement reference)")
+    ap.add_argument("--preset-batch", action="store_true",
+                    help="keep the preset's micro batch, accumulation and packing instead of the flags")
     a = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="medtune-bench-"))
@@ -143,13 +144,17 @@ def main() -> None:
     overrides = [
         "model.model_source=local", f"model.local_model_path={a.model_dir}",
         "dataset.dataset_source=local", f"dataset.local_dataset_path={a.ids}",
-        f"lora.quantization={a.quantization}", "lora.bf16=true", f"lora.packing={str(a.packing).lower()}",
+        f"lora.quantization={a.quantization}", "lora.bf16=true",
         f"lora.gradient_checkpointing={str(not a.no_gc).lower()}", f"lora.lora_dropout={a.dropout}",
-        f"training.micro_batch_size={a.micro_batch}", f"training.gradient_accumulation={a.grad_accum}",
         f"training.max_seq_length={a.max_len}", f"training.max_steps={a.warm + a.steps}",
-        f"training.attn_implementation={a.attn}", "training.logging_steps=1", "training.save_steps=100000", "training.warmup_ratio=0",
-        f"output.output_root={work}",
+        f"training.attn_implementation={'sdpa' if a.plain else a.attn}", "training.logging_steps=1",
+        "training.save_steps=100000", "training.warmup_ratio=0", f"output.output_root={work}",
     ]
+    if not a.preset_batch:
+        overrides += [f"lora.packing={str(a.packing and not a.plain).lower()}",
+                      f"training.micro_batch_size={a.micro_batch}", f"training.gradient_accumulation={a.grad_accum}"]
+    if a.plain:
+        overrides.append("training.liger_kernels=false")
     cfg = load_config(preset="llama3-8b-medical", overrides=overrides, env={})
     run = RunDir.for_run(work, "bench").create()
     timer = StepTimer(a.warm)
@@ -162,7 +167,8 @@ def main() -> None:
     merged = bench_merge(cfg, run, a.model_dir, trainer) if a.merge else {}
     print(json.dumps({
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "quantization": a.quantization,
-        "micro_batch": a.micro_batch, "grad_accum": a.grad_accum, "packing": a.packing,
+        "micro_batch": cfg.training.micro_batch_size, "grad_accum": cfg.training.gradient_accumulation,
+        "packing": cfg.lora.packing,
         "gradient_checkpointing": not a.no_gc, "lora_dropout": a.dropout,
         "liger": bool(trainer.args.use_liger_kernel), "attn": trainer.model.config._attn_implementation, "load_s": round(load_s, 1),
         "timed_steps": a.steps, **timer.result,

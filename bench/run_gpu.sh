@@ -1,45 +1,77 @@
 #!/usr/bin/env bash
 # One device call: the seed anchors and medtune's training path on the same random Llama-3.1-8B and
 # the same real-length token ids. Expects (carried, git-ignored):
-#   .whl/    wheels: bitsandbytes peft liger-kernel datasets transformers pydantic(+core) rich ...
-#   .bench/  ../shared/bench/seed_recipe_baseline.py and medical_token_ids.json.gz
-# Writes one JSON line per run to $OUT/results.jsonl (copy it to bench/results/<date>-<card>.jsonl).
+#   .whl/    wheels: bitsandbytes peft liger-kernel datasets transformers pydantic(+core) ... (first call
+#            on a machine; later calls on the same warm machine reuse /tmp/site)
+#   .bench/  from ../shared/bench: seed_recipe_baseline.py, unsloth_anchor.py, medical_token_ids.json.gz;
+#            llama3-tok/ (a BPE tokenizer with the Llama 3 special tokens, for the end-to-end run) and
+#            medical_600.jsonl (the first 600 rows of ../shared/datasets/medical_mistral_instruct_dataset_short)
+#   .whl2/   only for the `unsloth*` runs: Unsloth and its dependencies (../shared/bench/README.md)
+# Writes one JSON line per run to $OUT/results.jsonl (copy it to bench/results/<date>-<card>-x.jsonl).
 set -u
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-gunzip -c .bench/medical_token_ids.json.gz > /tmp/ids.json
+if [ ! -f /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && touch /tmp/site/.done || exit 1
+fi
+export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+[ -f /tmp/ids.json ] || gunzip -c .bench/medical_token_ids.json.gz > /tmp/ids.json
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 M=/tmp/llama31-8b-random
-[ -f $M/config.json ] || python3 .bench/seed_recipe_baseline.py make --model-dir $M | tee -a "$OUT/results.jsonl"
+if [ ! -f $M/config.json ]; then
+  python3 .bench/seed_recipe_baseline.py make --model-dir $M | tee -a "$OUT/results.jsonl"
+  gunzip -c .bench/llama3-tok/tokenizer.json.gz > $M/tokenizer.json
+  cp .bench/llama3-tok/tokenizer_config.json $M/
+fi
 step() {  # step SECONDS LABEL CMD...: one run, its JSON line appended, its stderr kept on failure
   local limit=$1 label=$2; shift 2
-  echo "== $label" >&2
+  echo "== $label $(date +%T)" >&2
   timeout "$limit" "$@" > "/tmp/$label.out" 2> "/tmp/$label.err"
   local rc=$?
   grep '^{' "/tmp/$label.out" | tee -a "$OUT/results.jsonl"
   [ $rc -eq 0 ] || { echo "{\"run\": \"$label\", \"failed\": $rc}" | tee -a "$OUT/results.jsonl"; tail -25 "/tmp/$label.err" >&2; }
 }
 IDS=/tmp/ids.json
-for run in ${RUNS:-seedfast tuned_gc medtune_qlora medtune_bf16}; do
+GT="python3 bench/gpu_train.py --model-dir $M --ids $IDS"
+for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
   case $run in
     seed|seedfast|tuned_gc|tuned_nogc|bf16lora)
       step 240 "$run" python3 .bench/seed_recipe_baseline.py "$run" --model-dir $M --data-dir $IDS --steps 3 --warm 1 ;;
-    medtune_qlora)
-      step 240 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization 4bit ${MT_ARGS:-} --label "$run" ;;
-    medtune_bf16)
-      step 240 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization none ${MT_ARGS:-} --label "$run" ;;
-    medtune_qlora_mb16)  # 16 rows (~5k real tokens) per forward, one micro batch per step
-      step 240 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization 4bit --micro-batch 16 --grad-accum 2 ${MT_ARGS:-} --label "$run" ;;
-    medtune_qlora_packed)  # padding-free packing, 26 rows (~8k tokens) per forward, ~32k tokens per step
-      step 300 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization 4bit --packing --micro-batch 26 --grad-accum 4 ${MT_ARGS:-} --label "$run" ;;
-    medtune_qlora_packed_merge)  # as above, then merge the adapter into bf16 shards and reload them
-      step 420 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization 4bit --packing --micro-batch 26 --grad-accum 4 --merge ${MT_ARGS:-} --label "$run" ;;
-    medtune_qlora_packed_nogc)  # 13 rows (~4k tokens) per forward without recompute
-      step 300 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization 4bit --packing --micro-batch 13 --grad-accum 8 --no-gc ${MT_ARGS:-} --label "$run" ;;
-    medtune_qlora_mb26)  # no packing: 26 length-grouped rows per forward, padded, SDPA
-      step 300 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization 4bit --micro-batch 26 --grad-accum 4 ${MT_ARGS:-} --label "$run" ;;
-    medtune_bf16_packed)
-      step 300 "$run" python3 bench/gpu_train.py --model-dir $M --ids $IDS --quantization none --packing --micro-batch 26 --grad-accum 4 ${MT_ARGS:-} --label "$run" ;;
+    unsloth0|unsloth05)  # Unsloth's QLoRA path (its own recompute), micro batch 4 x 2048, GA 4
+      [ -f /tmp/site2/.done ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --target /tmp/site2 .whl2/*.whl && touch /tmp/site2/.done; }
+      d=0.0; [ $run = unsloth05 ] && d=0.05
+      step 400 "$run" env PYTHONPATH=/tmp/site2:/tmp/site python3 .bench/unsloth_anchor.py $M $IDS $d ;;
+    medtune_varlen)  # QLoRA, padding-free packing + varlen flash attention, 26 rows (~8k tokens) per forward, GA 4
+      step 300 "$run" $GT --quantization 4bit --packing --micro-batch 26 --grad-accum 4 --label "$run" ;;
+    medtune_varlen_mb52)  # ~16k tokens per forward, GA 2 (the same ~32k tokens per optimizer step)
+      step 300 "$run" $GT --quantization 4bit --packing --micro-batch 52 --grad-accum 2 --label "$run" ;;
+    medtune_varlen_nogc)  # no recompute, 13 rows (~4k tokens) per forward, GA 8
+      step 300 "$run" $GT --quantization 4bit --packing --micro-batch 13 --grad-accum 8 --no-gc --label "$run" ;;
+    medtune_varlen_nogc26)  # no recompute, 26 rows per forward, GA 4
+      step 300 "$run" $GT --quantization 4bit --packing --micro-batch 26 --grad-accum 4 --no-gc --label "$run" ;;
+    medtune_bf16_varlen)
+      step 300 "$run" $GT --quantization none --packing --micro-batch 26 --grad-accum 4 --label "$run" ;;
+    medtune_bf16_varlen_nogc)
+      step 300 "$run" $GT --quantization none --packing --micro-batch 26 --grad-accum 4 --no-gc --label "$run" ;;
+    medtune_preset)  # the llama3-8b-medical preset's own batch: 16 packed rows, GA 1 (the seed's 16 rows/step)
+      step 300 "$run" $GT --quantization 4bit --preset-batch --steps 12 --warm 2 --label "$run" ;;
+    medtune_seedbatch)  # the seed's batch without medtune's levers: 1 padded row x GA 16, fp16 -> bf16 only
+      step 300 "$run" $GT --quantization 4bit --micro-batch 1 --grad-accum 16 --plain --label "$run" ;;
+    losscheck)  # the fast path vs the plain PEFT path, 20 steps, same rows and seed
+      step 300 fast20 $GT --quantization 4bit --packing --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --label fast20
+      step 400 plain20 $GT --quantization 4bit --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --plain --label plain20
+      python3 bench/loss_agreement.py /tmp/fast20.out /tmp/plain20.out | tee -a "$OUT/results.jsonl" ;;
+    e2e)  # `medtune run --preset llama3-8b-medical-quick` on the random 8B folder and 500 real rows
+      rm -rf /tmp/e2e
+      start=$(date +%s.%N)
+      timeout 540 python3 -m medtune run --preset llama3-8b-medical-quick --run-id quick \
+        --set model.model_source=local --set model.local_model_path=$M \
+        --set dataset.dataset_source=local --set dataset.local_dataset_path=$PWD/.bench/medical_600.jsonl \
+        --set output.output_root=/tmp/e2e > /tmp/e2e.out 2> /tmp/e2e.err
+      rc=$?; end=$(date +%s.%N)
+      python3 bench/stage_times.py /tmp/e2e/medical-finetune-quick "$rc" "$start" "$end" | tee -a "$OUT/results.jsonl"
+      [ $rc -eq 0 ] || tail -30 /tmp/e2e.err >&2
+      cp /tmp/e2e/medical-finetune-quick/summary.md /tmp/e2e/medical-finetune-quick/logs/*.log "$OUT/" 2>/dev/null ;;
   esac
 done

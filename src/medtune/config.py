@@ -216,10 +216,11 @@ class TrainingConfig(Section):
         description="On CUDA GPUs, use Liger's fused kernels (linear + cross-entropy without materialising the "
         "logits, RMSNorm, SwiGLU, RoPE) when the `liger-kernel` package is installed (`pip install medtune[gpu]`).",
     )
-    attn_implementation: Literal["auto", "sdpa", "flex_attention", "eager"] = Field(
+    attn_implementation: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
         "auto",
-        description="Attention kernel. `auto`: FlexAttention on CUDA with `lora.packing` (packed examples become "
-        "separate blocks without materialising a mask), PyTorch SDPA otherwise.",
+        description="Attention kernel. `auto`: on CUDA with `lora.packing`, `varlen` (PyTorch's variable-length "
+        "FlashAttention: each packed example attends to itself only, no mask, no padding); PyTorch SDPA otherwise. "
+        "`varlen` needs CUDA and `lora.packing`.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to train: `auto` uses CUDA when available, else the CPU."
@@ -316,6 +317,9 @@ class MedtuneConfig(Section):
             raise ValueError("output.push_to_hub is true: set output.hub_model_id (e.g. my-org/llama3-medical)")
         if self.model.model_source == "local" and not self.model.local_model_path:
             raise ValueError("model_source is `local`: set model.local_model_path")
+        if self.training.attn_implementation == "varlen" and (not self.lora.packing or self.training.device == "cpu"):
+            raise ValueError("training.attn_implementation=varlen needs lora.packing=true on a CUDA GPU; "
+                             "use `auto` to pick the kernel")
         return self
 
 
@@ -334,8 +338,11 @@ def _seed_preset(model_id: str, dataset: str) -> dict[str, Any]:
     return {
         "model": {"model_source": "huggingface", "base_model_id": model_id},
         "dataset": {"dataset_source": "huggingface", "dataset_name": dataset, "rerender_prompts": True},
-        # A 7-8B model on a CPU would take days: refuse up front instead of starting.
-        "training": {"device": "cuda"},
+        # A 7-8B model on a CPU would take days: refuse up front instead of starting. The seed's effective
+        # batch (16 rows per optimizer step) in one padding-free packed forward pass instead of 16
+        # padded ones: the same optimizer math, a fraction of the time (docs/benchmarks.md).
+        "training": {"device": "cuda", "micro_batch_size": 16, "gradient_accumulation": 1},
+        "lora": {"bf16": True, "packing": True},
     }
 
 

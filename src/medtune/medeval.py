@@ -41,7 +41,7 @@ def evaluate_run(cfg: MedtuneConfig, run: RunDir, model_path: str, questions_fil
     items = _mcq_items(cfg, run, mcq_file)
     device = "cuda" if torch.cuda.is_available() and cfg.training.device != "cpu" else "cpu"
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_source(model_path))
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, device_map={"": device})
     model = PeftModel.from_pretrained(base, str(run.adapters)).eval()
     stops = stop_token_ids(tokenizer)

@@ -39,7 +39,7 @@ def merge(cfg: OutputConfig, run: RunDir, model_path: str) -> dict[str, Any]:
     from transformers import AutoTokenizer
 
     dtype = base_dtype(model_path) if cfg.merged_dtype == "auto" else DTYPES[cfg.merged_dtype]
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_source(model_path))
     stops = stop_token_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     streamed = cfg.merged_save_format == "safetensors" and streamable(run.adapters, Path(model_path)) \
@@ -52,7 +52,7 @@ def merge(cfg: OutputConfig, run: RunDir, model_path: str) -> dict[str, Any]:
             log.info("merge: loading the base in %s (unquantized) and folding in the adapter", dtype)
             _merge_in_memory(cfg, run, model_path, tmp, dtype, stops, pad)
         tokenizer.save_pretrained(str(tmp))
-        write_card(tmp, "merged", run.manifest(), model_path)
+        write_card(tmp, "merged", run.manifest(), run.tokenizer_source(model_path))
     files = sorted(p.name for p in run.merged.iterdir())
     log.info("merge: wrote %s (%s)", run.merged, ", ".join(files))
     return {"dtype": str(dtype).removeprefix("torch."), "format": cfg.merged_save_format, "files": files,

@@ -58,6 +58,12 @@ class RunDir:
     data = property(lambda self: self.root / "data")
     checkpoints = property(lambda self: self.root / "checkpoints")
 
+    def tokenizer_source(self, model_path: str) -> str:
+        """The tokenizer the data stage rendered with (its chat template included, also a fallback
+        template the base lacked), else the base's own: what training, merge and evaluation load."""
+        used = self.data / "tokenizer"
+        return str(used) if (used / "tokenizer_config.json").is_file() else model_path
+
     def create(self) -> RunDir:
         try:
             self.logs.mkdir(parents=True, exist_ok=True)

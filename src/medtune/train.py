@@ -23,8 +23,9 @@ import torch
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
-from medtune import base_eval_cache
+from medtune import attention, base_eval_cache
 from medtune.config import MedtuneConfig
+from medtune.errors import EnvironmentProblem
 from medtune.preemption import Preempted, StopOnSignal, last_complete_checkpoint, remove_incomplete_checkpoints
 from medtune.modelcard import write_card
 from medtune.progress import ProgressLog, peak_memory_gib
@@ -49,11 +50,16 @@ def compute_dtype(cfg: MedtuneConfig, device: str) -> torch.dtype:
 
 
 def attention_kernel(cfg: MedtuneConfig, device: str) -> str:
-    if cfg.training.attn_implementation != "auto":
-        return cfg.training.attn_implementation
-    # With packing, SDPA gets a materialised block mask and falls back to the math kernel, which keeps
-    # a full T x T attention matrix per head (measured: out of memory at 4k tokens without recompute).
-    return "flex_attention" if device == "cuda" and cfg.lora.packing else "sdpa"
+    """The `attn_implementation` to load the model with. With packing, SDPA would get a materialised
+    block mask and fall back to its math kernel, which keeps a full T x T attention matrix per head
+    (measured: out of memory at 4k tokens without recompute); FlexAttention compiles per packed length."""
+    choice = cfg.training.attn_implementation
+    if choice == "auto":
+        choice = "varlen" if device == "cuda" and cfg.lora.packing else "sdpa"
+    if choice == "varlen" and device != "cuda":
+        raise EnvironmentProblem("training.attn_implementation=varlen needs a CUDA GPU; none is visible here, "
+                                 "set it to `auto`")
+    return attention.register() if choice == "varlen" else choice
 
 
 def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: Any = None) -> Any:
@@ -139,7 +145,7 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
 
     torch.manual_seed(cfg.training.seed)
     device = pick_device(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(run.tokenizer_source(model_path))
     if tokenizer.pad_token is None:
         # Padding positions are masked out of both attention and labels, so reusing eos is safe here.
         tokenizer.pad_token = tokenizer.eos_token
@@ -164,7 +170,9 @@ def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:
     from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
 
     if cfg.lora.packing:
-        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100)
+        # The example boundaries as FlashAttention's cumulative lengths, for the varlen kernel.
+        varlen = attention_kernel(cfg, device) == attention.VARLEN
+        return DataCollatorWithFlattening(return_position_ids=True, separator_id=-100, return_flash_attn_kwargs=varlen)
     return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=8 if device == "cuda" else None)
 
 
@@ -222,7 +230,7 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
     if rank0:
         with atomic_dir(run.adapters) as tmp:
             trainer.model.save_pretrained(str(tmp))
-            write_card(tmp, "adapters", {**run.manifest(), "training": metrics}, model_path)
+            write_card(tmp, "adapters", {**run.manifest(), "training": metrics}, run.tokenizer_source(model_path))
         run.update_manifest(training=metrics)
     trainer.accelerator.wait_for_everyone()
     return metrics

@@ -141,7 +141,7 @@ def _cleanup(cfg: MedtuneConfig, run: RunDir, error: str | None, status: str | N
     if model_path:  # the cards again, now that evaluation results and all timings are known
         for kind, folder in (("adapters", run.adapters), ("merged", run.merged)):
             if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
-                write_card(folder, kind, run.manifest(), model_path)
+                write_card(folder, kind, run.manifest(), run.tokenizer_source(model_path))
     status = cleanup(run, error, status)
     _report(run)
     log.info("run %s %s; summary: %s", run.run_id, status, run.summary)

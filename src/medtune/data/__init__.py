@@ -54,6 +54,8 @@ def prepare_data(cfg: MedtuneConfig, run: RunDir, model_path: str) -> dict[str, 
             store(cache_root, key, tmp)
         else:
             log.info("data: reused tokenized examples from the cache (%s)", cache_root / key)
+        # The template the examples were rendered with travels on to training, the merged model and evaluation.
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
     return {"path": str(run.data), "input_sha256": report["input"]["sha256"], "report": report}
 
 

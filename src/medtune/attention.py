@@ -1,0 +1,85 @@
+"""Variable-length (padding-free) attention for packed micro batches, on PyTorch's own flash kernel.
+
+With `lora.packing` the collator concatenates a micro batch's examples into one row and hands the
+model the example boundaries (`cu_seq_lens_q/k`, `max_length_q/k`). `varlen_attention` feeds them to
+`torch.nn.attention.varlen.varlen_attn` (FlashAttention inside PyTorch: no flash-attn wheel to
+build, no mask materialised, no recompilation when the packed length changes), so each example
+attends causally to itself only. It is registered with transformers' AttentionInterface under
+`VARLEN`; without a mask function registered for that name, transformers builds no attention mask.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+VARLEN = "medtune_varlen"
+
+
+def register() -> str:
+    """Make `attn_implementation=VARLEN` loadable; idempotent."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention)
+    return VARLEN
+
+
+def boundaries(kwargs: dict[str, Any], batch: int, length: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Cumulative example starts and the longest example: from the collator's flash kwargs, else from
+    `position_ids` restarting at 0, else every row is one example."""
+    if kwargs.get("cu_seq_lens_q") is not None:
+        return kwargs["cu_seq_lens_q"].to(device=device, dtype=torch.int32), int(kwargs["max_length_q"])
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        flat = position_ids.reshape(-1)
+        starts = torch.nonzero(flat == 0).reshape(-1)
+        ends = torch.cat([starts[1:], torch.tensor([flat.numel()], device=flat.device)])
+        cu = torch.cat([starts, ends[-1:]]).to(device=device, dtype=torch.int32)
+        return cu, int((ends - starts).max())  # note: a GPU-CPU sync, once per layer without flash kwargs
+    cu = torch.arange(0, (batch + 1) * length, length, device=device, dtype=torch.int32)
+    return cu, length
+
+
+def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: q/k/v as (batch, heads, seq, head_dim); returns
+    (batch, seq, heads, head_dim). Causal within each packed example."""
+    if attention_mask is not None:
+        raise ValueError("medtune_varlen attention takes packed rows without padding; got an attention mask")
+    if dropout:
+        raise ValueError("medtune_varlen attention has no attention dropout")
+    batch, heads, length, dim = query.shape
+    cu, longest = boundaries(kwargs, batch, length, query.device)
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], dim) for t in (query, key, value))
+    out = _varlen(q, k, v, cu, longest, scaling)
+    return out.reshape(batch, length, heads, dim), None
+
+
+@functools.cache
+def _supported() -> frozenset[str]:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
+            scale: float | None) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    params, extra = _supported(), {}
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            extra["enable_gqa"] = True
+        else:  # PyTorch 2.10/2.11: expand the shared key/value heads (grouped-query attention)
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    if "scale" in params:
+        extra["scale"] = scale
+    elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-9:
+        raise ValueError("this PyTorch's varlen_attn has no `scale`; use attn_implementation=sdpa for this model")
+    # PyTorch 2.10 spells causality `is_causal`; later versions a (left, right) window.
+    extra.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **extra)

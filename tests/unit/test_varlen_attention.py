@@ -1,0 +1,110 @@
+"""The fast path's attention (packed rows + PyTorch's variable-length FlashAttention) must compute the
+same loss and gradients as the plain path (padded rows + SDPA). PyTorch's flash kernel is CUDA-only,
+so on CPU `varlen_attn` is replaced by a reference that runs SDPA once per packed example: what is
+tested is medtune's side — the boundaries handed over by the collator, the head layouts, grouped-query
+attention, and that transformers routes the packed batch through the kernel without a mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from medtune import attention
+from medtune.config_io import load_config
+from medtune.errors import ConfigError
+from medtune.train import make_collator
+
+TOLERANCE = 1e-5  # float32 on CPU
+CALLS: list[int] = []
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1),
+                     enable_gqa=False, is_causal=None, **_):
+    """SDPA per example: (tokens, heads, dim) in and out, like torch's varlen_attn."""
+    assert window_size == (-1, 0) or is_causal, "medtune must ask for causal attention"
+    assert enable_gqa or k.shape[1] == q.shape[1], "grouped-query heads must be declared or expanded"
+    assert max_q == int((cu_q[1:] - cu_q[:-1]).max())
+    CALLS.append(len(cu_q) - 1)
+    out = []
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+        out.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                  enable_gqa=enable_gqa).transpose(0, 1))
+    return torch.cat(out)
+
+
+def legacy_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
+    """The PyTorch 2.10 signature: no `scale`, no `enable_gqa`, causality as a flag."""
+    return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=is_causal)
+
+
+@pytest.fixture
+def fake_kernel(monkeypatch):
+    def use(fn):
+        import torch.nn.attention.varlen as varlen
+
+        monkeypatch.setattr(varlen, "varlen_attn", fn)
+        attention._supported.cache_clear()
+        CALLS.clear()
+    yield use
+    attention._supported.cache_clear()
+
+
+def packed_and_padded(tiny_model_dir):
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [("What is anaemia?", "A low haemoglobin level."), ("Define tachycardia.", "A heart rate above 100."),
+            ("Name a statin used after a heart attack.", "Atorvastatin.")]
+    feats = []
+    for q, a in rows:
+        prompt = tok(q, add_special_tokens=False)["input_ids"]
+        answer = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        feats.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    base = ["model.model_source=local", f"model.local_model_path={tiny_model_dir}", "lora.quantization=none"]
+    packed_cfg = load_config(overrides=[*base, "lora.packing=true", "training.device=cuda"], env={})
+    plain_cfg = load_config(overrides=base, env={})
+    # "cuda" only steers the collator's choice here: it returns CPU tensors either way.
+    packed = make_collator(packed_cfg, tok, "cuda")([dict(f) for f in feats])
+    padded = make_collator(plain_cfg, tok, "cpu")([dict(f) for f in feats])
+    return packed, padded
+
+
+def loss_and_grads(model_dir, attn, batch):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+
+@pytest.mark.parametrize("kernel", [reference_varlen, legacy_varlen], ids=["torch>=2.11", "torch-2.10"])
+def test_packed_varlen_loss_and_grads_equal_padded_sdpa(tiny_model_dir, fake_kernel, kernel):
+    fake_kernel(kernel)
+    packed, padded = packed_and_padded(tiny_model_dir)
+    assert packed["cu_seq_lens_q"].tolist()[-1] == packed["input_ids"].shape[1] and "attention_mask" not in packed
+    loss_fast, grad_fast = loss_and_grads(tiny_model_dir, attention.register(), packed)
+    loss_plain, grad_plain = loss_and_grads(tiny_model_dir, "sdpa", padded)
+    assert CALLS == [3, 3], CALLS  # both layers went through the kernel, three examples each
+    assert abs(loss_fast - loss_plain) < TOLERANCE, (loss_fast, loss_plain)
+    torch.testing.assert_close(grad_fast, grad_plain, atol=1e-6, rtol=1e-4)
+
+
+def test_boundaries_without_flash_kwargs_come_from_position_ids():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
+    cu, longest = attention.boundaries({"position_ids": pos}, 1, 9, torch.device("cpu"))
+    assert cu.tolist() == [0, 3, 5, 9] and longest == 4
+    cu, longest = attention.boundaries({}, 2, 5, torch.device("cpu"))  # unpacked rows without padding
+    assert cu.tolist() == [0, 5, 10] and longest == 5
+
+
+def test_a_padded_batch_is_refused_rather_than_attending_to_padding(tiny_model_dir, fake_kernel):
+    fake_kernel(reference_varlen)
+    q = torch.zeros(1, 4, 3, 16)
+    with pytest.raises(ValueError, match="without padding"):
+        attention.varlen_attention(None, q, q, q, torch.ones(1, 3, dtype=torch.bool))
+
+
+def test_varlen_needs_packing():
+    with pytest.raises(ConfigError, match="lora.packing=true"):
+        load_config(overrides=["training.attn_implementation=varlen"], env={})
