@@ -165,8 +165,10 @@ def main() -> None:
     losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
     tps = timer.result["tokens_per_s"]
     merged = bench_merge(cfg, run, a.model_dir, trainer) if a.merge else {}
+    if trainer.args.process_index != 0:  # under torchrun: rank 0 reports the gathered token count
+        return
     print(json.dumps({
-        "run": a.label, "gpu": torch.cuda.get_device_name(0), "quantization": a.quantization,
+        "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
         "micro_batch": cfg.training.micro_batch_size, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,
         "gradient_checkpointing": not a.no_gc, "lora_dropout": a.dropout,

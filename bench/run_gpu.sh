@@ -58,6 +58,10 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --preset-batch --steps 12 --warm 2 --label "$run" ;;
     medtune_seedbatch)  # the seed's batch without medtune's levers: 1 padded row x GA 16, fp16 -> bf16 only
       step 300 "$run" $GT --quantization 4bit --micro-batch 1 --grad-accum 16 --plain --label "$run" ;;
+    ddp1|ddp2)  # data-parallel scaling: the same per-GPU work (52 packed rows x GA 2) on 1 and on 2 GPUs
+      n=${run#ddp}
+      step 400 "$run" torchrun --standalone --nproc-per-node "$n" bench/gpu_train.py --model-dir $M --ids $IDS \
+        --quantization 4bit --packing --micro-batch 52 --grad-accum 2 --steps 6 --warm 2 --label "medtune_varlen_mb52_gpus$n" ;;
     losscheck)  # the fast path vs the plain PEFT path, 20 steps, same rows and seed
       step 300 fast20 $GT --quantization 4bit --packing --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --label fast20
       step 400 plain20 $GT --quantization 4bit --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --plain --label plain20
@@ -68,7 +72,7 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       timeout 540 python3 -m medtune run --preset llama3-8b-medical-quick --run-id quick \
         --set model.model_source=local --set model.local_model_path=$M \
         --set dataset.dataset_source=local --set dataset.local_dataset_path=$PWD/.bench/medical_600.jsonl \
-        --set output.output_root=/tmp/e2e > /tmp/e2e.out 2> /tmp/e2e.err
+        --set output.output_root=/tmp/e2e ${E2E_SET:-} > /tmp/e2e.out 2> /tmp/e2e.err
       rc=$?; end=$(date +%s.%N)
       python3 bench/stage_times.py /tmp/e2e/medical-finetune-quick "$rc" "$start" "$end" | tee -a "$OUT/results.jsonl"
       [ $rc -eq 0 ] || tail -30 /tmp/e2e.err >&2

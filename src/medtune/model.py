@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.chat import stop_token_ids
-from medtune.checksums import file_sha256
+from medtune.checksums import cached_sha256
 from medtune.config import ModelConfig
 from medtune.errors import ModelError
 from medtune.rundir import atomic_dir
@@ -69,7 +69,7 @@ def _from_gguf(cfg: ModelConfig, cache: Path) -> dict[str, Any]:
     gguf = Path(cfg.gguf_path).expanduser() if cfg.gguf_path else embedded_gguf()
     if not gguf.is_file():
         raise ModelError(f"model.gguf_path {gguf} not found; point it at a .gguf file")
-    sha = file_sha256(gguf)
+    sha = cached_sha256(gguf, cache)
     target = cache / f"gguf--{gguf.stem}--{sha[:12]}"
     info = {"source": "gguf", "gguf_file": str(gguf), "gguf_sha256": sha, "path": str(target)}
     if (target / "config.json").is_file():

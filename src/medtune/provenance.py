@@ -9,7 +9,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from medtune.checksums import file_sha256
+from medtune.checksums import cached_sha256
 
 log = logging.getLogger("medtune.provenance")
 
@@ -38,8 +38,9 @@ def _git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True, timeout=10).stdout.strip()
 
 
-def model_fingerprint(model_path: str) -> dict[str, str]:
-    """sha256 of the base model's weight, config and tokenizer files: the revision, whatever the source."""
+def model_fingerprint(model_path: str, cache_dir: Path) -> dict[str, str]:
+    """sha256 of the base model's weight, config and tokenizer files: the revision, whatever the source
+    (digests remembered in `cache_dir` while a file's size and modification time stay the same)."""
     root = Path(model_path)
     files = sorted({p for pattern in WEIGHT_PATTERNS for p in root.glob(pattern) if p.is_file()})
-    return {p.name: file_sha256(p) for p in files}
+    return {p.name: cached_sha256(p, cache_dir) for p in files}

@@ -79,7 +79,6 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
     from medtune.launch.apptainer import exec_prefix
     from medtune.launch.torchrun import plan_world, train_in_subprocess, training_command
     from medtune.merge import merge
-    from medtune.model import prepare_model
     from medtune.setup import setup
     from medtune.train import train
 
@@ -87,10 +86,8 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
     run.update_manifest(environment=environment)
     plan = plan_world(cfg, len(environment["gpus"]))
     image = _stage(run, "container", lambda: container(cfg.infrastructure.container), always=True)
-    model = _stage(run, "model", lambda: prepare_model(cfg.model), always=True)
+    model = _stage(run, "model", lambda: _model_with_fingerprint(cfg, run), always=True)
     model_path = model["path"]
-    if "base_model_files" not in run.manifest().get("provenance", {}):  # hashing 16 GB takes a minute: once per run
-        run.update_manifest(provenance={"base_model_files": model_fingerprint(model_path)})
     _stage(run, "data", lambda: prepare_data(cfg, run, model_path), done=run.data.is_dir())
     done = (run.adapters / "adapter_config.json").is_file()
     if plan.distributed or image.get("image"):
@@ -103,6 +100,17 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
         run.update_manifest(training=metrics)
     if cfg.output.merge_full_weights:
         _stage(run, "merge", lambda: merge(cfg.output, run, model_path), done=(run.merged / "config.json").is_file())
+
+
+def _model_with_fingerprint(cfg: MedtuneConfig, run: RunDir) -> dict[str, Any]:
+    """The base model, and its files' digests in the manifest (timed with the stage that reads them)."""
+    from medtune.model import prepare_model
+
+    model = prepare_model(cfg.model)
+    if "base_model_files" not in run.manifest().get("provenance", {}):
+        cache = Path(cfg.model.model_cache_dir).expanduser()
+        run.update_manifest(provenance={"base_model_files": model_fingerprint(model["path"], cache)})
+    return model
 
 
 def _stage(run: RunDir, name: str, fn: Callable[[], Any], done: bool = True, always: bool = False) -> Any:

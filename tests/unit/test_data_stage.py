@@ -161,3 +161,29 @@ def test_data_inspect_prints_report_and_highlighted_example(tmp_path, tiny_model
     assert "data report" in out and "train / eval examples" in out and "19 / 1" in out
     assert "trained tokens" in out and "<|im_start|>assistant" in out and "heart failure" in out
     assert not (tmp_path / "out").exists()
+
+
+def test_a_fallback_template_travels_with_the_run(tmp_path, tiny_model_dir, monkeypatch):
+    """A base without a chat template is rendered with its family's template; training, merge and
+    evaluation must then load that tokenizer from the run, not the template-less one of the base."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from medtune.data import templates
+
+    base = tmp_path / "base-no-template"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(base).chat_template is None
+    monkeypatch.setattr(templates, "model_family", lambda tokenizer, path: "mistral")  # the tiny vocab is ChatML's
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows(12))
+    run, _ = stage(cfg_for(tmp_path, base, data), tmp_path, base)
+    source = run.tokenizer_source(str(base))
+    assert source == str(run.data / "tokenizer")
+    assert AutoTokenizer.from_pretrained(source).chat_template == templates.FAMILY_TEMPLATES["mistral"]
+    assert RunDir(tmp_path / "other").tokenizer_source(str(base)) == str(base)  # no data stage yet: the base's
