@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     except MedtuneError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_redacted(exc)}", file=sys.stderr)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -281,6 +281,13 @@ def main(argv: list[str] | None = None) -> int:
         print("aborted", file=sys.stderr)
         return 130
     return result if isinstance(result, int) else 0
+
+
+def _redacted(exc: Exception) -> str:
+    from medtune.credentials import secret_values
+    from medtune.runlog import redact
+
+    return redact(str(exc), secret_values())
 
 
 def run_cli() -> None:
