@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
-def _redacted(exc: Exception) -> str:
+def _redacted(exc: Exception | str) -> str:
     from medtune.credentials import secret_values
     from medtune.runlog import redact
 
@@ -291,4 +291,9 @@ def _redacted(exc: Exception) -> str:
 
 
 def run_cli() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except Exception:  # a bug: the traceback, minus any credential it quotes (batch logs keep stderr)
+        sys.stderr.write(_redacted(traceback.format_exc()))
+        code = 1
+    sys.exit(code)

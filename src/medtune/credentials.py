@@ -17,12 +17,15 @@ import json
 import logging
 import os
 import stat
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from medtune.config import MedtuneConfig
+
+from medtune.errors import ConfigError
 
 log = logging.getLogger("medtune.credentials")
 
@@ -41,6 +44,10 @@ GOOGLE_SECRET_FIELDS = ("private_key", "private_key_id", "client_secret", "refre
 AWS_SECRET_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 # Parts of an Azure connection string that are secrets on their own.
 AZURE_SECRET_PARTS = ("AccountKey", "SharedAccessSignature")
+# Config keys holding URLs, and the URL query parameters that are credentials (S3 presigned, Azure SAS).
+URL_KEYS = ("infrastructure.output_bucket", "dataset.dataset_bucket", "infrastructure.container.bucket",
+            "infrastructure.container.lfs_repo")
+SECRET_QUERY_PARAMS = ("sig", "x-amz-signature", "x-amz-credential", "x-amz-security-token", "token", "access_token")
 # Shorter values are not redacted: replacing every "test" in a log would garble it and protect nothing.
 MIN_SECRET_CHARS = 8
 
@@ -120,3 +127,23 @@ def loose_permission_warnings(hf_token_file: str = "", env: Mapping[str, str] | 
 def warn_loose_permissions(hf_token_file: str = "", env: Mapping[str, str] | None = None) -> None:
     for line in loose_permission_warnings(hf_token_file, env):
         log.warning(line)
+
+
+def refuse_url_credentials(cfg: MedtuneConfig) -> None:
+    """A password or signature inside a configured URL would be written to config.yaml, training.env,
+    the manifest and argv like any key: it must come from the environment instead."""
+    for key in URL_KEYS:
+        value: object = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if url_holds_credential(str(value)):
+            raise ConfigError(f"config key `{key}` holds a credential inside its URL; remove it and provide it "
+                              "through the environment (AWS_*, AZURE_STORAGE_*, GOOGLE_APPLICATION_CREDENTIALS, "
+                              "a git credential helper)")
+
+
+def url_holds_credential(url: str) -> bool:
+    """A password (`scheme://user:password@host`) or a signature/token query parameter."""
+    parts = urllib.parse.urlsplit(url)
+    params = {name.lower() for name, _ in urllib.parse.parse_qsl(parts.query)}
+    return bool(parts.password or params & set(SECRET_QUERY_PARAMS))

@@ -114,3 +114,36 @@ def test_a_world_writable_umask_is_tightened(tmp_path, caplog):
         os.umask(old)
     assert stat.S_IMODE(run.root.stat().st_mode) == 0o775
     assert "umask 000 would make the run's outputs writable by every user; using 002" in caplog.text
+
+
+@pytest.mark.parametrize("key, url", [
+    ("infrastructure.output_bucket", "https://lab.blob.core.windows.net/runs?sv=2024-01-01&sig=abc%3D"),
+    ("infrastructure.container.lfs_repo", "https://alice:ghp_token@github.com/lab/containers.git"),
+    ("dataset.dataset_bucket", "https://minio.lab/data?X-Amz-Credential=AKIA%2F&X-Amz-Signature=ff"),
+])
+def test_a_credential_inside_a_url_is_refused(key, url, tmp_path, capsys):
+    from medtune.config_io import load_config
+    from medtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"`{key}` holds a credential inside its URL") as err:
+        load_config(preset="smollm2-135m-medical", overrides=[f"{key}={url}"], env={})
+    assert "abc" not in str(err.value) and "ghp_token" not in str(err.value)
+    RunDir(tmp_path).update_manifest(status="succeeded")
+    assert main(["upload", str(tmp_path), "--to", url]) == 2
+    assert "--to holds a credential inside its URL" in capsys.readouterr().err
+    load_config(preset="smollm2-135m-medical", overrides=["infrastructure.output_bucket=s3://lab/runs"], env={})
+
+
+def test_a_crash_traceback_is_redacted(monkeypatch, capsys):
+    import medtune.cli
+
+    monkeypatch.setenv("HF_TOKEN", "hf_CANARYcrash0123")
+
+    def crash(argv=None):
+        raise RuntimeError("endpoint said hf_CANARYcrash0123")
+
+    monkeypatch.setattr(medtune.cli, "main", crash)
+    with pytest.raises(SystemExit) as exited:
+        medtune.cli.run_cli()
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and "RuntimeError: endpoint said ***" in err and "CANARY" not in err
