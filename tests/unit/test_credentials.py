@@ -147,3 +147,25 @@ def test_a_crash_traceback_is_redacted(monkeypatch, capsys):
         medtune.cli.run_cli()
     err = capsys.readouterr().err
     assert exited.value.code == 1 and "RuntimeError: endpoint said ***" in err and "CANARY" not in err
+
+
+def test_a_failed_run_records_its_error_redacted(tiny_overrides, monkeypatch):
+    import medtune.setup
+    from medtune.config_io import load_config
+    from medtune.workflow import run_workflow
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "CANARYfailed0123")
+
+    def broken(cfg, run):
+        raise RuntimeError("endpoint said CANARYfailed0123")
+
+    monkeypatch.setattr(medtune.setup, "setup", broken)
+    cfg = load_config(preset="smollm2-135m-medical", overrides=[*tiny_overrides, "output.run_id=failed"])
+    with pytest.raises(RuntimeError):
+        run_workflow(cfg)
+    run = RunDir.for_run(cfg.output.output_root, "failed")
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["status"] == "failed" and manifest["error"] == "RuntimeError: endpoint said ***"
+    for path in run.root.rglob("*"):
+        if path.is_file():
+            assert b"CANARYfailed0123" not in path.read_bytes(), path
