@@ -208,10 +208,11 @@ def eval_run(run_dir: RunDirArg, debug: DebugOpt = False,
              questions: Annotated[Path | None, typer.Option("--questions", help="JSONL of questions to answer.")] = None,
              mcq: Annotated[Path | None, typer.Option("--mcq", help="MedQA/MedMCQA-style JSONL to score.")] = None) -> int:
     """Base vs tuned: answers (greedy + seeded), multiple-choice accuracy, safety probes; updates report.html."""
+    from medtune.credentials import secret_values
     from medtune.medeval import evaluate_run_dir
     from medtune.runlog import setup_logging
 
-    setup_logging(None, [])
+    setup_logging(None, secret_values())
     result = evaluate_run_dir(run_dir, questions, mcq)
     for i, a in enumerate(result["answers"], 1):
         out.print(f"\n[bold]Q{i}[/bold] {escape(a['question'])}")
