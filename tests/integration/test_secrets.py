@@ -158,6 +158,8 @@ def test_the_leak_checks_can_fail(tmp_path, audited, monkeypatch):
     """The searches below find a canary in a file, in a process's argv, and in a grandchild's argv
     that only a Python child's own hook saw (the child read the value from its environment)."""
     canary = CANARY_ENV["AWS_SECRET_ACCESS_KEY"]
+    for name in CANARY_ENV:
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", canary)
     (tmp_path / "deep").mkdir()
     (tmp_path / "deep" / "leak.txt").write_text(f"x {canary} y")
@@ -212,15 +214,7 @@ def test_credentials_never_leave_the_environment(tiny_overrides, tmp_path, monke
     logging.getLogger("medtune").warning("planted: %s", " | ".join(CANARIES))
     assert "planted: " + " | ".join(["***"] * len(CANARIES)) in run.log_file.read_text()
 
-    # The other commands a user runs around a job.
-    output_root = tmp_path / "outputs"
-    base = ["--preset", "smollm2-135m-medical", *(f"--set={o}" for o in overrides)]
-    for scheduler in ("slurm", "pbs"):
-        assert main(["submit", "--scheduler", scheduler, "--dry-run", *base]) == 0
-        assert main(["submit", "--scheduler", scheduler, *base, f"--set=output.run_id=job-{scheduler}"]) == 0
-        assert (output_root / f"medical-finetune-job-{scheduler}" / "logs" / f"job.{scheduler}").is_file()
-    assert main(["config", *base]) == 0
-    assert main(["report", str(run.root)]) == 0
+    _commands_around_the_job(overrides, run.root, tmp_path / "outputs")
     console = capfd.readouterr()
     assert "#SBATCH" in console.out and "#PBS -V" in console.out and "hf_token" in console.out
 
@@ -241,6 +235,17 @@ def test_credentials_never_leave_the_environment(tiny_overrides, tmp_path, monke
     for path in [run.root, *run.root.rglob("*")]:
         assert not stat.S_IMODE(path.lstat().st_mode) & 0o002, path
     assert stat.S_IMODE((run.merged / "model.safetensors").stat().st_mode) == 0o664
+
+
+def _commands_around_the_job(overrides: list[str], run_root: Path, output_root: Path) -> None:
+    """What a user runs besides `medtune run`: submit (dry run and for real), config, report."""
+    base = ["--preset", "smollm2-135m-medical", *(f"--set={o}" for o in overrides)]
+    for scheduler in ("slurm", "pbs"):
+        assert main(["submit", "--scheduler", scheduler, "--dry-run", *base]) == 0
+        assert main(["submit", "--scheduler", scheduler, *base, f"--set=output.run_id=job-{scheduler}"]) == 0
+        assert (output_root / f"medical-finetune-job-{scheduler}" / "logs" / f"job.{scheduler}").is_file()
+    assert main(["config", *base]) == 0
+    assert main(["report", str(run_root)]) == 0
 
 
 def test_public_grant_check_sees_a_public_object(s3_endpoint):
