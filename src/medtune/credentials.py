@@ -6,8 +6,9 @@ credentials are read by the storage libraries themselves (botocore, google-auth,
 usual variables and files. Child processes (torchrun ranks, the container, a batch job) inherit
 them through the environment, never through arguments or files medtune writes.
 
-This module names those variables and files, collects their values for log redaction, and warns
-when a credential file can be read by other users.
+This module names those variables and files (`SECRET_ENV_VARS`, `credential_files`), collects their
+values for log redaction, warns when other users can open a credential file, and refuses a
+credential written into a configured URL.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medtune.errors import ConfigError
+
 if TYPE_CHECKING:
     from medtune.config import MedtuneConfig
-
-from medtune.errors import ConfigError
 
 log = logging.getLogger("medtune.credentials")
 
@@ -37,8 +38,6 @@ SECRET_ENV_VARS = (
     "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_CONNECTION_STRING", "AZURE_STORAGE_SAS_TOKEN",
     "AZURE_STORAGE_CLIENT_SECRET",
 )
-# Variables naming a file that holds secrets (the path itself is not one).
-SECRET_FILE_VARS = ("GOOGLE_APPLICATION_CREDENTIALS", "AWS_SHARED_CREDENTIALS_FILE", "HF_TOKEN_PATH")
 # Secret fields inside those files: a Google service-account / authorized-user JSON, an AWS INI file.
 GOOGLE_SECRET_FIELDS = ("private_key", "private_key_id", "client_secret", "refresh_token")
 AWS_SECRET_FIELDS = ("aws_access_key_id", "aws_secret_access_key", "aws_session_token")
@@ -101,7 +100,7 @@ def _file_secrets(path: Path) -> list[str]:
         except json.JSONDecodeError:
             return []
         values = [str(data[k]) for k in GOOGLE_SECRET_FIELDS if isinstance(data, dict) and data.get(k)]
-        # A PEM key quoted in a repr or JSON has `\\n` for its newlines: its body lines are redacted one by one.
+        # A PEM key quoted in a repr or in JSON shows its newlines as `\n`: its body lines are redacted one by one.
         return values + [line for v in values for line in v.splitlines() if not line.startswith("-----")]
     if text.lstrip().startswith("["):
         parser = configparser.ConfigParser(interpolation=None)
