@@ -167,7 +167,8 @@ def test_the_leak_checks_can_fail(tmp_path, audited, monkeypatch):
     subprocess.run([sys.executable, "-c", "pass", canary], check=True)
     assert [event for event, _ in _argv_leaks(audited)] == ["subprocess.Popen", "start"]
     audited.unlink()
-    grandchild = "import os, subprocess, sys; subprocess.run([sys.executable, '-c', 'pass', os.environ['AWS_SECRET_ACCESS_KEY']])"
+    grandchild = ("import os, subprocess, sys; "
+                  "subprocess.run([sys.executable, '-c', 'pass', os.environ['AWS_SECRET_ACCESS_KEY']])")
     subprocess.run([sys.executable, "-c", grandchild], check=True)
     records = [json.loads(line) for line in audited.read_text().splitlines()]
     assert canary not in json.dumps(records[0]) and records[1]["env_has"] == ["AWS_SECRET_ACCESS_KEY"]
@@ -210,7 +211,8 @@ def test_credentials_never_leave_the_environment(tiny_overrides, tmp_path, monke
     # Every credential value is redacted from the log, and the world-readable token file was named.
     log_text = run.log_file.read_text()
     assert f"credential file {creds['HF_TOKEN_PATH']} has mode 0644" in log_text
-    assert f"chmod 600 {creds['HF_TOKEN_PATH']}" in log_text and str(creds["hf_token_file"]) + " has mode" not in log_text
+    assert f"chmod 600 {creds['HF_TOKEN_PATH']}" in log_text
+    assert f"{creds['hf_token_file']} has mode" not in log_text  # 0600: no warning
     logging.getLogger("medtune").warning("planted: %s", " | ".join(CANARIES))
     assert "planted: " + " | ".join(["***"] * len(CANARIES)) in run.log_file.read_text()
 

@@ -37,7 +37,8 @@ def test_secret_values_cover_variables_files_and_their_parts(env, tmp_path):
     token_file.write_text("hf_CANARYfile0123\n")
     got = secret_values("hf_CANARYcfg0123", str(token_file), env)
     assert {"hf_CANARYcfg0123", "hf_CANARYfile0123", "CANARYawsEnv0123", CONN, "CANARYconnKey0123==",
-            "?sv=1&sig=CANARYsas0123", "sv=1&sig=CANARYsas0123", PEM.strip(), "CANARYpemBodyLine0123", "CANARYkeyId0123",
+            "?sv=1&sig=CANARYsas0123", "sv=1&sig=CANARYsas0123", PEM.strip(), "CANARYpemBodyLine0123",
+            "CANARYkeyId0123",
             "CANARYawsIni0123"} == set(got)
     assert "short" not in got and "eu-west-1" not in got  # short values and non-secrets stay readable
     assert got == sorted(got, key=len, reverse=True)  # a secret holding another is replaced whole
@@ -52,7 +53,8 @@ def test_loose_credential_file_is_named_with_the_fix(env, tmp_path):
     token_file.chmod(0o604)
     lines = loose_permission_warnings(str(token_file), env)
     assert lines == [
-        f"credential file {token_file} has mode 0604: other users on this machine can open it; run `chmod 600 {token_file}`",
+        f"credential file {token_file} has mode 0604: other users on this machine can open it; "
+        f"run `chmod 600 {token_file}`",
         f"credential file {env['GOOGLE_APPLICATION_CREDENTIALS']} has mode 0640: other users on this machine can open "
         f"it; run `chmod 600 {env['GOOGLE_APPLICATION_CREDENTIALS']}`"]
 
