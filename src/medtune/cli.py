@@ -208,10 +208,11 @@ def eval_run(run_dir: RunDirArg, debug: DebugOpt = False,
              questions: Annotated[Path | None, typer.Option("--questions", help="JSONL of questions to answer.")] = None,
              mcq: Annotated[Path | None, typer.Option("--mcq", help="MedQA/MedMCQA-style JSONL to score.")] = None) -> int:
     """Base vs tuned: answers (greedy + seeded), multiple-choice accuracy, safety probes; updates report.html."""
+    from medtune.credentials import secret_values
     from medtune.medeval import evaluate_run_dir
     from medtune.runlog import setup_logging
 
-    setup_logging(None, [])
+    setup_logging(None, secret_values())
     result = evaluate_run_dir(run_dir, questions, mcq)
     for i, a in enumerate(result["answers"], 1):
         out.print(f"\n[bold]Q{i}[/bold] {escape(a['question'])}")
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     except MedtuneError as exc:
         if debug:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_redacted(exc)}", file=sys.stderr)
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
@@ -283,5 +284,17 @@ def main(argv: list[str] | None = None) -> int:
     return result if isinstance(result, int) else 0
 
 
+def _redacted(exc: Exception | str) -> str:
+    from medtune.credentials import secret_values
+    from medtune.runlog import redact
+
+    return redact(str(exc), secret_values())
+
+
 def run_cli() -> None:
-    sys.exit(main())
+    try:
+        code = main()
+    except Exception:  # a bug: the traceback, minus any credential it quotes (batch logs keep stderr)
+        sys.stderr.write(_redacted(traceback.format_exc()))
+        code = 1
+    sys.exit(code)

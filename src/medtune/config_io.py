@@ -1,6 +1,7 @@
 """Loading configs (YAML + preset + `--set` + environment) and rendering them (YAML, docs, env file).
 
-Environment variables are read here and nowhere else: `HF_TOKEN` (or `HUGGING_FACE_HUB_TOKEN`).
+Environment variables are read here: `HF_TOKEN` (or `HUGGING_FACE_HUB_TOKEN`); credentials.py reads
+the other credential variables, only to redact their values and to check credential files' modes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from medtune.config import (
     embedded_dataset_path,
     preset_dict,
 )
+from medtune.credentials import refuse_url_credentials
 from medtune.errors import ConfigError
 
 REDACTED = "***"
@@ -61,7 +63,9 @@ def load_config(
     token = _read_token(data.get("model", {}).get("hf_token_file", ""), env)
     if token:
         data.setdefault("model", {})["hf_token"] = token
-    return validate(data)
+    cfg = validate(data)
+    refuse_url_credentials(cfg)
+    return cfg
 
 
 def _own_data_only(data: dict[str, Any], user: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from medtune.config import MedtuneConfig
+from medtune.credentials import loose_permission_warnings
 
 Verdict = Literal["ok", "warn", "fail"]
 LOW_DISK_GIB = 20  # a 7-8B base plus its 16-bit merge needs about this much
@@ -43,6 +44,7 @@ def inspect_machine(cfg: MedtuneConfig) -> dict[str, Any]:
         "sbatch": shutil.which("sbatch"),
         "qsub": shutil.which("qsub"),
         "hf_token": cfg.model.hf_token is not None,
+        "loose_credential_files": loose_permission_warnings(cfg.model.hf_token_file),
     }
 
 
@@ -98,6 +100,8 @@ def judge(cfg: MedtuneConfig, found: dict[str, Any]) -> list[Finding]:
         need = "fail" if cfg.output.push_to_hub else "warn"
         out.append(Finding("Hugging Face token (gated models, push_to_hub)", "ok" if found["hf_token"] else need,
                            "set" if found["hf_token"] else "not set; export HF_TOKEN or set model.hf_token_file"))
+    for line in found.get("loose_credential_files", []):
+        out.append(Finding("credential files readable by you only", "warn", line))
     return out
 
 

@@ -65,6 +65,7 @@ class RunDir:
         return str(used) if (used / "tokenizer_config.json").is_file() else model_path
 
     def create(self) -> RunDir:
+        refuse_world_writable_umask()
         try:
             self.logs.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -98,6 +99,16 @@ class RunDir:
         self.update_manifest(stages={name: {"status": "done", "seconds": round(seconds, 2), **info}})
 
 
+def refuse_world_writable_umask() -> None:
+    """Outputs get the user's umask, except that no one else may write them: a umask that leaves
+    others' write bit (e.g. 000) gets it added, for this process and its children."""
+    current = os.umask(0o022)
+    os.umask(current | 0o002)
+    if not current & 0o002:
+        log.warning("umask %03o would make the run's outputs writable by every user; using %03o",
+                    current, current | 0o002)
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a file through a temp name + rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -116,6 +127,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    follow_umask(tmp)
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
@@ -123,6 +135,18 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every file and folder under `folder` the mode the user's umask gives new files: some
+    writers (safetensors, through a private temp file) create their files 0600 whatever the umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o100
+        os.chmod(path, (0o777 if executable else 0o666) & ~umask)
 
 
 def remove_stale_temps(root: Path) -> None:

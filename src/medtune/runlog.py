@@ -1,7 +1,8 @@
 """Logging for a run: rich on a terminal, one plain line per event in logs/finetune.log and non-TTYs.
 
-Every handler carries a filter that replaces known secret values with `***`, so a token that
-reaches a log message by accident (an exception text, a library's debug line) never reaches disk.
+Every handler carries a filter that replaces known secret values (credentials.secret_values: the
+Hub token and the cloud keys) with `***`, so a credential that reaches a log message or a traceback
+by accident (an exception text, a library's debug line) never reaches the console or disk.
 """
 
 from __future__ import annotations
@@ -16,7 +17,17 @@ from rich.logging import RichHandler
 PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+def redact(text: str, secrets: list[str]) -> str:
+    """`text` with every secret value replaced by `***`."""
+    for secret in secrets:
+        if secret and secret in text:
+            text = text.replace(secret, "***")
+    return text
+
+
 class RedactSecrets(logging.Filter):
+    """Redacts the message and, for `log.exception`, the traceback text (which may quote a secret)."""
+
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()
         self.secrets = [s for s in secrets if s]
@@ -25,9 +36,13 @@ class RedactSecrets(logging.Filter):
         if self.secrets:
             text = record.getMessage()
             if any(s in text for s in self.secrets):
-                for secret in self.secrets:
-                    text = text.replace(secret, "***")
-                record.msg, record.args = text, None
+                record.msg, record.args = redact(text, self.secrets), None
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            if record.exc_text:
+                record.exc_text = redact(record.exc_text, self.secrets)
+            if record.stack_info:
+                record.stack_info = redact(record.stack_info, self.secrets)
         return True
 
 

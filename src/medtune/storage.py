@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.checksums import file_sha256
+from medtune.credentials import url_holds_credential
 from medtune.errors import MedtuneError
 from medtune.rundir import RunDir
 
@@ -95,6 +96,9 @@ def upload_run(run_dir: Path, url: str) -> dict[str, Any]:
         raise UploadError(f"{run.root} is not a medtune run directory (no manifest.json); pass medical-finetune-<RUN_ID>")
     if not url:
         raise UploadError("no destination: pass --to with an fsspec URL such as s3://bucket/prefix")
+    if url_holds_credential(url):
+        raise UploadError("--to holds a credential inside its URL, where every process listing can read it; "
+                          "remove it and provide it through the environment (AWS_*, AZURE_STORAGE_*, ...)")
     return upload(url, run)
 
 

@@ -17,12 +17,13 @@ from typing import Any
 from medtune import __version__
 from medtune.config import MedtuneConfig
 from medtune.config_io import render_env, render_yaml, to_dict
+from medtune.credentials import run_secrets, warn_loose_permissions
 from medtune.errors import MedtuneError
 from medtune.preemption import Preempted
 from medtune.modelcard import write_card
 from medtune.provenance import medtune_revision, model_fingerprint
 from medtune.rundir import RunDir, new_run_id, remove_stale_temps, write_text
-from medtune.runlog import setup_logging
+from medtune.runlog import redact, setup_logging
 
 log = logging.getLogger("medtune")
 
@@ -47,8 +48,9 @@ def run_workflow(cfg: MedtuneConfig, verbose: bool = False) -> RunDir:
     run = RunDir.for_run(cfg.output.output_root, cfg.output.run_id or new_run_id()).create()
     # config.yaml carries the run id, so `--resume`, the torchrun ranks and a requeued job find this run.
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_id": run.run_id})})
-    secrets = [cfg.model.hf_token.get_secret_value()] if cfg.model.hf_token else []
+    secrets = run_secrets(cfg)
     setup_logging(run.log_file, secrets, verbose)
+    warn_loose_permissions(cfg.model.hf_token_file)
     remove_stale_temps(run.root)
     log.info("medtune %s: run %s in %s", __version__, run.run_id, run.root)
     write_text(run.training_env, render_env(cfg))
@@ -68,7 +70,8 @@ def run_workflow(cfg: MedtuneConfig, verbose: bool = False) -> RunDir:
         error = f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        _cleanup(cfg, run, error, status)
+        # The error text lands in manifest.json and summary.md: no credential it may quote goes with it.
+        _cleanup(cfg, run, redact(error, secrets) if error else None, status)
     _publish(cfg, run)
     return run
 
@@ -193,5 +196,5 @@ def _publish(cfg: MedtuneConfig, run: RunDir) -> None:
         log.info("== upload")
         upload(cfg.infrastructure.output_bucket, run)
     except MedtuneError as exc:
-        cleanup(run, str(exc))
+        cleanup(run, redact(str(exc), run_secrets(cfg)))
         raise

@@ -31,6 +31,8 @@ def test_verdicts_follow_the_config():
     assert v["4 GPU(s) (infrastructure.num_gpus)"] == "fail"
     assert v["Hugging Face token (gated models, push_to_hub)"] == "fail"
     assert _verdicts("training.device=cuda", gpus=[])["a CUDA GPU (training.device / training.optimizer)"] == "fail"
+    loose = ["credential file /home/u/.aws/credentials has mode 0644: ...; run `chmod 600 /home/u/.aws/credentials`"]
+    assert _verdicts(loose_credential_files=loose)["credential files readable by you only"] == "warn"
 
 
 def test_doctor_cli_exit_code_and_no_token_value(monkeypatch, capsys, tmp_path):

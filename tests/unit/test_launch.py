@@ -45,7 +45,7 @@ def test_pbs_script_line_by_line(tmp_path):
     script = pbs.render(cfg, run, PY, Path("/work"))
     assert script.startswith("#!/bin/bash\n")
     assert _directives(script, "#PBS") == [
-        "-N medtune", f"-o {run.logs}/pbs.out", "-j oe", "-r y", "-A med42", "-q gpuq", "-l walltime=12:00:00",
+        "-N medtune", f"-o {run.logs}/pbs.out", "-j oe", "-r y", "-V", "-A med42", "-q gpuq", "-l walltime=12:00:00",
         "-l select=2:ncpus=16:ngpus=4", "-l mem=128gb", "-m abe"]
     body = script.splitlines()
     assert "cd /work" in body

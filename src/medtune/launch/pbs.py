@@ -20,7 +20,9 @@ from medtune.rundir import RunDir
 
 def render(cfg: MedtuneConfig, run: RunDir, python: str, workdir: Path) -> str:
     p = cfg.infrastructure.pbs
-    options = ["-N medtune", f"-o {run.logs}/pbs.out", "-j oe", "-r y"]
+    # -V: the job gets qsub's environment, credentials included (Slurm's default, --export=ALL), so no
+    # token or key is ever written into the script.
+    options = ["-N medtune", f"-o {run.logs}/pbs.out", "-j oe", "-r y", "-V"]
     options += [f"-A {p.account}"] * bool(p.account) + [f"-q {p.queue}"] * bool(p.queue)
     options += [f"-l walltime={p.walltime}", f"-l select={p.select}", *p.extra_directives]
     head = 'head -n 1 "$PBS_NODEFILE"' if p.chunks > 1 else None

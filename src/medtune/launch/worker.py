@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from medtune.config_io import load_config
+from medtune.credentials import run_secrets
 from medtune.errors import MedtuneError
 from medtune.rundir import RunDir
 from medtune.runlog import setup_logging
@@ -25,8 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     run = RunDir(Path(args[0]).resolve())
     rank = int(os.environ.get("RANK", "0"))  # set by torchrun
     cfg = load_config(run.config_yaml)
-    secrets = [cfg.model.hf_token.get_secret_value()] if cfg.model.hf_token else []
-    setup_logging(run.log_file if rank == 0 else None, secrets)
+    setup_logging(run.log_file if rank == 0 else None, run_secrets(cfg))
     if rank != 0:
         logging.getLogger("medtune").setLevel(logging.WARNING)
         logging.getLogger().setLevel(logging.WARNING)
