@@ -44,7 +44,11 @@ def check_paths(cfg: MedtuneConfig) -> None:
 
 def check_writable(path: Path, key: str) -> None:
     """`path` is a folder this user can write, or can be created as one."""
-    base = next(p for p in [path, *path.parents] if p.exists())
+    try:
+        base = next(p for p in [path, *path.parents] if p.exists())
+    except PermissionError as exc:  # a parent this user may not enter
+        raise RunDirError(f"{key} {path}: no permission to look into {exc.filename}; "
+                          f"set {key} to a folder you can write") from None
     if not base.is_dir():
         where = "is a file" if base == path else f"is below the file {base}"
         raise RunDirError(f"{key} {path} {where}, not a folder; set {key} to a folder path")
