@@ -45,20 +45,20 @@ def sets(*items: str) -> Build:
     return lambda tmp, model: [a for s in items for a in ("--set", s)]
 
 
-def config_file(text: str, *extra: str) -> Build:
+def config_file(text: str) -> Build:
     def build(tmp: Path, model: Path) -> list[str]:
         (tmp / "bad.yaml").write_text(text)
-        return ["--config", str(tmp / "bad.yaml"), *sets(*extra)(tmp, model)]
+        return ["--config", str(tmp / "bad.yaml")]
     return build
 
 
-def model_copy(change: Callable[[Path], None], *extra: str) -> Build:
+def model_copy(change: Callable[[Path], None]) -> Build:
     """A copy of the tiny model folder with one thing broken."""
     def build(tmp: Path, model: Path) -> list[str]:
         folder = tmp / "broken-model"
         shutil.copytree(model, folder)
         change(folder)
-        return sets(f"model.local_model_path={folder}", *extra)(tmp, model)
+        return sets(f"model.local_model_path={folder}")(tmp, model)
     return build
 
 
@@ -94,12 +94,11 @@ def edit_config(**changes: object) -> Callable[[Path], None]:
     return change
 
 
-def in_outputs(path: str, *extra: str, make: Callable[[Path], None] | None = None) -> Build:
-    """Point output.output_root (or another path key in `extra`) below the test's outputs folder."""
+def in_outputs(setting: str, make: Callable[[Path], None]) -> Build:
+    """`setting` (a path key) pointed below the test's outputs folder, prepared by `make`."""
     def build(tmp: Path, model: Path) -> list[str]:
-        if make:
-            make(tmp / "outputs")
-        return sets(*[e.replace("{outputs}", str(tmp / "outputs")) for e in (path, *extra)])(tmp, model)
+        make(tmp / "outputs")
+        return sets(setting.replace("{outputs}", str(tmp / "outputs")))(tmp, model)
     return build
 
 
