@@ -121,6 +121,41 @@ def bucket(path: str) -> Build:
     return build
 
 
+def data_folder(files: dict[str, str], *extra: str) -> Build:
+    """tmp/in holding `files` (name: text), as the local dataset."""
+    def build(tmp: Path, model: Path) -> list[str]:
+        (tmp / "in").mkdir()
+        for name, text in files.items():
+            (tmp / "in" / name).write_text(text)
+        return sets(f"dataset.local_dataset_path={tmp / 'in'}", "dataset.dataset_format=auto", *extra)(tmp, model)
+    return build
+
+
+def saved_data(splits: tuple[str, ...] | None, *extra: str) -> Build:
+    """tmp/in as a `save_to_disk` folder: a DatasetDict with these splits, or (None) a single Dataset."""
+    def build(tmp: Path, model: Path) -> list[str]:
+        from datasets import Dataset, DatasetDict
+
+        rows = Dataset.from_json(str(TINY_DATA))
+        (DatasetDict({split: rows for split in splits}) if splits else rows).save_to_disk(str(tmp / "in"))
+        return sets(f"dataset.local_dataset_path={tmp / 'in'}", "dataset.dataset_format=auto", *extra)(tmp, model)
+    return build
+
+
+def empty_parquet(tmp: Path, model: Path) -> list[str]:
+    """A Parquet file with the right columns and no rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp / "in").mkdir()
+    pq.write_table(pa.table({c: pa.array([], pa.string()) for c in ("instruction", "input", "output")}),
+                   tmp / "in" / "qa.parquet")
+    return sets(f"dataset.local_dataset_path={tmp / 'in' / 'qa.parquet'}", "dataset.dataset_format=auto")(tmp, model)
+
+
+GOOD_ROWS = TINY_DATA.read_text()
+
+
 def escaping_bucket(tmp: Path, model: Path) -> list[str]:
     """An in-memory bucket (fsspec `memory://`, so remote to medtune) with an object key holding `..`."""
     import fsspec
@@ -208,6 +243,29 @@ CASES: dict[str, Bad] = {
         ("dataset_source is `bucket`", "set dataset.dataset_bucket")),
     "data-bucket-object-escapes": Bad("data", escaping_bucket,
         ("holds objects whose names leave that folder (../../escaped.jsonl)", "rename or remove them"), at_stage=True),
+    "data-saved-but-format-jsonl": Bad("data", saved_data(("train",), "dataset.dataset_format=jsonl"),
+        ("is a saved dataset (save_to_disk) but dataset.dataset_format is jsonl",
+         "set dataset.dataset_format=dataset")),
+    "data-saved-unreadable": Bad("data", data_folder({"state.json": "{not json", "data-00000-of-00001.arrow": "x"}),
+        ("looks like a saved dataset but cannot be read", "save it again with Dataset.save_to_disk")),
+    "data-saved-eval-split-missing": Bad("data", saved_data(("train",), "dataset.eval_split=heldout"),
+        ("dataset.eval_split 'heldout' not in", "it has: train", "leave it empty")),
+    "data-saved-single-with-eval-split": Bad("data", saved_data(None, "dataset.eval_split=heldout"),
+        ("is a single saved Dataset with no splits", "use dataset.eval_fraction")),
+    "data-folder-not-saved": Bad("data", data_folder({"qa.jsonl": GOOD_ROWS}, "dataset.dataset_format=dataset"),
+        ("is not a saved dataset (no dataset_dict.json or state.json)", "set dataset.dataset_format to the format")),
+    "data-no-files-of-the-format": Bad("data", data_folder({"qa.csv": "instruction,input,output\nq,,a\n"},
+                                                           "dataset.dataset_format=parquet"),
+        ("no parquet files in folder", "it has qa.csv", "set dataset.dataset_format=csv")),
+    "data-only-eval-split": Bad("data", data_folder({"heldout.jsonl": GOOD_ROWS}, "dataset.eval_split=heldout"),
+        ("holds only the eval split 'heldout'", "add a training file")),
+    "data-header-only-csv": Bad("data", data_folder({"qa.csv": "instruction,input,output\n"}),
+        ("qa.csv holds no rows", "add rows")),
+    "data-parquet-no-rows": Bad("data", empty_parquet, ("qa.parquet holds no rows", "add rows")),
+    "data-eval-split-wrong-columns": Bad("data", data_folder({"train.jsonl": GOOD_ROWS,
+                                                              "heldout.jsonl": '{"question": "q", "answer": "a"}\n'},
+                                                             "dataset.eval_split=heldout"),
+        ("(eval split)", "columns are question, answer")),
     # --- model -----------------------------------------------------------------------------------
     "model-folder-missing": Bad("model", sets("model.local_model_path=/nonexistent/llama"),
         ("/nonexistent/llama is not a folder", "point it at a model folder")),

@@ -303,9 +303,28 @@ def _read_files(builder: str, files: list[Path]) -> Dataset:
         if builder == "json":
             for f in files:
                 _locate_bad_json(f)
+        empty = _without_rows(builder, files)
+        if empty:  # datasets fails on these in its own internal words ("BatchSize must be greater than 0")
+            raise DataError(f"{empty[0]} holds no rows; add rows or point the config at another file") from None
         first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
         raise DataError(f"cannot read {', '.join(map(str, files))} as {builder}: {first}; fix the file or "
                         "set dataset.dataset_format") from None
+
+
+def _without_rows(builder: str, files: list[Path]) -> list[Path]:
+    """CSV files with at most a header line, Parquet files whose footer counts zero rows."""
+    if builder == "csv":
+        return [f for f in files if len(f.read_text(errors="replace").strip().splitlines()) <= 1]
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        empty = []
+        for f in files:
+            with contextlib.suppress(Exception):  # not readable as Parquet at all: the caller's message says so
+                if pq.read_metadata(f).num_rows == 0:
+                    empty.append(f)
+        return empty
+    return []
 
 
 def _check_utf8(path: Path) -> str:
