@@ -21,15 +21,25 @@ from rich.table import Table
 from medtune.config import PRESET_DESCRIPTIONS
 from medtune.config_io import default_preset, load_config, render_markdown, render_yaml, to_dict
 from medtune.errors import ConfigError, MedtuneError
+from medtune.runlog import quiet_import_notices
 
 app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
-                  help="Fine-tune open LLMs on medical instruction data (LoRA/QLoRA) and deliver servable weights.")
+                  help="Fine-tune open LLMs on medical instruction data (LoRA/QLoRA) and deliver servable weights.\n\n"
+                  "Exit codes: 0 done, 1 failed (or an unexpected error: one line, rerun with --debug), "
+                  "2 a mistake in the config or inputs (one line naming the fix), 75 preempted.")
 out = Console(soft_wrap=True)
+EXIT_UNEXPECTED = 1  # like a failed run: `run` already uses 1 for "failed", 2 stays "your input"
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config file.")]
 PresetOpt = Annotated[str | None, typer.Option("--preset", "-p", help="Start from this preset (`medtune presets`).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a key: section.key=value (repeatable).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+
+
+@app.callback()
+def _global_options(debug: Annotated[bool, typer.Option(
+        "--debug", help="Show the traceback of any error (also accepted after the command).")] = False) -> None:
+    """`medtune --debug COMMAND ...`: main() reads the flag from argv itself, before any command runs."""
 
 
 def _resolve(config: Path | None, preset: str | None, overrides: list[str] | None):
@@ -265,12 +275,13 @@ def report(run_dir: RunDirArg, debug: DebugOpt = False) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
+    quiet_import_notices()
     command = typer.main.get_command(app)
     try:
         result = command.main(args=args, prog_name="medtune", standalone_mode=False)
     except MedtuneError as exc:
         if debug:
-            traceback.print_exc()
+            sys.stderr.write(_redacted(traceback.format_exc()))
         print(f"error: {_redacted(exc)}", file=sys.stderr)
         return exc.exit_code
     except click.exceptions.Exit as exc:
@@ -281,14 +292,26 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         print("aborted", file=sys.stderr)
         return 130
+    except Exception as exc:  # not the user's mistake: still one line, the traceback behind --debug
+        if debug:
+            sys.stderr.write(_redacted(traceback.format_exc()))
+        print(f"error: unexpected {type(exc).__name__}: {_first_line(exc)}; this is a bug in medtune or a library "
+              "it uses, not your input: " + ("report it with the traceback above" if debug else
+                                             "rerun with --debug for the traceback and report it"), file=sys.stderr)
+        return EXIT_UNEXPECTED
     return result if isinstance(result, int) else 0
 
 
-def _redacted(exc: Exception | str) -> str:
+def _redacted(exc: BaseException | str) -> str:
     from medtune.credentials import secret_values
     from medtune.runlog import redact
 
     return redact(str(exc), secret_values())
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = _redacted(exc).strip().splitlines()
+    return lines[0][:300] if lines else "(no message)"
 
 
 def run_cli() -> None:

@@ -313,6 +313,9 @@ class MedtuneConfig(Section):
             raise ValueError("dataset.local_dataset_path is empty but dataset_source is `local`; set the path")
         if ds.dataset_source == "bucket" and not (ds.dataset_bucket and ds.dataset_bucket_path):
             raise ValueError("dataset_source is `bucket`: set dataset.dataset_bucket and dataset.dataset_bucket_path")
+        if ds.eval_split and ds.eval_split == ds.dataset_split:
+            raise ValueError(f"dataset.eval_split is the training split `{ds.eval_split}`: evaluation would score "
+                             "training rows; name another split, or empty it to hold out dataset.eval_fraction")
         if self.output.push_to_hub and not self.output.hub_model_id:
             raise ValueError("output.push_to_hub is true: set output.hub_model_id (e.g. my-org/llama3-medical)")
         if self.model.model_source == "local" and not self.model.local_model_path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, get_args, get_origin
@@ -135,7 +136,26 @@ def _explain(err: Mapping[str, Any]) -> str:
         return f"config key `{key}` = {err['input']!r} is not allowed; use one of {expected}"
     if not loc:
         return f"invalid config: {err['msg'].removeprefix('Value error, ')}"
-    return f"config key `{key}` = {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}"
+    field, about = _field_about(loc)
+    return (f"config key `{key}` = {err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}; "
+            f"set {field} to a valid value ({about})")
+
+
+def _field_about(loc: list[str]) -> tuple[str, str]:
+    """The dotted name of the deepest schema field on `loc` and its description's first sentence."""
+    model: type[BaseModel] = MedtuneConfig
+    names: list[str] = []
+    about = "see docs/config.md"
+    for part in loc:
+        field = _fields(model).get(part)
+        if field is None:
+            break
+        names.append(part)
+        about = re.split(r"\. |: ", field.description or about)[0].rstrip(".")
+        if not _is_model(field.annotation):
+            break
+        model = field.annotation
+    return ".".join(names) or ".".join(loc), about
 
 
 def _field_names(loc: list[str]) -> list[str]:

@@ -45,6 +45,14 @@ def check_source(cfg: ModelConfig) -> None:
         gguf = Path(cfg.gguf_path).expanduser() if cfg.gguf_path else embedded_gguf()
         if not gguf.is_file():
             raise ModelError(f"model.gguf_path {gguf} not found; point it at a .gguf file")
+    else:
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(cfg.base_model_id)
+        except HFValidationError:
+            raise ModelError(f"model.base_model_id {cfg.base_model_id!r} is not a Hub repo id; write it as org/name, "
+                             "e.g. meta-llama/Llama-3.1-8B-Instruct") from None
 
 
 def check_model_folder(path: Path, key: str) -> None:

@@ -62,6 +62,14 @@ class CurrentStderr(logging.StreamHandler):
         pass
 
 
+def quiet_import_notices() -> None:
+    """bitsandbytes' CPU backend logs at import time (peft imports it; so does `medtune run` before
+    preflight) that an optional kernel package is missing, on every CPU with AVX512-BF16. With no
+    handler set up yet, Python prints that to stderr, where it would bury a one-line error. Only that
+    module is quieted, and only below ERROR."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 def setup_logging(log_file: Path | None, secrets: list[str], verbose: bool = False) -> None:
     """Route medtune's and the libraries' logs to the console and (when given) the run's log file."""
     root = logging.getLogger()

@@ -25,12 +25,7 @@ LIBRARIES = ("medtune", "torch", "transformers", "peft", "accelerate", "datasets
 
 def environment_report(paths: list[Path]) -> dict[str, Any]:
     """GPUs, CUDA, CPU, RAM, free disk and library versions."""
-    gpus = [
-        {"name": torch.cuda.get_device_name(i),
-         "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
-         "bf16": torch.cuda.is_bf16_supported()}
-        for i in range(torch.cuda.device_count())
-    ]
+    gpus = visible_gpus()
     disk = {}
     for path in paths:
         probe = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
@@ -46,6 +41,16 @@ def environment_report(paths: list[Path]) -> dict[str, Any]:
         "free_disk_gib": disk,
         "libraries": {name: _version(name) for name in LIBRARIES},
     }
+
+
+def visible_gpus() -> list[dict[str, Any]]:
+    """Name, memory and bfloat16 support of each visible CUDA GPU (the probe tests replace)."""
+    return [
+        {"name": torch.cuda.get_device_name(i),
+         "memory_gib": round(torch.cuda.get_device_properties(i).total_memory / 2**30, 1),
+         "bf16": torch.cuda.is_bf16_supported()}
+        for i in range(torch.cuda.device_count())
+    ]
 
 
 def _version(name: str) -> str | None:
@@ -65,6 +70,13 @@ def check_environment(cfg: MedtuneConfig, report: dict[str, Any]) -> None:
     if cfg.training.optimizer != "adamw_torch" and not gpus:
         raise EnvironmentProblem(
             f"training.optimizer `{cfg.training.optimizer}` needs a CUDA GPU; use training.optimizer=adamw_torch on CPU"
+        )
+    quantized = cfg.lora.quantization != "none"
+    if gpus and (quantized or "8bit" in cfg.training.optimizer) and report["libraries"].get("bitsandbytes") is None:
+        need = f"lora.quantization={cfg.lora.quantization}" if quantized else f"training.optimizer={cfg.training.optimizer}"
+        raise EnvironmentProblem(
+            f"{need} needs bitsandbytes, which is not installed; `pip install bitsandbytes==0.50.2` "
+            "(or reinstall medtune), or set lora.quantization=none and training.optimizer=adamw_torch"
         )
     if gpus and cfg.lora.bf16 and not all(g["bf16"] for g in gpus):
         raise EnvironmentProblem(

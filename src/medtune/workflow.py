@@ -33,12 +33,19 @@ def preflight(cfg: MedtuneConfig, on_this_machine: bool = True) -> None:
     `medtune submit` skips the hardware check: a login node need not have the job's GPUs."""
     from medtune.data.load import check_source as check_data
     from medtune.hub import check_publishing
+    from medtune.launch.torchrun import plan_world
     from medtune.model import check_source as check_model
+    from medtune.preflight import check_disk, check_model_files, check_paths
     from medtune.setup import check_environment, environment_report
 
+    check_paths(cfg)
     if on_this_machine:
-        check_environment(cfg, environment_report([]))
+        report = environment_report([])
+        check_environment(cfg, report)
+        plan_world(cfg, len(report["gpus"]))  # more GPUs asked for than visible: refused here, not in setup
     check_model(cfg.model)
+    check_model_files(cfg.model)
+    check_disk(cfg)
     check_data(cfg.dataset)
     check_publishing(cfg)
 

@@ -48,7 +48,8 @@ def test_console_script_exit_code_and_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "medtune", "run", "--set", "lora.lora_r=0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: config key `lora.lora_r` = 0: Input should be greater than or equal to 1"
+    assert proc.stderr.strip() == ("error: config key `lora.lora_r` = 0: Input should be greater than or equal to 1; "
+                                   "set lora.lora_r to a valid value (LoRA rank)")
 
 
 def test_config_json_masks_secret(monkeypatch, capsys):

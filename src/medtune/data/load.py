@@ -159,11 +159,16 @@ def _fetch_bucket(cfg: DatasetConfig, cache_dir: Path) -> Path:
     if not fs.exists(remote):
         raise DataError(f"dataset bucket path {url} does not exist; check dataset.dataset_bucket and dataset_bucket_path")
     files = fs.find(remote) if fs.isdir(remote) else [remote]
+    rels = [Path(name).relative_to(remote) if fs.isdir(remote) else Path(Path(name).name) for name in files]
+    escaping = [str(rel) for rel in rels if rel.is_absolute() or ".." in rel.parts]
+    if escaping:  # an object key like `data/../../x` would be written outside the run's cache
+        raise DataError(f"dataset bucket {url} holds objects whose names leave that folder ({escaping[0]}"
+                        f"{f' and {len(escaping) - 1} more' if len(escaping) > 1 else ''}); rename or remove them "
+                        "in the bucket")
     sizes = [fs.size(f) or 0 for f in files]
     log.info("data: downloading %d file(s), %.1f MB, from %s", len(files), sum(sizes) / 1e6, url)
     tmp = target.with_name(target.name + ".tmp")
-    for i, (name, size) in enumerate(zip(files, sizes, strict=True), 1):
-        rel = Path(name).relative_to(remote) if fs.isdir(remote) else Path(Path(name).name)
+    for i, (name, rel, size) in enumerate(zip(files, rels, sizes, strict=True), 1):
         dest = tmp / local.name / rel if fs.isdir(remote) else tmp / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         fs.get_file(name, str(dest))
@@ -298,9 +303,28 @@ def _read_files(builder: str, files: list[Path]) -> Dataset:
         if builder == "json":
             for f in files:
                 _locate_bad_json(f)
+        empty = _without_rows(builder, files)
+        if empty:  # datasets fails on these in its own internal words ("BatchSize must be greater than 0")
+            raise DataError(f"{empty[0]} holds no rows; add rows or point the config at another file") from None
         first = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else type(cause).__name__
         raise DataError(f"cannot read {', '.join(map(str, files))} as {builder}: {first}; fix the file or "
                         "set dataset.dataset_format") from None
+
+
+def _without_rows(builder: str, files: list[Path]) -> list[Path]:
+    """CSV files with at most a header line, Parquet files whose footer counts zero rows."""
+    if builder == "csv":
+        return [f for f in files if len(f.read_text(errors="replace").strip().splitlines()) <= 1]
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+
+        empty = []
+        for f in files:
+            with contextlib.suppress(Exception):  # not readable as Parquet at all: the caller's message says so
+                if pq.read_metadata(f).num_rows == 0:
+                    empty.append(f)
+        return empty
+    return []
 
 
 def _check_utf8(path: Path) -> str:
