@@ -96,7 +96,7 @@ def test_batch_shell_forwards_the_warning_and_requeues_on_75(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _fake_bin(bin_dir, "fakepython", f"trap 'echo got-usr1 > {tmp_path}/medtune.txt; exit 75' USR1\n"
-                                     "while true; do sleep 0.1; done")
+                                     f"touch {tmp_path}/trap-set\nwhile true; do sleep 0.1; done")
     _fake_bin(bin_dir, "scontrol", f'echo "$@" > {tmp_path}/requeue.txt')
     cfg = for_scheduler(_cfg("output.run_id=s3"), "slurm")
     script = tmp_path / "job.sh"
@@ -104,7 +104,9 @@ def test_batch_shell_forwards_the_warning_and_requeues_on_75(tmp_path):
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242"}
     proc = subprocess.Popen(["bash", str(script)], env=env)
     deadline = time.monotonic() + 10
-    while not any("fakepython" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children()):
+    # the stand-in must have installed its trap, or the signal kills it before it can answer
+    while not (tmp_path / "trap-set").exists() or not any(
+            "fakepython" in " ".join(c.cmdline()) for c in psutil.Process(proc.pid).children()):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGUSR1)
