@@ -49,14 +49,14 @@ ANCHORS = {
 }
 
 
-def medtune_recipe(line: dict) -> tuple[Recipe, object]:
+def medtune_recipe(line: dict) -> Recipe:
     """The config bench/gpu_train.py built for this line (runs before the `attn` field used SDPA)."""
     cfg = load_config(preset="llama3-8b-medical", env={}, overrides=[
         f"lora.quantization={line['quantization']}", "lora.bf16=true", f"lora.packing={str(line['packing']).lower()}",
         f"lora.gradient_checkpointing={str(line['gradient_checkpointing']).lower()}",
         f"lora.lora_dropout={line['lora_dropout']}", f"training.micro_batch_size={line['micro_batch']}",
         f"training.gradient_accumulation={line['grad_accum']}", f"training.max_seq_length={MAX_LEN}"])
-    return recipe(cfg, "cuda", attention=line.get("attn", "sdpa"), liger=line["liger"]), cfg
+    return recipe(cfg, "cuda", attention=line.get("attn", "sdpa"), liger=line["liger"])
 
 
 def replayed_batches(lengths: list[int], line: dict) -> list[MicroBatch] | None:
@@ -95,7 +95,7 @@ def micro_batches(line: dict, lengths: list[int] | None) -> tuple[list[MicroBatc
 def compare(path: Path, line: dict, lengths: list[int] | None, lines: list[tuple[Path, dict]]) -> dict:
     batches, how = micro_batches(line, lengths)
     if "run" in line:
-        rec, cfg = medtune_recipe(line)
+        rec = medtune_recipe(line)
         label = line["run"]
         mean = round(statistics.mean(b.tokens for b in batches))
         speed = throughput(rec, line["packing"], mean, "cuda", CARDS["H200-141GB"], PARAMS,

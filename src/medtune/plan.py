@@ -17,6 +17,7 @@ from typing import Any
 
 from medtune.config import MedtuneConfig
 from medtune.errors import ConfigError
+from medtune.plan_batches import QUANTILES, knots_from_lengths, planned_micro_batch
 from medtune.plan_memory import MicroBatch, Recipe, attention_family, estimate, projections
 from medtune.plan_tables import CARDS, KNOWN_SHAPES, THROUGHPUT, Card, Shape, Throughput
 
@@ -73,7 +74,7 @@ def parameter_counts(s: Shape, r: int, targets: tuple[str, ...]) -> dict[str, in
 def recipe(cfg: MedtuneConfig, device: str, attention: str | None = None, liger: bool | None = None) -> Recipe:
     """The memory model's view of a config on `device` (what medtune.train would set up there)."""
     lo, t = cfg.lora, cfg.training
-    if attention is None:  # medtune.train.attention_kernel's choice, without importing torch
+    if attention is None:  # mirrors medtune.train.attention_kernel (importing it would import torch: slow)
         attention = t.attn_implementation if t.attn_implementation != "auto" else \
             ("flex_attention" if device == "cuda" and lo.packing else "sdpa")
     return Recipe(quantization=lo.quantization if device == "cuda" else "none", lora_r=lo.lora_r,
@@ -81,21 +82,6 @@ def recipe(cfg: MedtuneConfig, device: str, attention: str | None = None, liger:
                   gradient_checkpointing=lo.gradient_checkpointing,
                   liger=(device == "cuda" and t.liger_kernels) if liger is None else liger, attention=attention,
                   compute_bytes=2 if device == "cuda" or lo.bf16 else 4)  # CPUs without bf16 train in fp32
-
-
-def planned_micro_batch(cfg: MedtuneConfig, data: dict[str, Any], device: str) -> MicroBatch:
-    """The largest micro batch of an epoch. Length grouping (medtune.train) puts the longest rows first,
-    so a packed micro batch is sized at the long end of the lengths (p99 when known, else the mean),
-    and a padded one at the longest row (rounded up to 8 on GPUs, as the collator pads)."""
-    t = cfg.training
-    mean = max(1, round(data["tokens"] / max(1, data["rows"])))
-    if cfg.lora.packing:
-        per_row = min(t.max_seq_length, data.get("p99") or mean)
-        return MicroBatch(tokens=t.micro_batch_size * per_row, rows=t.micro_batch_size, layout="packed")
-    longest = min(t.max_seq_length, data["longest"] or t.max_seq_length)
-    if device == "cuda":
-        longest = -(-longest // 8) * 8
-    return MicroBatch(tokens=t.micro_batch_size * longest, rows=t.micro_batch_size, layout="padded")
 
 
 def memory_gib(cfg: MedtuneConfig, s: Shape, device: str, batch: MicroBatch) -> dict[str, Any]:
@@ -145,13 +131,13 @@ def dataset_tokens(cfg: MedtuneConfig, rows_hint: int | None) -> dict[str, Any]:
     cached = _cached_report(cfg)
     if cached:
         return cached
-    rows, per_row, longest, p99, source = None, float(ASSUMED_TOKENS_PER_ROW), None, None, ""
+    rows, per_row, knots, source = None, float(ASSUMED_TOKENS_PER_ROW), None, ""
     ds = cfg.dataset
     if ds.dataset_source == "local" and ds.dataset_format in ("json", "jsonl"):
         sample = _local_sample(Path(ds.local_dataset_path).expanduser(), ds.dataset_split)
         if sample:
-            rows, chars, longest_chars, p99_chars = sample
-            per_row, longest, p99 = chars / rows / 4.0, int(longest_chars / 4.0), int(p99_chars / 4.0)
+            rows, lengths = len(sample), [chars / 4.0 for chars in sample]
+            per_row, knots = sum(lengths) / rows, knots_from_lengths(lengths)
             source = f"{rows} local rows, ~4 characters per token"
     if rows_hint:
         rows, source = rows_hint, (source or f"--rows {rows_hint}, {ASSUMED_TOKENS_PER_ROW} tokens/row assumed")
@@ -164,7 +150,8 @@ def dataset_tokens(cfg: MedtuneConfig, rows_hint: int | None) -> dict[str, Any]:
         rows = min(rows, ds.max_samples)
     if not ds.eval_split:
         rows -= round(rows * ds.eval_fraction)
-    return {"rows": rows, "tokens": int(rows * per_row), "longest": longest, "p99": p99, "source": source}
+    return {"rows": rows, "tokens": int(rows * per_row), "longest": int(knots[-1][1]) if knots else None,
+            "length_quantiles": knots, "source": source}
 
 
 def _cached_report(cfg: MedtuneConfig) -> dict[str, Any] | None:
@@ -182,36 +169,43 @@ def _cached_report(cfg: MedtuneConfig) -> dict[str, Any] | None:
         if report and manifest.get("config", {}).get("dataset") == wanted \
                 and report.get("max_seq_length") == cfg.training.max_seq_length:
             return {"rows": report["train_examples"], "tokens": report["train_tokens"],
-                    "longest": report.get("length_max"), "p99": report.get("length_percentiles", {}).get("p99"),
-                    "source": f"data report of {manifest_path.parent.name}"}
+                    "longest": report.get("length_max"), "length_quantiles": _report_knots(report), "source": f"data report of {manifest_path.parent.name}"}
     return None
 
 
-def _local_sample(path: Path, split: str) -> tuple[int, int, int, int] | None:
-    """(rows, characters, longest row, 99th percentile row) in characters of a local JSON Lines file or
-    a folder's split file."""
+def _report_knots(report: dict[str, Any]) -> list[tuple[float, float]] | None:
+    """The data report's length percentiles as quantile knots (older reports: only the longest row)."""
+    pct = report.get("length_percentiles") or {}
+    names = ("p50", "p90", "p95", "p99", "max")
+    if all(pct.get(n) is not None for n in names):
+        return [(q, float(pct[n])) for q, n in zip(QUANTILES, names)]
+    return [(1.0, float(report["length_max"]))] if report.get("length_max") else None
+
+
+def _local_sample(path: Path, split: str) -> list[int] | None:
+    """Characters per row of a local JSON Lines file or a folder's split file."""
     files = [path] if path.is_file() else sorted(path.glob(f"{split}.json*"))
     if not files or files[0].suffix != ".jsonl":
         return None
-    lines = [x for x in files[0].read_text().splitlines() if x.strip()]
-    lengths = sorted(len(x) for x in lines)
-    return (len(lines), sum(lengths), lengths[-1], lengths[int(0.99 * (len(lengths) - 1))]) if lines else None
+    return [len(x) for x in files[0].read_text().splitlines() if x.strip()] or None
 
 
 def throughput(rec: Recipe, packing: bool, batch_tokens: int, device: str, card: Card | None, params: int,
                exclude: str = "") -> dict[str, Any]:
     """Tokens/s of the closest measured run, scaled by parameters (and by card TFLOPS across cards).
 
-    Closest: same quantization (8-bit, never measured, uses 4-bit), packing and gradient checkpointing
-    where measured, then the same attention kernel family, then the nearest tokens per micro batch
-    (small micro batches leave the GPU idle: 2,103 vs 4,579 tok/s at 2.3k vs 6.8k tokens, same recipe).
+    Closest, in the order of the effects measured on one H200 (bench/results/2026-11-28-h200-*.jsonl):
+    same packing, same attention kernel family (FlexAttention 1.8x SDPA on packed batches), same
+    quantization (8-bit, never measured, uses 4-bit; 4-bit vs bf16 1.1x), same gradient checkpointing
+    (1.2x), then the nearest tokens per micro batch (small micro batches leave the GPU idle: 2,103 vs
+    4,579 tok/s at 2.3k vs 6.8k tokens, same recipe).
     `exclude` drops the entry of that source (bench/plan_vs_measured.py estimates each run from the others).
     """
     pool = [a for a in THROUGHPUT if (a.card == "cpu-2core") == (device == "cpu") and a.source != exclude]
     quant = "4bit" if rec.quantization == "8bit" else rec.quantization
-    for key in (lambda a: a.quantization == quant, lambda a: a.packing == packing,
-                lambda a: a.gradient_checkpointing == rec.gradient_checkpointing,
-                lambda a: attention_family(a.attention) == attention_family(rec.attention)):
+    for key in (lambda a: a.packing == packing,
+                lambda a: attention_family(a.attention) == attention_family(rec.attention),
+                lambda a: a.quantization == quant, lambda a: a.gradient_checkpointing == rec.gradient_checkpointing):
         pool = [a for a in pool if key(a)] or pool
     anchor = min(pool, key=lambda a: abs(math.log(max(1, batch_tokens) / a.tokens_per_micro_batch)))
     scale, note = anchor.params / params, "scaled by parameter count"
@@ -293,8 +287,8 @@ def render_plan(p: dict[str, Any]) -> str:
         f"target      {where} — {target['why']}",
         f"memory      {mem['total']:.1f} GiB peak = weights {mem['weights']:.2f} + LoRA/optimizer "
         f"{mem['lora_and_optimizer']:.2f} + activations {mem['activations']:.2f} + transient {mem['transient']:.2f} "
-        f"(at the {mem['peak_moment']}) + runtime {mem['overhead']:.1f}, for the largest micro batch: {mb['rows']} "
-        f"rows, {mb['tokens']:,} tokens {mb['layout']} {verdict}",
+        f"(at the {mem['peak_moment']}) + runtime {mem['overhead']:.1f}, at the epoch's largest micro batch: "
+        f"{mb['rows']} rows, {mb['tokens']:,} tokens {mb['layout']} {verdict}",
         f"data        {d['rows']:,} training rows, {d['tokens']:,} tokens ({d['source']})",
         f"throughput  {p['throughput']['tokens_per_second']:,.0f} tok/s — {p['throughput']['note']}; anchor: "
         f"{p['throughput']['anchor']}",

@@ -9,7 +9,8 @@ import pytest
 from medtune.cli import main
 from medtune.config import PRESETS
 from medtune.config_io import load_config
-from medtune.plan import make_plan, parameter_counts, planned_micro_batch, recipe, throughput
+from medtune.plan import make_plan, parameter_counts, recipe, throughput
+from medtune.plan_batches import first_micro_batch_rows, mean_above, planned_micro_batch
 from medtune.plan_memory import MicroBatch, Recipe, estimate, layer_saved_bytes, static_bytes
 from medtune.plan_tables import CARDS, KNOWN_SHAPES
 
@@ -68,14 +69,26 @@ def test_lora_states_are_fp32_weights_grads_and_adam():
 
 
 def test_packed_batches_count_row_tokens_and_padded_batches_pad_to_the_longest():
-    cfg = load_config(preset="llama3-8b-medical", overrides=["training.micro_batch_size=26", "lora.packing=true"])
-    data = {"rows": 1000, "tokens": 300_000, "longest": 2000, "p99": 1200}
-    assert planned_micro_batch(cfg, data, "cuda") == MicroBatch(26 * 1200, 26, "packed")
-    assert planned_micro_batch(cfg, {**data, "p99": None}, "cuda").tokens == 26 * 300
+    cfg = load_config(preset="llama3-8b-medical", overrides=["training.micro_batch_size=26", "lora.packing=true",
+                                                             "training.gradient_accumulation=4"])
+    flat = {"rows": 1000, "tokens": 300_000, "length_quantiles": [(0.5, 300), (1.0, 300)]}
+    assert planned_micro_batch(cfg, flat, "cuda") == MicroBatch(26 * 300, 26, "packed")  # sum of row tokens
+    assert planned_micro_batch(cfg, {**flat, "length_quantiles": None}, "cuda").tokens == 26 * 300  # the mean
     padded = load_config(preset="llama3-8b-medical", overrides=["training.micro_batch_size=4"])
-    assert planned_micro_batch(padded, {**data, "longest": 1001}, "cuda") == MicroBatch(4 * 1008, 4, "padded")
-    assert planned_micro_batch(padded, {**data, "longest": 1001}, "cpu").tokens == 4 * 1001
-    assert planned_micro_batch(padded, {**data, "longest": 9000}, "cuda").tokens == 4 * 2048
+    one = {**flat, "length_quantiles": [(1.0, 1001)]}
+    assert planned_micro_batch(padded, one, "cuda") == MicroBatch(4 * 1008, 4, "padded")  # rows x longest, to 8
+    assert planned_micro_batch(padded, one, "cpu").tokens == 4 * 1001
+    assert planned_micro_batch(padded, {**flat, "length_quantiles": [(1.0, 9000)]}, "cuda").tokens == 4 * 2048
+
+
+def test_first_micro_batch_of_a_length_grouped_epoch():
+    """The shared medical set's percentiles give the first micro batch the sampler replay measures:
+    27,881 tokens at 26 rows x 4 steps, 18,615 at 13 x 8 (bench/plan_vs_measured.py's replay)."""
+    knots = [(0.5, 219), (0.9, 515), (0.95, 659), (0.99, 1471), (1.0, 2048)]
+    assert first_micro_batch_rows(knots, 1800, 26, 4, 2048)[0] == pytest.approx(27_881, rel=0.1)
+    assert first_micro_batch_rows(knots, 1800, 13, 8, 2048)[0] == pytest.approx(18_615, rel=0.1)
+    assert mean_above([(0.5, 100), (1.0, 300)], 0.5) == pytest.approx(200)
+    assert first_micro_batch_rows(knots, 1800, 26, 4, 512)[0] == 26 * 512  # rows are cut at max_seq_length
 
 
 def test_activation_levers():
@@ -120,7 +133,7 @@ def test_throughput_matches_recipe_then_micro_batch_and_can_leave_a_run_out():
     h200 = CARDS["H200-141GB"]
     own = "bench/results/2026-11-28-h200-c.jsonl medtune_qlora_packed"
     assert throughput(packed, True, 5360, "cuda", h200, 8_030_261_248)["tokens_per_second"] == pytest.approx(5168, rel=1e-3)
-    assert own not in throughput(packed, True, 5360, "cuda", h200, 8_030_261_248, exclude=own)["anchor"]
+    assert f"({own})" not in throughput(packed, True, 5360, "cuda", h200, 8_030_261_248, exclude=own)["anchor"]
     padded = _recipe("training.attn_implementation=sdpa")
     assert throughput(padded, False, 2000, "cuda", h200, 8_030_261_248)["tokens_per_second"] == pytest.approx(2103, rel=1e-3)
     assert throughput(padded, False, 7000, "cuda", h200, 8_030_261_248)["tokens_per_second"] == pytest.approx(4579, rel=1e-3)
