@@ -25,7 +25,11 @@ GIB = 2**30
 ASSUMED_TOKENS_PER_ROW = 300  # the seed's medical sets: 234-306 tokens/row (shared/bench/README.md)
 ASSUMED_ROWS = 10_000
 CUDA_CONTEXT_GIB = 1.0  # CUDA context + allocator reserve: outside max_memory_allocated, added for the request only
-CPU_RUNTIME_GIB = 1.1   # Python + torch + transformers + datasets resident before the model (measured RSS)
+# RSS of `medtune run` (embedded demo, whole workflow in one process) when training starts, sampled every
+# second on 2026-11-28: 2.55 GiB, less the 0.25 GiB bf16 SmolLM2-135M weights. Imports, tokenizer, Arrow
+# tables and earlier stages' leftovers; torch tensors come on top, and glibc keeps freed step buffers, so
+# RSS climbs to runtime + the tensors' peak (docs/benchmarks.md, CPU comparison).
+CPU_RUNTIME_GIB = 2.3
 
 
 def model_shape(cfg: MedtuneConfig) -> tuple[Shape, str]:
