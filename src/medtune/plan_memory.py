@@ -159,10 +159,10 @@ def loss_bytes(s: Shape, r: Recipe, b: MicroBatch) -> tuple[float, float]:
         per_chunk = -(-t // -(-s.vocab // s.hidden))
         chunk = 1 << max(0, (per_chunk - 1).bit_length())
         return chunk * s.vocab * c + t * s.hidden * c, t * s.hidden * c
-    # transformers' loss: 16-bit logits, their fp32 copy and log_softmax's fp32 output at the forward's
-    # end; in the backward the incoming fp32 gradient, log_softmax's gradient and the saved output (12 B).
-    peak = t * s.vocab * (c + 4 + 4)
-    peak = max(peak, t * s.vocab * 12)
+    # transformers' loss: at the forward's end 16-bit logits, their fp32 copy and log_softmax's fp32
+    # output (c + 8 B per logit); in its backward the saved output, the incoming fp32 gradient and
+    # log_softmax's fp32 gradient (12 B): the larger of the two
+    peak = t * s.vocab * max(c + 8, 12)
     if r.upcast_frozen:
         peak += s.vocab * s.hidden * c  # autocast's 16-bit copy of the fp32 lm_head, kept for its backward
     return peak, t * s.hidden * c
