@@ -179,7 +179,8 @@ def main() -> None:
     shapes = BatchShapes(trainer.data_collator)
     trainer.data_collator = shapes
     trainer.train()
-    timed = shapes.shapes[a.warm * a.grad_accum:(a.warm + a.steps) * a.grad_accum]
+    ga = cfg.training.gradient_accumulation
+    timed = shapes.shapes[a.warm * ga:(a.warm + a.steps) * ga]
     losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
     tps = timer.result["tokens_per_s"]
     merged = bench_merge(cfg, run, a.model_dir, trainer) if a.merge else {}

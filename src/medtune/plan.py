@@ -80,7 +80,7 @@ def recipe(cfg: MedtuneConfig, device: str, attention: str | None = None, liger:
     lo, t = cfg.lora, cfg.training
     if attention is None:  # mirrors medtune.train.attention_kernel (importing it would import torch: slow)
         attention = t.attn_implementation if t.attn_implementation != "auto" else \
-            ("flex_attention" if device == "cuda" and lo.packing else "sdpa")
+            ("varlen" if device == "cuda" and lo.packing else "sdpa")
     return Recipe(quantization=lo.quantization if device == "cuda" else "none", lora_r=lo.lora_r,
                   targets=tuple(lo.target_modules), lora_dropout=lo.lora_dropout, optimizer=t.optimizer,
                   gradient_checkpointing=lo.gradient_checkpointing,
@@ -173,7 +173,8 @@ def _cached_report(cfg: MedtuneConfig) -> dict[str, Any] | None:
         if report and manifest.get("config", {}).get("dataset") == wanted \
                 and report.get("max_seq_length") == cfg.training.max_seq_length:
             return {"rows": report["train_examples"], "tokens": report["train_tokens"],
-                    "longest": report.get("length_max"), "length_quantiles": _report_knots(report), "source": f"data report of {manifest_path.parent.name}"}
+                    "longest": report.get("length_max"), "length_quantiles": _report_knots(report),
+                    "source": f"data report of {manifest_path.parent.name}"}
     return None
 
 
@@ -199,7 +200,8 @@ def throughput(rec: Recipe, packing: bool, batch_tokens: int, device: str, card:
     """Tokens/s of the closest measured run, scaled by parameters (and by card TFLOPS across cards).
 
     Closest, in the order of the effects measured on one H200 (bench/results/2026-11-28-h200-*.jsonl):
-    same packing, same attention kernel family (FlexAttention 1.8x SDPA on packed batches), same
+    same packing, a fused attention kernel (varlen, flash, flex) for a fused one, the same kernel
+    family (FlexAttention 1.8x SDPA on packed batches), same
     quantization (8-bit, never measured, uses 4-bit; 4-bit vs bf16 1.1x), same gradient checkpointing
     (1.2x), then the nearest tokens per micro batch (small micro batches leave the GPU idle: 2,103 vs
     4,579 tok/s at 2.3k vs 6.8k tokens, same recipe).
@@ -207,7 +209,9 @@ def throughput(rec: Recipe, packing: bool, batch_tokens: int, device: str, card:
     """
     pool = [a for a in THROUGHPUT if (a.card == "cpu-2core") == (device == "cpu") and a.source != exclude]
     quant = "4bit" if rec.quantization == "8bit" else rec.quantization
+    fused = {"varlen", "flash", "flex"}  # kernels without a materialised mask: the closest stand-ins for each other
     for key in (lambda a: a.packing == packing,
+                lambda a: (attention_family(a.attention) in fused) == (attention_family(rec.attention) in fused),
                 lambda a: attention_family(a.attention) == attention_family(rec.attention),
                 lambda a: a.quantization == quant, lambda a: a.gradient_checkpointing == rec.gradient_checkpointing):
         pool = [a for a in pool if key(a)] or pool

@@ -40,7 +40,7 @@ class MicroBatch:
     """What one forward pass computes on."""
     tokens: int             # packed: sum of the rows' tokens; padded: rows × padded length
     rows: int = 1
-    layout: str = "packed"  # "packed" (rows flattened, position_ids restart), "padded" (attention mask), "full" (no mask)
+    layout: str = "packed"  # "packed" (rows flattened), "padded" (attention mask), "full" (no mask)
 
     @property
     def row_len(self) -> int:
@@ -57,18 +57,18 @@ class Recipe:
     optimizer: str = "adamw_torch"
     gradient_checkpointing: bool = True
     liger: bool = True             # Liger kernels: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy
-    attention: str = "flex_attention"
+    attention: str = "varlen"
     compute_bytes: int = 2         # bf16/fp16; 4 for float32 training on CPUs without bf16
     upcast_frozen: bool = False    # PEFT's prepare_model_for_kbit_training: norms, embeddings, lm_head in fp32
 
 
 def attention_family(name: str) -> str:
-    """flash (varlen kernels: q, k, v, out, log-sum-exp), flex, sdpa, or eager (full score matrices)."""
+    """varlen (medtune's PyTorch varlen FlashAttention), flash (flash-attn kernels), flex, sdpa, or eager."""
     n = name.lower()
-    for family in ("flex", "sdpa", "eager"):
+    for family in ("varlen", "flex", "sdpa", "eager"):
         if family in n:
             return family
-    return "flash"  # flash_attention_2/3 and other fused variable-length kernels keep the same tensors
+    return "flash"  # flash_attention_2/3 and other fused variable-length kernels: q, k, v, out, log-sum-exp
 
 
 def projections(s: Shape) -> dict[str, tuple[int, int]]:
@@ -110,7 +110,10 @@ def layer_saved_bytes(s: Shape, r: Recipe, b: MicroBatch) -> float:
     # q and k after RoPE and v (the attention keeps them) and the attention output;
     # SwiGLU's gate and up (unfused: also silu(gate))
     norms = 2 * h * (c if r.liger else 4)
-    per_token = norms + (q + 2 * kv + q + (2 if r.liger else 3) * i) * c
+    # medtune_varlen hands the kernel contiguous (tokens, heads, dim) copies of q, k, v, and on PyTorch
+    # <= 2.11 (no enable_gqa in varlen_attn) k and v repeated to every query head: counted that way
+    keys = 2 * q if attention_family(r.attention) == "varlen" else 2 * kv
+    per_token = norms + (q + keys + q + (2 if r.liger else 3) * i) * c
     proj = projections(s)
     if r.lora_dropout > 0:
         per_token += sum(proj[m][0] * (c + 1) for m in r.targets)
