@@ -35,6 +35,21 @@ MODEL_GFLOP_PER_TOKEN = 33.5
 PEAK_TFLOPS = 795.0
 
 
+class BatchShapes:
+    """Wraps the collator and records [rows, tokens computed on] of every micro batch, in order
+    (packed: the flattened length; padded: rows x padded length): bench/plan_vs_measured.py sizes the
+    memory estimate of each timed micro batch from these."""
+
+    def __init__(self, collator) -> None:
+        self.collator = collator
+        self.shapes: list[list[int]] = []
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        self.shapes.append([len(features), int(batch["input_ids"].numel())])
+        return batch
+
+
 class StepTimer(TrainerCallback):
     """Times optimizer steps after `warm` warm-up steps; counts real (non-padding) tokens."""
 
@@ -161,7 +176,11 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer,))
     load_s = time.perf_counter() - t0
+    shapes = BatchShapes(trainer.data_collator)
+    trainer.data_collator = shapes
     trainer.train()
+    ga = cfg.training.gradient_accumulation
+    timed = shapes.shapes[a.warm * ga:(a.warm + a.steps) * ga]
     losses = [round(h["loss"], 4) for h in trainer.state.log_history if "loss" in h]
     tps = timer.result["tokens_per_s"]
     merged = bench_merge(cfg, run, a.model_dir, trainer) if a.merge else {}
@@ -176,7 +195,7 @@ def main() -> None:
         "timed_steps": a.steps, **timer.result,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "mfu_pct": round(100 * tps * MODEL_GFLOP_PER_TOKEN * 1e9 / (PEAK_TFLOPS * 1e12), 1),
-        "losses": losses,
+        "losses": losses, "micro_batches": timed,
         **merged,
         "date": time.strftime("%Y-%m-%d"),
     }), flush=True)

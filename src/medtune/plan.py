@@ -2,15 +2,9 @@
 
 Offline and fast: the model's shape comes from a local/cached config.json or the presets' table,
 dataset tokens from an earlier run's data report, a local sample, or a stated assumption, and
-throughput from measured figures (plan_tables.py, fed by docs/benchmarks.md). Every estimate says
-where its inputs came from. The memory model (GPU training, peak torch allocation):
-
-  weights      quantized projections (nf4 + double-quant 4.127 bits, int8 8 bits, else 16) and
-               16-bit embeddings, lm_head and norms (bitsandbytes leaves those unquantized)
-  LoRA         fp32 weights + grads + optimizer states (AdamW 8 bytes, 8-bit optimizers 2)
-  activations  per token per layer: fp32 RMSNorm saves, q/k/v/attention output, SwiGLU's four
-               intermediates and LoRA dropout copies; with gradient checkpointing only each
-               layer's input plus one recomputed layer; plus the logits (16-bit, fp32 copy, fp32 grad)
+throughput from measured figures (plan_tables.py, each citing its bench/results line). Every estimate
+says where its inputs came from. The memory model is plan_memory.py (peak torch allocation); the
+CUDA context and allocator reserve are added on top for the scheduler request only.
 """
 
 from __future__ import annotations
@@ -23,13 +17,19 @@ from typing import Any
 
 from medtune.config import MedtuneConfig
 from medtune.errors import ConfigError
+from medtune.plan_batches import QUANTILES, knots_from_lengths, planned_micro_batch
+from medtune.plan_memory import MicroBatch, Recipe, attention_family, estimate, projections
 from medtune.plan_tables import CARDS, KNOWN_SHAPES, THROUGHPUT, Card, Shape, Throughput
 
 GIB = 2**30
 ASSUMED_TOKENS_PER_ROW = 300  # the seed's medical sets: 234-306 tokens/row (shared/bench/README.md)
 ASSUMED_ROWS = 10_000
-CUDA_CONTEXT_GIB = 1.0  # CUDA context + allocator slack, outside torch's allocation counters
-CPU_RUNTIME_GIB = 1.1   # Python + torch + transformers + datasets resident before the model (measured RSS)
+CUDA_CONTEXT_GIB = 1.0  # CUDA context + allocator reserve: outside max_memory_allocated, added for the request only
+# RSS of `medtune run` (embedded demo, whole workflow in one process) when training starts, sampled every
+# second on 2026-11-28: 2.55 GiB, less the 0.25 GiB bf16 SmolLM2-135M weights. Imports, tokenizer, Arrow
+# tables and earlier stages' leftovers; torch tensors come on top, and glibc keeps freed step buffers, so
+# RSS climbs to runtime + the tensors' peak (docs/benchmarks.md, CPU comparison).
+CPU_RUNTIME_GIB = 2.3
 
 
 def model_shape(cfg: MedtuneConfig) -> tuple[Shape, str]:
@@ -61,14 +61,6 @@ def shape_from_config(c: dict[str, Any]) -> Shape:
                  vocab=c["vocab_size"], tied=bool(c.get("tie_word_embeddings", False)), head_dim=c.get("head_dim") or 0)
 
 
-def projections(s: Shape) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each linear layer in one decoder block."""
-    q, kv = s.heads * s.head_size, s.kv_heads * s.head_size
-    return {"q_proj": (s.hidden, q), "k_proj": (s.hidden, kv), "v_proj": (s.hidden, kv), "o_proj": (q, s.hidden),
-            "gate_proj": (s.hidden, s.intermediate), "up_proj": (s.hidden, s.intermediate),
-            "down_proj": (s.intermediate, s.hidden)}
-
-
 def parameter_counts(s: Shape, r: int, targets: tuple[str, ...]) -> dict[str, int]:
     proj = projections(s)
     linear = s.layers * sum(i * o for i, o in proj.values())
@@ -83,34 +75,24 @@ def parameter_counts(s: Shape, r: int, targets: tuple[str, ...]) -> dict[str, in
             "lora": lora}
 
 
-def memory_gib(cfg: MedtuneConfig, s: Shape, counts: dict[str, int], device: str, seq_len: int) -> dict[str, float]:
-    """Peak memory parts in GiB for training at micro batch × `seq_len` tokens."""
+def recipe(cfg: MedtuneConfig, device: str, attention: str | None = None, liger: bool | None = None) -> Recipe:
+    """The memory model's view of a config on `device` (what medtune.train would set up there)."""
     lo, t = cfg.lora, cfg.training
-    half = 2 if device == "cuda" or lo.bf16 else 4  # CPUs without bf16 train in fp32; medtune.train decides
-    weight_bytes = {"4bit": 4.127 / 8, "8bit": 1.0, "none": half}[lo.quantization if device == "cuda" else "none"]
-    weights = counts["linear"] * weight_bytes + (counts["embeddings"] + counts["norms"]) * half
-    optimizer = 8 if t.optimizer == "adamw_torch" else 2
-    lora = counts["lora"] * (4 + 4 + optimizer)
-    tokens = t.micro_batch_size * seq_len
-    proj = projections(s)
-    per_layer = (10 * s.hidden + 2 * proj["q_proj"][1] + proj["q_proj"][1] + 2 * proj["k_proj"][1]
-                 + 4 * s.intermediate)
-    if lo.lora_dropout > 0:
-        per_layer += 1.5 * sum(proj[m][0] for m in lo.target_modules)
-    if lo.gradient_checkpointing:
-        acts = tokens * half * (s.layers * s.hidden + per_layer)
-    else:
-        acts = tokens * half * s.layers * per_layer
-    if device == "cuda" and t.liger_kernels:
-        # Liger's fused linear + cross-entropy never holds the full logits: it works through chunks
-        # of rows (up to ~2k at these vocab sizes), keeping one chunk's 16-bit logits and fp32 grad.
-        logits = min(tokens, 2048) * s.vocab * (half + 4)
-    else:
-        logits = tokens * s.vocab * (half + 4 + 4)
-    parts = {"weights": weights, "lora_and_optimizer": lora, "activations": acts, "logits": logits}
-    out = {k: v / GIB for k, v in parts.items()}
+    if attention is None:  # mirrors medtune.train.attention_kernel (importing it would import torch: slow)
+        attention = t.attn_implementation if t.attn_implementation != "auto" else \
+            ("varlen" if device == "cuda" and lo.packing else "sdpa")
+    return Recipe(quantization=lo.quantization if device == "cuda" else "none", lora_r=lo.lora_r,
+                  targets=tuple(lo.target_modules), lora_dropout=lo.lora_dropout, optimizer=t.optimizer,
+                  gradient_checkpointing=lo.gradient_checkpointing,
+                  liger=(device == "cuda" and t.liger_kernels) if liger is None else liger, attention=attention,
+                  compute_bytes=2 if device == "cuda" or lo.bf16 else 4)  # CPUs without bf16 train in fp32
+
+
+def memory_gib(cfg: MedtuneConfig, s: Shape, device: str, batch: MicroBatch) -> dict[str, Any]:
+    """Peak memory parts in GiB (plan_memory.estimate) plus the runtime outside torch's counters."""
+    out = estimate(s, recipe(cfg, device), batch)
     out["overhead"] = CUDA_CONTEXT_GIB if device == "cuda" else CPU_RUNTIME_GIB
-    out["total"] = sum(out.values())
+    out["total"] += out["overhead"]
     return out
 
 
@@ -153,13 +135,13 @@ def dataset_tokens(cfg: MedtuneConfig, rows_hint: int | None) -> dict[str, Any]:
     cached = _cached_report(cfg)
     if cached:
         return cached
-    rows, per_row, longest, source = None, float(ASSUMED_TOKENS_PER_ROW), None, ""
+    rows, per_row, knots, source = None, float(ASSUMED_TOKENS_PER_ROW), None, ""
     ds = cfg.dataset
     if ds.dataset_source == "local" and ds.dataset_format in ("json", "jsonl"):
         sample = _local_sample(Path(ds.local_dataset_path).expanduser(), ds.dataset_split)
         if sample:
-            rows, chars, longest_chars = sample
-            per_row, longest = chars / rows / 4.0, int(longest_chars / 4.0)
+            rows, lengths = len(sample), [chars / 4.0 for chars in sample]
+            per_row, knots = sum(lengths) / rows, knots_from_lengths(lengths)
             source = f"{rows} local rows, ~4 characters per token"
     if rows_hint:
         rows, source = rows_hint, (source or f"--rows {rows_hint}, {ASSUMED_TOKENS_PER_ROW} tokens/row assumed")
@@ -172,7 +154,8 @@ def dataset_tokens(cfg: MedtuneConfig, rows_hint: int | None) -> dict[str, Any]:
         rows = min(rows, ds.max_samples)
     if not ds.eval_split:
         rows -= round(rows * ds.eval_fraction)
-    return {"rows": rows, "tokens": int(rows * per_row), "longest": longest, "source": source}
+    return {"rows": rows, "tokens": int(rows * per_row), "longest": int(knots[-1][1]) if knots else None,
+            "length_quantiles": knots, "source": source}
 
 
 def _cached_report(cfg: MedtuneConfig) -> dict[str, Any] | None:
@@ -190,29 +173,51 @@ def _cached_report(cfg: MedtuneConfig) -> dict[str, Any] | None:
         if report and manifest.get("config", {}).get("dataset") == wanted \
                 and report.get("max_seq_length") == cfg.training.max_seq_length:
             return {"rows": report["train_examples"], "tokens": report["train_tokens"],
-                    "longest": report.get("length_max"), "source": f"data report of {manifest_path.parent.name}"}
+                    "longest": report.get("length_max"), "length_quantiles": _report_knots(report),
+                    "source": f"data report of {manifest_path.parent.name}"}
     return None
 
 
-def _local_sample(path: Path, split: str) -> tuple[int, int, int] | None:
-    """(rows, characters, longest row in characters) of a local JSON Lines file or a folder's split file."""
+def _report_knots(report: dict[str, Any]) -> list[tuple[float, float]] | None:
+    """The data report's length percentiles as quantile knots (older reports: only the longest row)."""
+    pct = report.get("length_percentiles") or {}
+    names = ("p50", "p90", "p95", "p99", "max")
+    if all(pct.get(n) is not None for n in names):
+        return [(q, float(pct[n])) for q, n in zip(QUANTILES, names)]
+    return [(1.0, float(report["length_max"]))] if report.get("length_max") else None
+
+
+def _local_sample(path: Path, split: str) -> list[int] | None:
+    """Characters per row of a local JSON Lines file or a folder's split file."""
     files = [path] if path.is_file() else sorted(path.glob(f"{split}.json*"))
     if not files or files[0].suffix != ".jsonl":
         return None
-    lines = [x for x in files[0].read_text().splitlines() if x.strip()]
-    lengths = [len(x) for x in lines]
-    return (len(lines), sum(lengths), max(lengths)) if lines else None
+    return [len(x) for x in files[0].read_text().splitlines() if x.strip()] or None
 
 
-def throughput(cfg: MedtuneConfig, device: str, card: Card | None, params: int) -> dict[str, Any]:
-    """Tokens/s from the closest measured anchor, scaled by parameters (and by card TFLOPS across cards)."""
-    if device == "cpu":
-        anchor = next(a for a in THROUGHPUT if a.card == "cpu-2core")
-        scale, note = anchor.params / params, "scaled by parameter count"
-    else:
-        same = [a for a in THROUGHPUT if a.card != "cpu-2core" and a.packing == cfg.lora.packing]
-        anchor = min(same, key=lambda a: a.quantization != cfg.lora.quantization)
-        scale, note = anchor.params / params, "scaled by parameter count"
+def throughput(rec: Recipe, packing: bool, batch_tokens: int, device: str, card: Card | None, params: int,
+               exclude: str = "") -> dict[str, Any]:
+    """Tokens/s of the closest measured run, scaled by parameters (and by card TFLOPS across cards).
+
+    Closest, in the order of the effects measured on one H200 (bench/results/2026-11-28-h200-*.jsonl):
+    same packing, a fused attention kernel (varlen, flash, flex) for a fused one, the same kernel
+    family (FlexAttention 1.8x SDPA on packed batches), same
+    quantization (8-bit, never measured, uses 4-bit; 4-bit vs bf16 1.1x), same gradient checkpointing
+    (1.2x), then the nearest tokens per micro batch (small micro batches leave the GPU idle: 2,103 vs
+    4,579 tok/s at 2.3k vs 6.8k tokens, same recipe).
+    `exclude` drops the entry of that source (bench/plan_vs_measured.py estimates each run from the others).
+    """
+    pool = [a for a in THROUGHPUT if (a.card == "cpu-2core") == (device == "cpu") and a.source != exclude]
+    quant = "4bit" if rec.quantization == "8bit" else rec.quantization
+    fused = {"varlen", "flash", "flex"}  # kernels without a materialised mask: the closest stand-ins for each other
+    for key in (lambda a: a.packing == packing,
+                lambda a: (attention_family(a.attention) in fused) == (attention_family(rec.attention) in fused),
+                lambda a: attention_family(a.attention) == attention_family(rec.attention),
+                lambda a: a.quantization == quant, lambda a: a.gradient_checkpointing == rec.gradient_checkpointing):
+        pool = [a for a in pool if key(a)] or pool
+    anchor = min(pool, key=lambda a: abs(math.log(max(1, batch_tokens) / a.tokens_per_micro_batch)))
+    scale, note = anchor.params / params, "scaled by parameter count"
+    if device == "cuda":
         anchor_card = CARDS[anchor.card]
         if card is not None and card.name != anchor_card.name:
             if card.bf16_tflops and card.bf16_tflops != anchor_card.bf16_tflops:
@@ -226,7 +231,9 @@ def throughput(cfg: MedtuneConfig, device: str, card: Card | None, params: int) 
 
 
 def _describe(a: Throughput) -> str:
-    return f"{a.tokens_per_second:.0f} tok/s, {a.card}, {a.recipe} ({a.source})"
+    gc = "recompute" if a.gradient_checkpointing else "no recompute"
+    return (f"{a.tokens_per_second:.0f} tok/s, {a.card}, {a.quantization}, {'packed' if a.packing else 'padded'}, "
+            f"{gc}, {a.attention}, {a.tokens_per_micro_batch} tokens/micro batch ({a.source})")
 
 
 def scheduler_lines(gpus: int, mem_gib: int, cpus: int, walltime_s: float) -> dict[str, list[str]]:
@@ -246,14 +253,10 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
     device, card, why = pick_target(cfg, gpu, counts["total"])
     data = dataset_tokens(cfg, rows)
     t = cfg.training
-    if cfg.lora.packing:
-        # medtune's padding-free packing flattens `micro_batch_size` rows into one sequence: a micro
-        # batch holds that many rows of average length, not that many full-length sequences.
-        seq_len = min(t.max_seq_length, max(1, round(data["tokens"] / max(1, data["rows"]))))
-    else:
-        seq_len = min(t.max_seq_length, data["longest"]) if data["longest"] else t.max_seq_length
-    memory = memory_gib(cfg, shape, counts, device, seq_len)
-    speed = throughput(cfg, device, card, counts["total"])
+    batch = planned_micro_batch(cfg, data, device)
+    memory = memory_gib(cfg, shape, device, batch)
+    mean_batch = t.micro_batch_size * data["tokens"] / max(1, data["rows"])
+    speed = throughput(recipe(cfg, device), cfg.lora.packing, round(mean_batch), device, card, counts["total"])
     epoch_s = data["tokens"] / speed["tokens_per_second"]
     steps_per_epoch = math.ceil(data["rows"] / (t.micro_batch_size * t.gradient_accumulation))
     train_s = epoch_s * t.num_epochs
@@ -269,7 +272,8 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
                   "lora_trainable": counts["lora"], "lora_r": cfg.lora.lora_r, "quantization": cfg.lora.quantization},
         "target": {"device": device, "card": card.name if card else "cpu", "card_memory_gib": card.memory_gib if card
                    else None, "why": why},
-        "memory_gib": {k: round(v, 2) for k, v in memory.items()}, "sequence_tokens": seq_len,
+        "memory_gib": {k: round(v, 2) if isinstance(v, float) else v for k, v in memory.items()},
+        "micro_batch": {"tokens": batch.tokens, "rows": batch.rows, "layout": batch.layout},
         "fits": fits, "data": data,
         "throughput": {**speed, "tokens_per_second": round(speed["tokens_per_second"], 1)},
         "time": {"epoch_seconds": round(epoch_s), "steps_per_epoch": steps_per_epoch, "train_seconds": round(train_s),
@@ -280,7 +284,7 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
 
 
 def render_plan(p: dict[str, Any]) -> str:
-    m, mem, tm, d = p["model"], p["memory_gib"], p["time"], p["data"]
+    m, mem, tm, d, mb = p["model"], p["memory_gib"], p["time"], p["data"], p["micro_batch"]
     target = p["target"]
     where = f"{target['card']} ({target['card_memory_gib']:.0f} GiB)" if target["card_memory_gib"] else "CPU"
     verdict = "" if p["fits"] is None else ("fits" if p["fits"] else "DOES NOT FIT: lower micro_batch_size or "
@@ -290,8 +294,9 @@ def render_plan(p: dict[str, Any]) -> str:
         f"LoRA        r={m['lora_r']}: {m['lora_trainable']:,} trainable parameters; base {m['quantization']}",
         f"target      {where} — {target['why']}",
         f"memory      {mem['total']:.1f} GiB peak = weights {mem['weights']:.2f} + LoRA/optimizer "
-        f"{mem['lora_and_optimizer']:.2f} + activations {mem['activations']:.2f} + logits {mem['logits']:.2f} + "
-        f"runtime {mem['overhead']:.1f} (at {p['sequence_tokens']} tokens/sequence) {verdict}",
+        f"{mem['lora_and_optimizer']:.2f} + activations {mem['activations']:.2f} + transient {mem['transient']:.2f} "
+        f"(at the {mem['peak_moment']}) + runtime {mem['overhead']:.1f}, at the epoch's largest micro batch: "
+        f"{mb['rows']} rows, {mb['tokens']:,} tokens {mb['layout']} {verdict}",
         f"data        {d['rows']:,} training rows, {d['tokens']:,} tokens ({d['source']})",
         f"throughput  {p['throughput']['tokens_per_second']:,.0f} tok/s — {p['throughput']['note']}; anchor: "
         f"{p['throughput']['anchor']}",

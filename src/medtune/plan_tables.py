@@ -2,8 +2,8 @@
 
 Shapes are the presets' base models' config.json values (so planning needs no download). Card
 figures are the vendors' spec sheets (memory, dense bf16 TFLOPS), used only to scale a measured
-throughput to another card. Throughput entries are measurements, each copied from
-docs/benchmarks.md with its card, recipe and source; nothing here is a guess.
+throughput to another card. Throughput entries are measurements, each citing the bench/results file
+and run label (or the docs/benchmarks.md section) it comes from; nothing here is a guess.
 """
 
 from __future__ import annotations
@@ -59,21 +59,39 @@ CARDS: dict[str, Card] = {c.name: c for c in (
 class Throughput:
     card: str          # a CARDS name, or "cpu-2core"
     params: float      # base model parameters of the measured run
-    recipe: str        # what was measured
     quantization: str
     packing: bool
+    gradient_checkpointing: bool
+    attention: str     # the attention kernel the run used
+    tokens_per_micro_batch: int  # real tokens per forward pass in the timed steps (mean)
     tokens_per_second: float
-    peak_gib: float | None
-    source: str
+    source: str        # results file and run label (or the docs section) the figure comes from
 
 
-# docs/benchmarks.md, "Measured throughput anchors" (copied there from /work/shared/bench/README.md
-# and from the embedded demo). The lowest figure is used where one recipe was measured several times.
+H200 = "H200-141GB"
+L8B = 8.03e9
+# Measured training throughput of medtune's own training path (bench/gpu_train.py: medtune.train's
+# model loading, LoRA r=64 on all 7 projections, dropout 0.05, collator and Trainer) on a random
+# Llama-3.1-8B-shaped model and the shared real medical token ids, 3 timed optimizer steps after one
+# warm-up; tokens/s count real (non-padding) tokens. Tokens per micro batch = the line's tokens /
+# (timed steps x gradient accumulation). The CPU row is the embedded demo (docs/benchmarks.md).
 THROUGHPUT: tuple[Throughput, ...] = (
-    Throughput("cpu-2core", 134.5e6, "LoRA r=16 all 7 projections, bf16 CPU, micro batch 4, no packing", "none", False,
-               296.0, None, "embedded demo, 2-core AMD EPYC (AVX512-BF16), 2026-11-28"),
-    Throughput("H200-141GB", 8.03e9, "seed QLoRA: nf4, r=64, fp16, gradient checkpointing, micro batch 1, no packing",
-               "4bit", False, 472.0, 13.6, "shared/bench seed mode, Llama-3.1-8B shape, H200"),
-    Throughput("H200-141GB", 8.03e9, "seed QLoRA + bf16 + packing to 2048", "4bit", True, 3440.0, 14.8,
-               "shared/bench seedfast mode (lowest of 3 machines), Llama-3.1-8B shape, H200"),
+    Throughput("cpu-2core", 134.5e6, "none", False, False, "sdpa", 589, 296.0,
+               "docs/benchmarks.md, embedded demo (micro batch 4, 64,810 tokens in 219 s)"),
+    Throughput(H200, L8B, "4bit", False, True, "sdpa", 2274, 2103.0,
+               "bench/results/2026-11-28-h200-a.jsonl medtune_qlora"),
+    Throughput(H200, L8B, "4bit", False, True, "sdpa", 6810, 4579.0,
+               "bench/results/2026-11-28-h200-a.jsonl medtune_qlora_mb16"),
+    Throughput(H200, L8B, "none", False, True, "sdpa", 2274, 2315.0,
+               "bench/results/2026-11-28-h200-a.jsonl medtune_bf16"),
+    Throughput(H200, L8B, "4bit", True, True, "sdpa", 5360, 2875.0,
+               "bench/results/2026-11-28-h200-b.jsonl medtune_qlora_packed_merge"),
+    Throughput(H200, L8B, "none", True, True, "sdpa", 5360, 4003.0,
+               "bench/results/2026-11-28-h200-b.jsonl medtune_bf16_packed"),
+    Throughput(H200, L8B, "4bit", True, True, "flex_attention", 5360, 5168.0,
+               "bench/results/2026-11-28-h200-c.jsonl medtune_qlora_packed"),
+    Throughput(H200, L8B, "4bit", True, False, "flex_attention", 2680, 6074.0,
+               "bench/results/2026-11-28-h200-c.jsonl medtune_qlora_packed_nogc"),
+    Throughput(H200, L8B, "none", True, True, "flex_attention", 5360, 5891.0,
+               "bench/results/2026-11-28-h200-c.jsonl medtune_bf16_packed"),
 )
