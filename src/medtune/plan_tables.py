@@ -29,6 +29,7 @@ class Shape:
 
 KNOWN_SHAPES: dict[str, Shape] = {
     "meta-llama/Llama-3.1-8B-Instruct": Shape(4096, 14336, 32, 32, 8, 128256, False),
+    "meta-llama/Llama-3.1-70B-Instruct": Shape(8192, 28672, 80, 64, 8, 128256, False),  # FSDP's use case
     "mistralai/Mistral-7B-Instruct-v0.2": Shape(4096, 14336, 32, 32, 8, 32000, False),
     "google/gemma-7b-it": Shape(3072, 24576, 28, 16, 16, 256000, True, head_dim=256),
     "meta-llama/Llama-2-7b-chat-hf": Shape(4096, 11008, 32, 32, 32, 32000, False),

@@ -15,6 +15,7 @@ from medtune.plan_tables import KNOWN_SHAPES
 # Published parameter counts of the presets' base models (their model cards / safetensors index).
 PUBLISHED = {
     "meta-llama/Llama-3.1-8B-Instruct": 8_030_261_248,
+    "meta-llama/Llama-3.1-70B-Instruct": 70_553_706_496,
     "mistralai/Mistral-7B-Instruct-v0.2": 7_241_732_096,
     "google/gemma-7b-it": 8_537_680_896,
     "meta-llama/Llama-2-7b-chat-hf": 6_738_415_616,
