@@ -37,9 +37,10 @@ def trainer_arguments(cfg: MedtuneConfig) -> dict[str, Any]:
             # which bitsandbytes quantizes on every rank's own GPU.
             "cpu_ram_efficient_loading": cfg.lora.quantization == "none",
             "state_dict_type": "FULL_STATE_DICT",
-            # FSDP's own checkpoint wrapper around each layer; the model's gradient checkpointing
-            # would all-gather each layer's weights a second time in the backward pass.
-            "activation_checkpointing": cfg.lora.gradient_checkpointing,
+            # Gradient checkpointing stays the model's own (non-reentrant, as without FSDP), not FSDP's
+            # `activation_checkpointing`: its checkpoint wrapper renames the modules
+            # (`_checkpoint_wrapped_module.`) and PEFT 0.21 then finds no adapter keys in the
+            # gathered state dict, saving an empty adapter.
         },
     }
 

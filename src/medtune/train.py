@@ -75,7 +75,7 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
                                                  device_map={"": load_placement(cfg, place or device)},
                                                  attn_implementation=attention_kernel(cfg, device))
     model.config.use_cache = False
-    if cfg.lora.gradient_checkpointing and not uses_fsdp(cfg):  # FSDP checkpoints layers itself
+    if cfg.lora.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora.lora_r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
                       target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")

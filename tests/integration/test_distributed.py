@@ -1,5 +1,6 @@
-"""Several processes: 2 torchrun ranks against 1 process on the tiny model, data-parallel on CPU (gloo),
-FSDP on 2 CUDA GPUs where there are (skipped elsewhere).
+"""Several processes: 2 torchrun ranks against 1 process on the tiny model: data-parallel on CPU (gloo);
+FSDP on CPU through two stand-ins for what accelerate/torch do only on GPUs (FSDP_ON_CPU), and FSDP on 2
+CUDA GPUs without them where there are (skipped elsewhere).
 
 Both runs of a comparison use the same effective batch (2 x 2 accumulation x 1 process vs 2 x 1 x 2
 processes), so the adapters have the same shapes and the losses stay close; only rank 0 writes
@@ -10,13 +11,19 @@ the root CI machine allows one: torchrun's TCPStores listen on every interface (
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
-from medtune.rundir import RunDir
+from medtune.config_io import load_config, render_yaml
+from medtune.launch.torchrun import WorldPlan, torchrun_command
+from medtune.rundir import RunDir, write_text
 from tests_support import RUN_ARTIFACTS, loopback_only
 
 ARTIFACTS = RUN_ARTIFACTS
@@ -63,6 +70,89 @@ def test_two_cpu_ranks_match_one_process(tiny_overrides):
     assert "Effective batch 4 sequences" in double.summary.read_text()
 
 
+# Stand-ins, in every rank (a sitecustomize), for two things accelerate and torch do only for GPU
+# processes: accelerate 1.15 switches FSDP on only for GPU-type processes (AcceleratorState leaves
+# MULTI_CPU alone, so the Trainer would train DDP), and torch's get_model_state_dict(full_state_dict=True,
+# cpu_offload=True) gathers DTensors into whole tensors only when they live on a GPU.
+FSDP_ON_CPU = """
+import accelerate
+import accelerate.state as state
+from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
+
+_init = state.AcceleratorState.__init__
+def _fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+    _init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, fsdp_plugin
+state.AcceleratorState.__init__ = _fsdp_on_cpu
+
+_get = accelerate.Accelerator.get_state_dict
+def _gathered(self, model, unwrap=True):
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in _get(self, model, unwrap).items()}
+accelerate.Accelerator.get_state_dict = _gathered
+"""
+
+
+def _fsdp_run_from(single: RunDir, hooks: Path) -> tuple[RunDir, dict]:
+    """The single run's prepared model and data, trained again by medtune's own torchrun command with
+    infrastructure.distributed=fsdp on 2 CPU ranks (`medtune run` itself refuses FSDP without GPUs)."""
+    run = RunDir(single.root.with_name("medical-finetune-fsdp"))
+    shutil.copytree(single.root, run.root, ignore=shutil.ignore_patterns("adapters", "checkpoints", "merged", "*.log"))
+    manifest = json.loads(single.manifest_path.read_text())
+    manifest.pop("training")
+    write_text(run.manifest_path, json.dumps(manifest))
+    cfg = load_config(single.config_yaml, overrides=[
+        "infrastructure.distributed=fsdp", "infrastructure.cpu_processes=2", "training.gradient_accumulation=1",
+        "output.run_id=fsdp"], env={})
+    write_text(run.config_yaml, render_yaml(cfg))
+    command = torchrun_command(cfg, run, WorldPlan(2, 1, "gloo"))
+    env = {**os.environ, "PYTHONPATH": str(hooks), "GLOO_SOCKET_IFNAME": "lo"}
+    done = subprocess.run(loopback_only(command), capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run, json.loads(run.manifest_path.read_text())
+
+
+def _check_fsdp_against_one(single: RunDir, one: dict, sharded: RunDir, two: dict, model_dir: str) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    t1, t2 = one["training"], two["training"]
+    assert (t2["world_size"], t2["effective_batch_size"], t2["steps"]) == (2, 4, 8)
+    # Really sharded: rank 0 held half of the parameter storage (4-bit weights included on GPUs).
+    assert t2["sharding"]["strategy"] == "fsdp" and t2["sharding"]["rank0_fraction"] == pytest.approx(0.5, abs=0.02)
+    assert "FSDP full shard over 2 ranks" in sharded.log_file.read_text()
+    assert "sharding" not in t1
+    assert _shapes(single) == _shapes(sharded)
+    saved = load_file(sharded.adapters / "adapter_model.safetensors")
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(sharded.adapters))
+    loaded = {k.replace(".default", ""): v for k, v in tuned.state_dict().items() if "lora_" in k}
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k].cpu(), saved[k]) for k in saved)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # trained, not B's zeros
+    # Step 1: the same 4 rows and initial weights; the loss averaged per rank instead of per micro batch,
+    # as with DDP: equal within 1e-3 relative (measured on CPU: 6.8e-4 on a loss of 6.40).
+    assert t1["history"][0]["loss"] == pytest.approx(t2["history"][0]["loss"], rel=1e-3)
+    drop1, drop2 = t1["base_eval_loss"] - t1["eval_loss"], t2["base_eval_loss"] - t2["eval_loss"]
+    assert drop1 > 0 and drop2 > 0
+    assert abs(drop1 - drop2) < 0.3 * drop1
+
+
+@pytest.mark.e2e
+def test_fsdp_two_cpu_ranks_through_stand_ins_match_one(tiny_overrides, tmp_path):
+    """medtune's FSDP path (Trainer FSDP2 arguments, gradient checkpointing, the adapter gathered onto
+    rank 0 and written by PEFT, the shard report) on 2 gloo ranks, with FSDP_ON_CPU's two stand-ins."""
+    hooks = tmp_path / "fsdp-on-cpu"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(FSDP_ON_CPU)
+    single, one = _run(tiny_overrides, "single", "lora.gradient_checkpointing=true", "training.gradient_accumulation=2")
+    sharded, two = _fsdp_run_from(single, hooks)
+    _check_fsdp_against_one(single, one, sharded, two, _model_dir(tiny_overrides))
+
+
+def _model_dir(overrides: list[str]) -> str:
+    return next(o.partition("=")[2] for o in overrides if o.startswith("model.local_model_path="))
+
+
 def _cuda_gpus() -> int:
     import torch
 
@@ -72,11 +162,8 @@ def _cuda_gpus() -> int:
 @pytest.mark.e2e
 @pytest.mark.skipif(_cuda_gpus() < 2, reason="FSDP needs 2+ CUDA GPUs (accelerate does not shard CPU processes)")
 def test_fsdp_two_gpus_match_one(tiny_overrides):
-    """QLoRA under FSDP full shard over 2 GPUs, with FSDP's activation checkpointing, against 1 GPU: the
-    adapter gathered onto rank 0 is the whole adapter and loads with PEFT; the losses follow 1 GPU's."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
+    """QLoRA under FSDP full shard over 2 GPUs, with gradient checkpointing, against 1 GPU, no stand-ins:
+    the adapter gathered onto rank 0 is the whole adapter and loads with PEFT; the losses follow 1 GPU's."""
     gpu = ["training.device=cuda", "lora.quantization=4bit", "lora.bf16=true", "lora.gradient_checkpointing=true"]
     single, one = _run(tiny_overrides, "single", *gpu, "infrastructure.num_gpus=1", "training.gradient_accumulation=2")
     sharded, two = _run(tiny_overrides, "fsdp", *gpu, "infrastructure.num_gpus=2", "training.gradient_accumulation=1",
@@ -84,19 +171,4 @@ def test_fsdp_two_gpus_match_one(tiny_overrides):
 
     assert one["status"] == two["status"] == "succeeded"
     assert {p.name for p in sharded.root.iterdir()} == ARTIFACTS
-    t1, t2 = one["training"], two["training"]
-    assert (t2["world_size"], t2["effective_batch_size"], t2["steps"]) == (2, 4, 8)
-    # Really sharded: rank 0 held half of the parameter storage (4-bit weights included).
-    assert t2["sharding"]["strategy"] == "fsdp" and t2["sharding"]["rank0_fraction"] == pytest.approx(0.5, abs=0.02)
-    assert "FSDP full shard over 2 ranks" in sharded.log_file.read_text()
-    assert "sharding" not in t1
-    assert _shapes(single) == _shapes(sharded)
-    model_dir = next(o.partition("=")[2] for o in tiny_overrides if o.startswith("model.local_model_path="))
-    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), str(sharded.adapters))
-    assert any(p.abs().sum() > 0 for n, p in tuned.named_parameters() if "lora_B" in n)  # trained, not B's zeros
-    # Step 1: the same 4 rows and initial weights; the loss averaged per rank instead of per micro batch,
-    # as with DDP above: equal within 1e-3 relative (not measured here: no GPU on the development machine).
-    assert t1["history"][0]["loss"] == pytest.approx(t2["history"][0]["loss"], rel=1e-3)
-    drop1, drop2 = t1["base_eval_loss"] - t1["eval_loss"], t2["base_eval_loss"] - t2["eval_loss"]
-    assert drop1 > 0 and drop2 > 0
-    assert abs(drop1 - drop2) < 0.3 * drop1
+    _check_fsdp_against_one(single, one, sharded, two, _model_dir(tiny_overrides))

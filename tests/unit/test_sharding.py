@@ -60,8 +60,7 @@ def test_trainer_gets_fsdp_full_shard_per_decoder_layer(tmp_path, monkeypatch, q
     args = training_args(cfg, RunDir(tmp_path), "cpu", has_eval=False)
     assert args.fsdp_plugin_args == {
         "fsdp_version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-        "cpu_ram_efficient_loading": host_loading, "state_dict_type": "FULL_STATE_DICT",
-        "activation_checkpointing": True}
+        "cpu_ram_efficient_loading": host_loading, "state_dict_type": "FULL_STATE_DICT"}
     assert training_args(_cfg(), RunDir(tmp_path), "cpu", has_eval=False).fsdp_plugin_args is None
 
 
