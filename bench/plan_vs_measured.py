@@ -64,13 +64,15 @@ def replayed_batches(lengths: list[int], line: dict) -> list[MicroBatch] | None:
     import torch
     from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    mb, ga, warm = line["micro_batch"], line["grad_accum"], 1
+    mb, ga = line["micro_batch"], line["grad_accum"]
     torch.manual_seed(42)  # medtune's training.seed; Trainer seeds the same
     torch.empty((), dtype=torch.int64).random_()  # the DataLoader draws its base seed before the sampler runs
     order = get_length_grouped_indices(lengths, mb * ga)
     rows = [[lengths[i] for i in order[k:k + mb]] for k in range(0, len(order), mb)]
-    timed = rows[warm * ga:(warm + line["timed_steps"]) * ga]
-    if sum(map(sum, timed)) != line["tokens"]:
+    # the line does not name its warm-up steps (bench/run_gpu.sh uses 0, 1 or 2): the one that reproduces it
+    timed = next((t for warm in (1, 0, 2) for t in [rows[warm * ga:(warm + line["timed_steps"]) * ga]]
+                  if sum(map(sum, t)) == line["tokens"]), None)
+    if timed is None:
         return None
     if line["packing"]:
         return [MicroBatch(sum(r), len(r), "packed") for r in timed]
@@ -122,9 +124,11 @@ def main() -> None:
     lengths = [min(len(r), MAX_LEN) for r in json.loads(a.ids.read_text())] if a.ids.is_file() else None
     lines = [(p, json.loads(x)) for p in sorted(a.results.glob("*.jsonl")) for x in p.read_text().splitlines()
              if x.strip()]
-    # a line with merge_s read its peak after bench_merge reset the counter: that peak is the merge's
+    # a line with merge_s read its peak after bench_merge reset the counter: that peak is the merge's;
+    # data-parallel lines count every rank's tokens and each rank draws its own share of the sampler
     lines = [(p, d) for p, d in lines
-             if d.get("peak_mem_gib") and ("run" in d or d.get("mode") in ANCHORS) and "merge_s" not in d]
+             if d.get("peak_mem_gib") and ("run" in d or d.get("mode") in ANCHORS) and "merge_s" not in d
+             and d.get("world_size", 1) == 1]
     print("| run | recipe | largest timed micro batch, tokens | measured GiB | estimated GiB (peak at) | error "
           "| measured tok/s | estimated tok/s | error |")
     print("|---|---|---|---|---|---|---|---|---|")

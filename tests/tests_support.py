@@ -1,5 +1,9 @@
-"""Paths the tests share (importable from test modules; conftest holds the fixtures)."""
+"""Paths and helpers the tests share (importable from test modules; conftest holds the fixtures)."""
 
+import functools
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "medical_mistral_instruct_dataset_short"
@@ -8,3 +12,20 @@ SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "
 # resolved config, the data stage's output and the report).
 RUN_ARTIFACTS = {"adapters", "merged", "logs", "training.env", "manifest.json", "summary.md", "config.yaml", "data",
                  "report.html"}
+
+
+@functools.cache
+def _private_network_available() -> bool:
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
+        return False
+    return subprocess.run(["unshare", "--net", "--", "ip", "link", "set", "lo", "up"], capture_output=True).returncode == 0
+
+
+def loopback_only(command: list[str]) -> list[str]:
+    """`command` in a private network namespace whose only interface is loopback (as root, CI's case):
+    torchrun's TCPStores listen on every interface by design (torch binds `::`/`0.0.0.0`, whatever
+    address it is given), and inside the namespace every interface is 127.0.0.1. Elsewhere the
+    command is returned unchanged. The process keeps its pid (unshare and sh exec), so signals reach it."""
+    if not _private_network_available():
+        return command
+    return ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]

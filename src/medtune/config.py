@@ -94,12 +94,24 @@ class InfrastructureConfig(Section):
         1, ge=1, description="Data-parallel processes when training on the CPU (gloo). Above 1 it runs the "
         "multi-process path without GPUs (tests, debugging); it does not make one machine faster."
     )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="How several training processes share the work. `ddp`: every GPU holds the whole "
+        "(4-bit) base and the ranks average gradients. `fsdp`: the base is sharded over the GPUs (FSDP full "
+        "shard, one unit per decoder layer; with 4-bit, `bnb_4bit_quant_storage` is the compute dtype so the "
+        "4-bit weights shard too), for a base that does not fit one GPU; needs 2 or more CUDA GPUs (refused on "
+        "CPUs and for a single process)."
+    )
     rdzv_endpoint: str = Field(
         "", description="host:port of the torchrun rendezvous for multi-node runs; the batch scripts of "
         "`medtune submit` set it to the job's first node."
     )
     slurm: SlurmConfig = Field(default_factory=SlurmConfig, description="Batch job settings for `medtune submit --scheduler slurm`.")
     pbs: PbsConfig = Field(default_factory=PbsConfig, description="Batch job settings for `medtune submit --scheduler pbs`.")
+
+    @property
+    def nodes(self) -> int:
+        """Nodes the job spans, as the batch script asks the scheduler for them."""
+        return {"slurm": self.slurm.nodes, "pbs": self.pbs.chunks}.get(self.cluster, 1)
 
     @field_validator("num_gpus")
     @classmethod
@@ -323,6 +335,23 @@ class MedtuneConfig(Section):
         if self.training.attn_implementation == "varlen" and (not self.lora.packing or self.training.device == "cpu"):
             raise ValueError("training.attn_implementation=varlen needs lora.packing=true on a CUDA GPU; "
                              "use `auto` to pick the kernel")
+        return self
+
+    @model_validator(mode="after")
+    def _fsdp_rules(self) -> MedtuneConfig:
+        infra = self.infrastructure
+        if infra.distributed != "fsdp":
+            return self
+        if self.lora.quantization == "8bit":
+            raise ValueError("infrastructure.distributed=fsdp shards 4-bit (QLoRA) or unquantized bases, not 8-bit "
+                             "ones; set lora.quantization=4bit or none")
+        if self.training.device == "cpu":
+            # accelerate turns FSDP on for GPU processes only; on CPUs the Trainer would quietly run DDP.
+            raise ValueError("infrastructure.distributed=fsdp needs CUDA GPUs (accelerate does not shard CPU "
+                             "processes); set infrastructure.distributed=ddp for CPU processes")
+        if infra.nodes == 1 and infra.num_gpus == 1:
+            raise ValueError("infrastructure.distributed=fsdp shards the base over several GPUs but "
+                             "infrastructure.num_gpus is 1; use 2 or more (or `auto`), or set infrastructure.distributed=ddp")
         return self
 
 

@@ -5,6 +5,10 @@ dataset tokens from an earlier run's data report, a local sample, or a stated as
 throughput from measured figures (plan_tables.py, each citing its bench/results line). Every estimate
 says where its inputs came from. The memory model is plan_memory.py (peak torch allocation); the
 CUDA context and allocator reserve are added on top for the scheduler request only.
+With infrastructure.distributed=fsdp over N GPUs, weights, LoRA and optimizer states are divided by N,
+except the 4-bit quantization constants (not parameters: whole on every GPU), plus two decoder layers
+gathered whole (the one computing and the one prefetched) and the lm_head, which stays gathered from
+forward to backward; QLoRA loads the whole 4-bit base onto every GPU before sharding it (a load peak).
 """
 
 from __future__ import annotations
@@ -88,12 +92,45 @@ def recipe(cfg: MedtuneConfig, device: str, attention: str | None = None, liger:
                   compute_bytes=2 if device == "cuda" or lo.bf16 else 4)  # CPUs without bf16 train in fp32
 
 
-def memory_gib(cfg: MedtuneConfig, s: Shape, device: str, batch: MicroBatch) -> dict[str, Any]:
-    """Peak memory parts in GiB (plan_memory.estimate) plus the runtime outside torch's counters."""
+def memory_gib(cfg: MedtuneConfig, s: Shape, device: str, batch: MicroBatch, shards: int = 1) -> dict[str, Any]:
+    """Peak memory parts in GiB per GPU (plan_memory.estimate) plus the runtime outside torch's counters;
+    with `shards` > 1 the base, LoRA and optimizer states are sharded over that many GPUs (FSDP)."""
     out = estimate(s, recipe(cfg, device), batch)
+    if shards > 1:
+        half = 2 if device == "cuda" or cfg.lora.bf16 else 4
+        weight_bytes = {"4bit": 4.127 / 8, "8bit": 1.0, "none": half}[cfg.lora.quantization]
+        counts = parameter_counts(s, cfg.lora.lora_r, cfg.lora.target_modules)
+        sharded = fsdp_parts(s, counts, weight_bytes, half, out["lora_and_optimizer"] * GIB, shards)
+        out["total"] -= out["weights"] + out["lora_and_optimizer"]
+        out.update({k: v / GIB for k, v in sharded.items()})
+        out["total"] += out["weights"] + out["lora_and_optimizer"] + out["gathered"]
     out["overhead"] = CUDA_CONTEXT_GIB if device == "cuda" else CPU_RUNTIME_GIB
     out["total"] += out["overhead"]
     return out
+
+
+def fsdp_parts(s: Shape, counts: dict[str, int], weight_bytes: float, half: int, lora: float,
+               shards: int) -> dict[str, float]:
+    """Bytes per GPU under FSDP full shard: this GPU's shares, the unsharded 4-bit constants, and what
+    is gathered whole at the peak."""
+    packed = 0.5 if weight_bytes < 1 else weight_bytes  # nf4 packs two weights per byte; the rest is absmax
+    constants = counts["linear"] * (weight_bytes - packed)
+    share = (counts["linear"] * packed + (counts["embeddings"] + counts["norms"]) * half) / shards
+    layer = sum(i * o for i, o in projections(s).values()) * packed + 2 * s.hidden * half
+    lm_head = s.vocab * s.hidden * half
+    return {"weights": share + constants, "lora_and_optimizer": lora / shards, "gathered": 2 * layer + lm_head}
+
+
+def fsdp_shards(cfg: MedtuneConfig) -> int:
+    """GPUs the base is sharded over: 1 unless infrastructure.distributed=fsdp."""
+    infra = cfg.infrastructure
+    if infra.distributed != "fsdp":
+        return 1
+    per_node = infra.num_gpus if infra.num_gpus != "auto" else visible_gpu_count()
+    if per_node * infra.nodes < 2:
+        raise ConfigError("planning FSDP needs the GPU count: set infrastructure.num_gpus (per node) to the GPUs "
+                          "the run will shard over")
+    return per_node * infra.nodes
 
 
 def pick_target(cfg: MedtuneConfig, gpu: str | None, total_params: int) -> tuple[str, Card | None, str]:
@@ -128,6 +165,15 @@ def visible_gpu() -> Card | None:
     name = name.replace("NVIDIA ", "")
     known = next((c for n, c in CARDS.items() if n.split("-")[0] in name), None)
     return Card(name, float(mib) / 1024, known.bf16_tflops if known else 0.0)
+
+
+def visible_gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return len([line for line in out.splitlines() if line.strip()])
 
 
 def dataset_tokens(cfg: MedtuneConfig, rows_hint: int | None) -> dict[str, Any]:
@@ -254,7 +300,8 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
     data = dataset_tokens(cfg, rows)
     t = cfg.training
     batch = planned_micro_batch(cfg, data, device)
-    memory = memory_gib(cfg, shape, device, batch)
+    shards = fsdp_shards(cfg) if device == "cuda" else 1
+    memory = memory_gib(cfg, shape, device, batch, shards)
     mean_batch = t.micro_batch_size * data["tokens"] / max(1, data["rows"])
     speed = throughput(recipe(cfg, device), cfg.lora.packing, round(mean_batch), device, card, counts["total"])
     epoch_s = data["tokens"] / speed["tokens_per_second"]
@@ -266,21 +313,35 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
     walltime = (train_s + 600) * 1.3
     merge_host = counts["total"] * 2 / GIB  # the merge reloads the base unquantized (16-bit) in host memory
     host_mem = math.ceil(max(16.0, merge_host * 1.5 + 8))
-    fits = None if card is None else memory["total"] <= card.memory_gib
+    fsdp = _fsdp_summary(cfg, counts, shards, card)
+    fits = None if card is None else memory["total"] <= card.memory_gib and (not fsdp or fsdp["load_fits"])
+    gpus = (shards // cfg.infrastructure.nodes if shards > 1 else 1) if device == "cuda" else 0
     return {
         "model": {"id": cfg.model.base_model_id, "shape_source": shape_source, "parameters": counts["total"],
                   "lora_trainable": counts["lora"], "lora_r": cfg.lora.lora_r, "quantization": cfg.lora.quantization},
         "target": {"device": device, "card": card.name if card else "cpu", "card_memory_gib": card.memory_gib if card
                    else None, "why": why},
         "memory_gib": {k: round(v, 2) if isinstance(v, float) else v for k, v in memory.items()},
-        "micro_batch": {"tokens": batch.tokens, "rows": batch.rows, "layout": batch.layout},
+        "micro_batch": {"tokens": batch.tokens, "rows": batch.rows, "layout": batch.layout}, "fsdp": fsdp,
         "fits": fits, "data": data,
         "throughput": {**speed, "tokens_per_second": round(speed["tokens_per_second"], 1)},
         "time": {"epoch_seconds": round(epoch_s), "steps_per_epoch": steps_per_epoch, "train_seconds": round(train_s),
                  "walltime_seconds": round(walltime)},
-        "request": {"gpus": 1 if device == "cuda" else 0, "host_memory_gib": host_mem,
-                    **scheduler_lines(1 if device == "cuda" else 0, host_mem, 8 if device == "cuda" else 2, walltime)},
+        "request": {"gpus": gpus, "host_memory_gib": host_mem,
+                    **scheduler_lines(gpus, host_mem, 8 if device == "cuda" else 2, walltime)},
     }
+
+
+def _fsdp_summary(cfg: MedtuneConfig, counts: dict[str, int], shards: int, card: Card | None) -> dict[str, Any] | None:
+    """FSDP's GPU count and, for QLoRA, the load peak: bitsandbytes quantizes the whole base on every
+    GPU before accelerate shards it (unquantized bases are read by rank 0 on the host and broadcast)."""
+    if shards == 1:
+        return None
+    peak = None
+    if cfg.lora.quantization == "4bit":
+        peak = (counts["linear"] * 4.127 / 8 + (counts["embeddings"] + counts["norms"]) * 2) / GIB + CUDA_CONTEXT_GIB
+    return {"gpus": shards, "load_peak_gib": round(peak, 2) if peak else None,
+            "load_fits": peak is None or card is None or peak <= card.memory_gib}
 
 
 def render_plan(p: dict[str, Any]) -> str:
@@ -289,14 +350,16 @@ def render_plan(p: dict[str, Any]) -> str:
     where = f"{target['card']} ({target['card_memory_gib']:.0f} GiB)" if target["card_memory_gib"] else "CPU"
     verdict = "" if p["fits"] is None else ("fits" if p["fits"] else "DOES NOT FIT: lower micro_batch_size or "
                                             "max_seq_length, enable gradient checkpointing or 4-bit quantization")
+    gathered = f" + FSDP gathered {mem['gathered']:.2f}" if "gathered" in mem else ""
     lines = [
         f"model       {m['id']}: {m['parameters'] / 1e9:.3f}B parameters (shape from {m['shape_source']})",
         f"LoRA        r={m['lora_r']}: {m['lora_trainable']:,} trainable parameters; base {m['quantization']}",
         f"target      {where} — {target['why']}",
         f"memory      {mem['total']:.1f} GiB peak = weights {mem['weights']:.2f} + LoRA/optimizer "
         f"{mem['lora_and_optimizer']:.2f} + activations {mem['activations']:.2f} + transient {mem['transient']:.2f} "
-        f"(at the {mem['peak_moment']}) + runtime {mem['overhead']:.1f}, at the epoch's largest micro batch: "
-        f"{mb['rows']} rows, {mb['tokens']:,} tokens {mb['layout']} {verdict}",
+        f"(at the {mem['peak_moment']}) + runtime {mem['overhead']:.1f}{gathered}, at the epoch's largest micro "
+        f"batch: {mb['rows']} rows, {mb['tokens']:,} tokens {mb['layout']} {verdict}",
+        *_fsdp_lines(p["fsdp"]),
         f"data        {d['rows']:,} training rows, {d['tokens']:,} tokens ({d['source']})",
         f"throughput  {p['throughput']['tokens_per_second']:,.0f} tok/s — {p['throughput']['note']}; anchor: "
         f"{p['throughput']['anchor']}",
@@ -306,3 +369,13 @@ def render_plan(p: dict[str, Any]) -> str:
         "", "Slurm:", *p["request"]["slurm"], "", "PBS:", *p["request"]["pbs"],
     ]
     return "\n".join(lines) + "\n"
+
+
+def _fsdp_lines(fsdp: dict[str, Any] | None) -> list[str]:
+    if not fsdp:
+        return []
+    line = f"FSDP        base sharded over {fsdp['gpus']} GPUs: the memory above is per GPU"
+    if fsdp["load_peak_gib"]:
+        line += (f"; loading peaks at {fsdp['load_peak_gib']:.1f} GiB per GPU (each GPU quantizes the whole base "
+                 "before it is sharded)" + ("" if fsdp["load_fits"] else " — DOES NOT FIT this card"))
+    return [line]

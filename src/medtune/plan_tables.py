@@ -29,6 +29,7 @@ class Shape:
 
 KNOWN_SHAPES: dict[str, Shape] = {
     "meta-llama/Llama-3.1-8B-Instruct": Shape(4096, 14336, 32, 32, 8, 128256, False),
+    "meta-llama/Llama-3.1-70B-Instruct": Shape(8192, 28672, 80, 64, 8, 128256, False),  # FSDP's use case
     "mistralai/Mistral-7B-Instruct-v0.2": Shape(4096, 14336, 32, 32, 8, 32000, False),
     "google/gemma-7b-it": Shape(3072, 24576, 28, 16, 16, 256000, True, head_dim=256),
     "meta-llama/Llama-2-7b-chat-hf": Shape(4096, 11008, 32, 32, 32, 32000, False),
@@ -94,4 +95,16 @@ THROUGHPUT: tuple[Throughput, ...] = (
                "bench/results/2026-11-28-h200-c.jsonl medtune_qlora_packed_nogc"),
     Throughput(H200, L8B, "none", True, True, "flex_attention", 5360, 5891.0,
                "bench/results/2026-11-28-h200-c.jsonl medtune_bf16_packed"),
+    Throughput(H200, L8B, "4bit", True, True, "varlen", 5360, 5456.0,
+               "bench/results/2026-11-28-h200-d.jsonl medtune_varlen"),
+    Throughput(H200, L8B, "4bit", True, True, "varlen", 5360, 5061.0,
+               "bench/results/2026-11-28-h200-e.jsonl medtune_varlen"),
+    Throughput(H200, L8B, "4bit", True, True, "varlen", 5517, 6112.0,
+               "bench/results/2026-11-28-h200-d.jsonl medtune_preset"),
+    Throughput(H200, L8B, "4bit", True, True, "varlen", 9582, 7335.0,
+               "bench/results/2026-11-28-h200-d.jsonl fast20"),
+    Throughput(H200, L8B, "4bit", True, True, "varlen", 10721, 6406.0,
+               "bench/results/2026-11-28-h200-d.jsonl medtune_varlen_mb52"),
+    Throughput(H200, L8B, "4bit", True, True, "varlen", 10721, 7318.0,
+               "bench/results/2026-11-28-h200-e.jsonl medtune_varlen_mb52"),
 )

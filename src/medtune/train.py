@@ -30,6 +30,7 @@ from medtune.preemption import Preempted, StopOnSignal, last_complete_checkpoint
 from medtune.modelcard import write_card
 from medtune.progress import ProgressLog, peak_memory_gib
 from medtune.rundir import RunDir, atomic_dir
+from medtune.sharding import full_state, load_placement, shard_report, trainer_arguments, uses_fsdp
 
 log = logging.getLogger("medtune.train")
 
@@ -70,12 +71,14 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
     dtype = compute_dtype(cfg, device)
     quant = None
     if cfg.lora.quantization == "4bit":
+        # Under FSDP the packed 4-bit weights are stored in the compute dtype, which FSDP can shard.
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=dtype)
+                                   bnb_4bit_compute_dtype=dtype,
+                                   bnb_4bit_quant_storage=dtype if uses_fsdp(cfg) else torch.uint8)
     elif cfg.lora.quantization == "8bit":
         quant = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, quantization_config=quant,
-                                                 device_map={"": place or device},
+                                                 device_map={"": load_placement(cfg, place or device)},
                                                  attn_implementation=attention_kernel(cfg, device))
     model.config.use_cache = False
     if cfg.lora.gradient_checkpointing:
@@ -130,6 +133,7 @@ def training_args(cfg: MedtuneConfig, run: RunDir, device: str, has_eval: bool) 
         # LoRA leaves every trainable parameter in the graph; skipping DDP's unused-parameter search
         # also keeps gradient checkpointing working under DDP.
         ddp_find_unused_parameters=False,
+        **trainer_arguments(cfg),
     )
 
 
@@ -188,6 +192,9 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
 def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal, model_path: str,
            data_path: str) -> dict[str, Any]:
     eval_ds, device, world = trainer.eval_dataset, trainer.args.device.type, trainer.args.world_size
+    if uses_fsdp(cfg) and not trainer.is_fsdp_enabled:  # never fall back to unsharded training silently
+        raise RuntimeError(f"infrastructure.distributed=fsdp but accelerate did not enable FSDP ({world} process(es) "
+                           f"on {device})")
     rank0 = trainer.is_world_process_zero()
     if rank0:
         remove_incomplete_checkpoints(run.checkpoints)
@@ -215,6 +222,8 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
         raise Preempted(f"training stopped by {stopper.signal_name} after saving a checkpoint at step "
                         f"{stopper.stopped_at}; rerun with `medtune run --resume {run.root}` to continue")
     metrics.update(_train_metrics(trainer, result, seconds, device))
+    if trainer.is_fsdp_enabled:
+        metrics["sharding"] = shard_report(trainer)
     progress, tensorboard = _callback(trainer, ProgressLog), _callback(trainer, TensorBoardCallback)
     metrics["throughput"] = progress.samples
     metrics["peak_memory_gib"] = round(peak_memory_gib(device), 3)
@@ -227,9 +236,10 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
         metrics["eval_loss_reduction"] = 1 - metrics["eval_loss"] / metrics["base_eval_loss"]
         log.info("finetune: eval loss %.4f (base %.4f, %.1f%% lower)", metrics["eval_loss"],
                  metrics["base_eval_loss"], 100 * metrics["eval_loss_reduction"])
+    state = full_state(trainer)  # under FSDP every rank takes part in gathering the adapter
     if rank0:
         with atomic_dir(run.adapters) as tmp:
-            trainer.model.save_pretrained(str(tmp))
+            trainer.model.save_pretrained(str(tmp), state_dict=state)
             write_card(tmp, "adapters", {**run.manifest(), "training": metrics}, run.tokenizer_source(model_path))
         run.update_manifest(training=metrics)
     trainer.accelerator.wait_for_everyone()

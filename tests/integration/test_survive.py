@@ -19,7 +19,7 @@ import pytest
 
 from medtune.cli import main
 from medtune.preemption import EXIT_PREEMPTED, last_complete_checkpoint
-from tests_support import RUN_ARTIFACTS
+from tests_support import RUN_ARTIFACTS, loopback_only
 
 ARTIFACTS = RUN_ARTIFACTS
 STEPS = 16
@@ -30,8 +30,9 @@ def _start(overrides: list[str], run_id: str, hooks: Path, *extra: str) -> subpr
     args = ["run", "--preset", "smollm2-135m-medical", "--run-id", run_id, *_sets([*overrides, *extra]),
             "--set", f"training.max_steps={STEPS}", "--set", "training.save_steps=2", "--set", "training.logging_steps=1",
             "--set", "evaluation.validation_questions=0"]
-    return subprocess.Popen([sys.executable, "-m", "medtune", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    # loopback_only: with 2 ranks, torchrun's stores would listen on every interface (tests_support).
+    return subprocess.Popen(loopback_only([sys.executable, "-m", "medtune", *args]), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
 
 
 def _sets(overrides: list[str]) -> list[str]:

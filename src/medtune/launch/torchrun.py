@@ -49,8 +49,19 @@ class WorldPlan:
 
 def plan_world(cfg: MedtuneConfig, visible_gpus: int) -> WorldPlan:
     """How many processes train: one per GPU used on each node, or `cpu_processes` on the CPU."""
+    plan = _world(cfg, visible_gpus)
+    if cfg.infrastructure.distributed == "fsdp" and (plan.backend == "gloo" or not plan.distributed):
+        # Refused rather than run unsharded: FSDP is chosen for a base that does not fit one device.
+        raise EnvironmentProblem(
+            f"infrastructure.distributed=fsdp shards the base over 2 or more CUDA GPUs but {visible_gpus} "
+            "GPU(s) are visible; run on a node with 2+ GPUs or set infrastructure.distributed=ddp"
+        )
+    return plan
+
+
+def _world(cfg: MedtuneConfig, visible_gpus: int) -> WorldPlan:
     infra = cfg.infrastructure
-    nnodes = cluster_nodes(cfg)
+    nnodes = infra.nodes
     if cfg.training.device == "cpu" or visible_gpus == 0:
         if infra.num_gpus != "auto" and cfg.training.device != "cpu":
             raise EnvironmentProblem(
@@ -68,16 +79,6 @@ def plan_world(cfg: MedtuneConfig, visible_gpus: int) -> WorldPlan:
     return WorldPlan(infra.num_gpus, nnodes, "nccl")
 
 
-def cluster_nodes(cfg: MedtuneConfig) -> int:
-    """Nodes the job spans, as the batch script asked the scheduler for them."""
-    infra = cfg.infrastructure
-    if infra.cluster == "slurm":
-        return infra.slurm.nodes
-    if infra.cluster == "pbs":
-        return infra.pbs.chunks
-    return 1
-
-
 def training_command(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, wrap: list[str] | None = None) -> list[str]:
     """The finetune stage as a command: torchrun for several processes, else one worker; `wrap` (the
     container prefix) goes right before Python, which inside an image is the image's own `python3`."""
@@ -93,7 +94,8 @@ def torchrun_command(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, python: s
     torchrun = [*(wrap or []), python, "-m", "torch.distributed.run", f"--nnodes={plan.nnodes}",
                 f"--nproc-per-node={plan.nproc_per_node}", "--rdzv-backend=c10d", f"--rdzv-id={run.run_id}"]
     if plan.nnodes == 1:
-        torchrun += [f"--rdzv-endpoint=127.0.0.1:{free_port()}"]
+        # --local-addr: the ranks' MASTER_ADDR (the agent's store) is loopback too, not this host's name.
+        torchrun += [f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--local-addr=127.0.0.1"]
     else:
         endpoint = cfg.infrastructure.rdzv_endpoint
         if not endpoint:
