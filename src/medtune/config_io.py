@@ -219,7 +219,11 @@ def _shell_quote(text: str) -> str:
 def render_yaml(cfg: MedtuneConfig, header: str = "") -> str:
     """A complete, commented YAML file: each key preceded by its description."""
     lines = [f"# {line}" if line else "#" for line in header.splitlines()]
-    _yaml_section(MedtuneConfig, to_dict(cfg), 0, lines)
+    data = to_dict(cfg)
+    # The format the loader applies, so a reloaded config.yaml (--resume, torchrun ranks, batch jobs)
+    # infers it again rather than enforcing the seed's unset default `json`.
+    data["dataset"]["dataset_format"] = cfg.dataset.format_to_use
+    _yaml_section(MedtuneConfig, data, 0, lines)
     return "\n".join(lines) + "\n"
 
 

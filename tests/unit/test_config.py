@@ -102,7 +102,11 @@ def test_init_yaml_round_trips(tmp_path):
     f.write_text(render_yaml(cfg))
     assert "# LoRA rank." in f.read_text()
     again = load_config(f, env={})
-    assert to_dict(again) == to_dict(cfg)
+    # config.yaml writes the format the loader applies (`auto` when the key was not set): same behaviour
+    assert again.dataset.format_to_use == cfg.dataset.format_to_use == "auto"
+    first, second = to_dict(cfg), to_dict(again)
+    first["dataset"].pop("dataset_format"), second["dataset"].pop("dataset_format")
+    assert second == first
     assert yaml.safe_load(f.read_text())["lora"]["lora_r"] == 64
 
 
@@ -126,3 +130,15 @@ def test_embedded_heldout_split_only_applies_to_bundled_data():
     assert other.dataset.eval_split == ""
     named = load_config(preset=EMBEDDED_PRESET, overrides=["dataset.local_dataset_path=/d", "dataset.eval_split=test"], env={})
     assert named.dataset.eval_split == "test"
+
+
+def test_an_inferred_dataset_format_survives_the_config_yaml_round_trip(tmp_path):
+    """`--resume`, torchrun ranks and batch jobs reload config.yaml: an unset format must stay inferred
+    (the seed's default `json` would refuse a CSV or Parquet dataset), a set one must stay set."""
+    from medtune.config_io import render_yaml
+
+    for overrides, expected in (([], "auto"), (["dataset.dataset_format=parquet"], "parquet")):
+        cfg = load_config(preset="smollm2-135m-medical", overrides=overrides, env={})
+        saved = tmp_path / "config.yaml"
+        saved.write_text(render_yaml(cfg))
+        assert load_config(config_file=saved, env={}).dataset.format_to_use == expected
