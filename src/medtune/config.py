@@ -237,6 +237,12 @@ class TrainingConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to train: `auto` uses CUDA when available, else the CPU."
     )
+    auto_fit: bool = Field(
+        True,
+        description="On CUDA out of memory, retry from the last checkpoint with half the micro batch and twice "
+        "the gradient accumulation (same effective batch), down to micro batch 1; false: stop and name the "
+        "remedies. Single-process runs only; every change is recorded in manifest.json (`auto_fit`).",
+    )
 
 
 class LoraConfig(Section):

@@ -10,6 +10,7 @@ last file of a checkpoint; folders without it were cut off mid-save and are remo
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -61,16 +62,8 @@ class StopOnSignal(TrainerCallback):
         # Only set a flag: saving from inside a signal handler could interrupt a half-done step.
         self.signal_name = signal.Signals(signum).name
 
-    def _any_rank_signalled(self, args: Any) -> bool:
-        flag = self.signal_name is not None
-        if args.world_size > 1 and torch.distributed.is_initialized():
-            tensor = torch.tensor([int(flag)], device=args.device)
-            torch.distributed.all_reduce(tensor)  # note: a sync point, once per optimizer step
-            flag = bool(tensor.item())
-        return flag
-
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.stopped_at is None and self._any_rank_signalled(args):
+        if self.stopped_at is None and any_rank(self.signal_name is not None, args):
             self.signal_name = self.signal_name or "a signal to another rank"
             self.stopped_at = state.global_step
             control.should_save = True
@@ -79,15 +72,31 @@ class StopOnSignal(TrainerCallback):
                         self.signal_name, state.global_step)
 
 
+def any_rank(flag: bool | torch.Tensor, args: Any) -> bool:
+    """Whether `flag` holds on any rank: ranks that stop training must stop at the same step."""
+    tensor = torch.as_tensor(flag, device=args.device).to(torch.int32).reshape(1)
+    if args.world_size > 1 and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)  # MAX would do; SUM of 0/1 flags is the same test
+    return bool(tensor.item())  # note: a CPU-GPU sync point, once per optimizer step
+
+
 def last_complete_checkpoint(folder: Path) -> Path | None:
     """The newest `checkpoint-N` with its trainer_state.json; None when there is none."""
-    complete = [p for p in _checkpoints(folder) if (p / "trainer_state.json").is_file()]
+    complete = [p for p in _checkpoints(folder) if _complete(p)]
     return complete[-1] if complete else None
+
+
+def _complete(checkpoint: Path) -> bool:
+    """trainer_state.json is written last, but in place: a kill while writing it leaves half a JSON file."""
+    try:
+        return "global_step" in json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def remove_incomplete_checkpoints(folder: Path) -> None:
     for path in _checkpoints(folder):
-        if not (path / "trainer_state.json").is_file():
+        if not _complete(path):
             log.warning("finetune: removing %s (cut off while being saved)", path.name)
             shutil.rmtree(path, ignore_errors=True)
 

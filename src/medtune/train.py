@@ -25,7 +25,9 @@ from transformers.trainer_callback import PrinterCallback
 
 from medtune import attention, base_eval_cache
 from medtune.config import MedtuneConfig
+from medtune.divergence import StopOnDivergence, diverged_error
 from medtune.errors import EnvironmentProblem
+from medtune.oom import train_fitting_memory
 from medtune.preemption import Preempted, StopOnSignal, last_complete_checkpoint, remove_incomplete_checkpoints
 from medtune.modelcard import write_card
 from medtune.progress import ProgressLog, peak_memory_gib
@@ -181,9 +183,13 @@ def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:
 
 
 def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
+    return train_fitting_memory(cfg, run, lambda fitted: _train_once(fitted, run, model_path, data_path))
+
+
+def _train_once(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
     stopper = StopOnSignal().install()
     try:
-        trainer = build_trainer(cfg, run, model_path, data_path, callbacks=(stopper,))
+        trainer = build_trainer(cfg, run, model_path, data_path, callbacks=(stopper, StopOnDivergence()))
         return _train(cfg, run, trainer, stopper, model_path, data_path)
     finally:
         stopper.uninstall()
@@ -221,6 +227,8 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
                                             "time": time.time()})
         raise Preempted(f"training stopped by {stopper.signal_name} after saving a checkpoint at step "
                         f"{stopper.stopped_at}; rerun with `medtune run --resume {run.root}` to continue")
+    if (diverged := _callback(trainer, StopOnDivergence).diverged) is not None:
+        raise _diverged(cfg, run, trainer, diverged)
     metrics.update(_train_metrics(trainer, result, seconds, device))
     if trainer.is_fsdp_enabled:
         metrics["sharding"] = shard_report(trainer)
@@ -244,6 +252,13 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
         run.update_manifest(training=metrics)
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+def _diverged(cfg: MedtuneConfig, run: RunDir, trainer: Any, info: dict[str, Any]) -> Exception:
+    kept = last_complete_checkpoint(run.checkpoints)
+    if trainer.is_world_process_zero():
+        run.update_manifest(divergence={**info, "checkpoint_kept": kept.name if kept else None})
+    return diverged_error(info, trainer.args, cfg.training.learning_rate, str(kept) if kept else None)
 
 
 def _callback(trainer: Any, kind: type) -> Any:

@@ -24,6 +24,7 @@ from medtune.modelcard import write_card
 from medtune.provenance import medtune_revision, model_fingerprint
 from medtune.rundir import RunDir, new_run_id, remove_stale_temps, write_text
 from medtune.runlog import redact, setup_logging
+from medtune.runlock import run_lock
 
 log = logging.getLogger("medtune")
 
@@ -53,6 +54,11 @@ def preflight(cfg: MedtuneConfig, on_this_machine: bool = True) -> None:
 def run_workflow(cfg: MedtuneConfig, verbose: bool = False) -> RunDir:
     preflight(cfg)
     run = RunDir.for_run(cfg.output.output_root, cfg.output.run_id or new_run_id()).create()
+    with run_lock(run.root):  # a second `medtune run` on this directory is refused before it writes anything
+        return _run_locked(cfg, run, verbose)
+
+
+def _run_locked(cfg: MedtuneConfig, run: RunDir, verbose: bool) -> RunDir:
     # config.yaml carries the run id, so `--resume`, the torchrun ranks and a requeued job find this run.
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_id": run.run_id})})
     secrets = run_secrets(cfg)

@@ -1,0 +1,100 @@
+"""CUDA out of memory during training: name the remedies for this run, or fit the batch and retry.
+
+The remedies are the seed's, with this run's numbers: a smaller micro batch with a larger gradient
+accumulation that keeps the effective batch (so the optimisation is the same), a shorter
+max_seq_length, 4-bit QLoRA, gradient checkpointing. With `training.auto_fit` (the default) a
+single-process run applies the first one itself: it halves the micro batch, raises the accumulation
+to keep the effective batch, and retries from the last complete checkpoint, down to micro batch 1.
+Under torchrun the ranks would have to agree on the new batch, so there the error is reported instead.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from medtune.config import MedtuneConfig
+from medtune.errors import MedtuneError
+from medtune.rundir import RunDir
+
+log = logging.getLogger("medtune.train")
+
+
+class TrainingOutOfMemory(MedtuneError):
+    """The GPU ran out of memory and no smaller batch was tried (or none is left)."""
+
+
+def smaller_batch(micro: int, accumulation: int) -> tuple[int, int] | None:
+    """About half the micro batch, with the accumulation that keeps micro x accumulation; None at 1."""
+    if micro <= 1:
+        return None
+    per_step = micro * accumulation
+    new = micro // 2
+    while per_step % new:  # e.g. 3 x 5: micro 1 x 15, since no micro batch of 2 keeps 15 exactly
+        new -= 1
+    return new, per_step // new
+
+
+def remedies(cfg: MedtuneConfig, world_size: int) -> str:
+    """The fixes for this run, as `--set` overrides with concrete values."""
+    t, lora = cfg.training, cfg.lora
+    effective = t.micro_batch_size * t.gradient_accumulation * world_size
+    fixes = []
+    fitted = smaller_batch(t.micro_batch_size, t.gradient_accumulation)
+    if fitted:
+        fixes.append(f"training.micro_batch_size={fitted[0]} with training.gradient_accumulation={fitted[1]} "
+                     f"(the effective batch stays {effective})")
+    if t.max_seq_length >= 64:
+        fixes.append(f"training.max_seq_length={t.max_seq_length // 2} (longer rows are truncated; needs a new run)")
+    if lora.quantization != "4bit":
+        fixes.append("lora.quantization=4bit (QLoRA: the base in a quarter of its 16-bit memory)")
+    if not lora.gradient_checkpointing:
+        fixes.append("lora.gradient_checkpointing=true (recompute activations: less memory, ~30% slower)")
+    if not t.auto_fit and fitted:
+        fixes.append("or training.auto_fit=true to let medtune shrink the micro batch itself")
+    return "; ".join(fixes) if fixes else "a GPU with more memory, or a smaller base model"
+
+
+def release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def train_fitting_memory(cfg: MedtuneConfig, run: RunDir, attempt: Callable[[MedtuneConfig], Any]) -> Any:
+    """`attempt(cfg)` (one training run, resuming from the last checkpoint), retried with a smaller
+    micro batch after each CUDA out-of-memory error while `training.auto_fit` allows it."""
+    while True:
+        try:
+            return attempt(cfg)
+        except torch.cuda.OutOfMemoryError as exc:
+            what = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
+        # Outside the except block: the traceback, and the model and optimizer its frames hold, are gone.
+        release_memory()
+        t = cfg.training
+        world = torch.distributed.get_world_size() if _distributed() else 1
+        fitted = smaller_batch(t.micro_batch_size, t.gradient_accumulation)
+        if not (t.auto_fit and fitted and world == 1):
+            tried = " (auto_fit is off)" if not t.auto_fit else ""
+            raise TrainingOutOfMemory(
+                f"training ran out of GPU memory at micro batch {t.micro_batch_size} x accumulation "
+                f"{t.gradient_accumulation}{tried} ({what[:120]}); set {remedies(cfg, world)}; apply with "
+                f"`medtune run --resume {run.root} --set KEY=VALUE` (the last checkpoint is kept)"
+            ) from None
+        log.warning("finetune: out of GPU memory at micro batch %d; auto_fit retries with micro batch %d x "
+                    "accumulation %d (same effective batch) from the last checkpoint",
+                    t.micro_batch_size, fitted[0], fitted[1])
+        history = run.manifest().get("auto_fit", [])
+        run.update_manifest(auto_fit=[*history, {"from_micro_batch_size": t.micro_batch_size,
+                                                 "micro_batch_size": fitted[0], "gradient_accumulation": fitted[1]}])
+        cfg = cfg.model_copy(update={"training": t.model_copy(
+            update={"micro_batch_size": fitted[0], "gradient_accumulation": fitted[1]})})
