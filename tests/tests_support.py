@@ -29,3 +29,6 @@ def loopback_only(command: list[str]) -> list[str]:
     if not _private_network_available():
         return command
     return ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
+
+# The bucket the `s3` fixture (tests/integration/conftest.py) creates on its moto endpoint.
+S3_BUCKET = "medtune-test"

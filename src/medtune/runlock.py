@@ -1,8 +1,8 @@
 """One `medtune run` per run directory: a lock file holding the owner's pid, host and start time.
 
 Two processes on one run directory would interleave checkpoints, rewrite each other's manifest and
-race on the atomic renames, so the second one is refused. The lock is `<run>/.lock`, created with
-O_EXCL (atomic on local and NFSv3+ file systems) and removed when the run ends. A lock whose owner
+race on the atomic renames, so the second one is refused. The lock is `<run>/.lock`, created whole by
+a hard link (atomic on local and NFS file systems) and removed when the run ends. A lock whose owner
 is gone is stale and taken over: on this host the pid no longer runs (or now belongs to a process
 started later, a reused pid); on any host, the owner was an earlier allocation of the same Slurm job
 (a requeued job keeps its job id). A lock from another host that cannot be checked is never taken.
@@ -60,16 +60,19 @@ def _read(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError):
-        return {}  # cut off while being written: its writer died before it finished, so it is stale
+        return {}  # unreadable (the lock is always linked in whole): treat as stale
 
 
 def _create(path: Path, owner: dict[str, Any]) -> bool:
+    """Write the owner to a temp file and hard-link it into place: the lock appears whole or not at all."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(owner))
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.link(tmp, path)
     except FileExistsError:
         return False
-    with os.fdopen(fd, "w") as fh:
-        json.dump(owner, fh)
+    finally:
+        tmp.unlink()
     return True
 
 

@@ -1,74 +1,25 @@
-"""Upload against a real S3 endpoint: moto's server on 127.0.0.1, read and written through s3fs.
-
-s3fs (through botocore) finds the endpoint in AWS_ENDPOINT_URL and credentials in AWS_ACCESS_KEY_ID /
-AWS_SECRET_ACCESS_KEY, exactly as a user's job would for MinIO, Ceph or a cloud bucket.
-"""
+"""Upload against a real S3 endpoint: moto's server on 127.0.0.1 (the `s3` fixture), through s3fs."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
-import socket
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 s3fs = pytest.importorskip("s3fs")
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 
 from medtune.cli import main  # noqa: E402
 from medtune.config_io import load_config  # noqa: E402
 from medtune.rundir import RunDir  # noqa: E402
 from medtune.storage import Retry, UploadError, upload  # noqa: E402
 from medtune.workflow import run_workflow  # noqa: E402
+from tests_support import S3_BUCKET as BUCKET  # noqa: E402  (the `s3` fixture: integration/conftest.py)
 
-BUCKET = "medtune-test"
 CANARY = "hf_CANARYuploadTOKEN0123456789abcdef"
 FAST = Retry(attempts=2, backoff_s=0.05)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class S3Endpoint:
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.server = None
-
-    def start(self) -> None:
-        # moto keeps buckets in process-wide state, so a stopped and restarted server still has them.
-        self.server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-
-    def stop(self) -> None:
-        self.server.stop()
-
-    def fs(self):
-        return s3fs.S3FileSystem(skip_instance_cache=True)
-
-
-@pytest.fixture
-def s3(monkeypatch):
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    endpoint = S3Endpoint(_free_port())
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{endpoint.port}")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "medtune-test-key")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "medtune-test-secret")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the test exercises medtune's retries, not botocore's
-    endpoint.start()
-    # moto's state is process-wide: start each test from an empty endpoint.
-    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{endpoint.port}/moto-api/reset", method="POST"))
-    s3fs.S3FileSystem.clear_instance_cache()
-    endpoint.fs().mkdir(BUCKET)
-    yield endpoint
-    endpoint.stop()
-    s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture
