@@ -76,9 +76,10 @@ def _create(path: Path, owner: dict[str, Any]) -> bool:
     return True
 
 
-def acquire(root: Path) -> Path:
-    """Take the run's lock, taking over a stale one; raise RunLocked while a live process holds it."""
-    path, me = root / LOCK_NAME, _this_owner()
+def acquire(root: Path, stale: list[str] | None = None) -> Path:
+    """Take the run's lock, taking over a stale one (noted in `stale`); raise RunLocked while a live
+    process holds it."""
+    path, me, stale = root / LOCK_NAME, _this_owner(), [] if stale is None else stale
     for _ in range(3):  # a second try after removing a stale lock; a third if another process raced us
         if _create(path, me):
             return path
@@ -90,8 +91,10 @@ def acquire(root: Path) -> Path:
                 f"run directory {root} is in use by medtune process {owner.get('pid')} on host {owner.get('host')}; "
                 f"wait for it to finish (or stop it), or remove {path} if no such process is running there"
             )
-        log.warning("run lock %s of process %s on %s is stale (that process is gone); taking it over", path,
-                    owner.get("pid", "?"), owner.get("host", "?"))
+        # Logged again by the caller once the run's log file is open (see `run_lock`).
+        stale.append(f"run lock {path} of process {owner.get('pid', '?')} on {owner.get('host', '?')} is stale "
+                     "(that process is gone); taking it over")
+        log.warning(stale[-1])
         path.unlink(missing_ok=True)
     raise RunLocked(f"could not take the run lock {path}: other processes keep taking it; run one medtune at a time")
 
@@ -103,9 +106,11 @@ def release(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def run_lock(root: Path) -> Iterator[Path]:
-    path = acquire(root)
+def run_lock(root: Path) -> Iterator[list[str]]:
+    """Hold the lock for the block; yields the notes on stale locks taken over, for the run's log."""
+    stale: list[str] = []
+    path = acquire(root, stale)
     try:
-        yield path
+        yield stale
     finally:
         release(path)

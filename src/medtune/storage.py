@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +32,15 @@ from medtune.checksums import file_sha256
 from medtune.credentials import url_holds_credential
 from medtune.errors import MedtuneError
 from medtune.rundir import RunDir
+from medtune.transfer import SUMS_NAME, ChecksumMismatch, Retry, with_retries
 
 log = logging.getLogger("medtune.storage")
 
 DELIVERABLES = ("adapters", "merged", "logs", "training.env", "summary.md", "report.html")
-SUMS_NAME = "SHA256SUMS"
 
 
 class UploadError(MedtuneError):
     """The bucket cannot be reached or written, or a copy does not match its source."""
-
-
-@dataclass(frozen=True)
-class Retry:
-    attempts: int = 4
-    backoff_s: float = 2.0  # doubled after each failed attempt
 
 
 def upload(output_bucket: str, run: RunDir, workers: int = 4, retry: Retry = Retry()) -> dict[str, Any]:
@@ -143,10 +136,6 @@ def _put_verified(fs: Any, path: Path, remote: str, sha256: str) -> None:
         raise ChecksumMismatch(f"{remote}: sha256 {got or 'missing'} after upload, expected {sha256}")
 
 
-class ChecksumMismatch(Exception):
-    pass
-
-
 def _remote_sha256(fs: Any, remote: str, size: int) -> str | None:
     """sha256 of the remote object (read back in full), or None when it is absent or of another size."""
     fs.invalidate_cache(remote)
@@ -173,23 +162,8 @@ def _put_bytes(fs: Any, remote: str, data: bytes, retry: Retry) -> None:
 
 
 def _with_retries(fn: Callable[[], None], what: str, retry: Retry) -> None:
-    delay = retry.backoff_s
-    for attempt in range(1, retry.attempts + 1):
-        try:
-            fn()
-            return
-        # Backends raise their own transport errors (botocore's EndpointConnectionError is no OSError),
-        # so any failure of a copy is retried, then reported with the rerun hint.
-        except Exception as exc:
-            if attempt == retry.attempts:
-                raise UploadError(
-                    f"{what} failed after {attempt} attempts ({type(exc).__name__}: {exc}); the local run is "
-                    "intact: rerun the same command (or `medtune upload`) to resume"
-                ) from None
-            log.warning("upload: %s failed (%s: %s); retry %d/%d in %.0fs", what, type(exc).__name__, exc,
-                        attempt, retry.attempts - 1, delay)
-            time.sleep(delay)
-            delay *= 2
+    with_retries(fn, what, retry, UploadError,
+                 "the local run is intact: rerun the same command (or `medtune upload`) to resume")
 
 
 @contextmanager

@@ -18,6 +18,7 @@ from medtune import __version__
 from medtune.config import MedtuneConfig
 from medtune.config_io import render_env, render_yaml, to_dict
 from medtune.credentials import run_secrets, warn_loose_permissions
+from medtune.diskspace import disk_full_as_error
 from medtune.errors import MedtuneError
 from medtune.preemption import Preempted
 from medtune.modelcard import write_card
@@ -54,16 +55,18 @@ def preflight(cfg: MedtuneConfig, on_this_machine: bool = True) -> None:
 def run_workflow(cfg: MedtuneConfig, verbose: bool = False) -> RunDir:
     preflight(cfg)
     run = RunDir.for_run(cfg.output.output_root, cfg.output.run_id or new_run_id()).create()
-    with run_lock(run.root):  # a second `medtune run` on this directory is refused before it writes anything
-        return _run_locked(cfg, run, verbose)
+    with run_lock(run.root) as stale:  # a second `medtune run` on this directory is refused before it writes
+        return _run_locked(cfg, run, verbose, stale)
 
 
-def _run_locked(cfg: MedtuneConfig, run: RunDir, verbose: bool) -> RunDir:
+def _run_locked(cfg: MedtuneConfig, run: RunDir, verbose: bool, stale_lock: list[str]) -> RunDir:
     # config.yaml carries the run id, so `--resume`, the torchrun ranks and a requeued job find this run.
     cfg = cfg.model_copy(update={"output": cfg.output.model_copy(update={"run_id": run.run_id})})
     secrets = run_secrets(cfg)
     setup_logging(run.log_file, secrets, verbose)
     warn_loose_permissions(cfg.model.hf_token_file)
+    for note in stale_lock:
+        log.warning(note)
     remove_stale_temps(run.root)
     log.info("medtune %s: run %s in %s", __version__, run.run_id, run.root)
     write_text(run.training_env, render_env(cfg))
@@ -137,7 +140,8 @@ def _stage(run: RunDir, name: str, fn: Callable[[], Any], done: bool = True, alw
         return None
     log.info("== %s", name)
     start = time.perf_counter()
-    result = fn()
+    with disk_full_as_error(f"stage {name}", run.root):
+        result = fn()
     info = result if isinstance(result, dict) and name not in ("setup", "finetune", "evaluate") else {}
     run.finish_stage(name, time.perf_counter() - start, **info)
     return result

@@ -25,7 +25,9 @@ def _plant(root, **owner) -> None:
 
 
 def test_lock_holds_pid_and_host_and_is_removed_after(tmp_path):
-    with run_lock(tmp_path) as path:
+    path = tmp_path / LOCK_NAME
+    with run_lock(tmp_path) as stale:
+        assert stale == []
         owner = json.loads(path.read_text())
         assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
         assert owner["started"] == psutil.Process().create_time()
@@ -45,9 +47,10 @@ def test_a_live_holder_refuses_the_second(tmp_path):
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     dead = _dead_pid()
     _plant(tmp_path, pid=dead, host=socket.gethostname(), started=1.0, slurm_job="")
-    path = acquire(tmp_path)
+    stale: list[str] = []
+    path = acquire(tmp_path, stale)
     assert json.loads(path.read_text())["pid"] == os.getpid()
-    assert f"process {dead} on {socket.gethostname()} is stale" in caplog.text
+    assert f"process {dead} on {socket.gethostname()} is stale" in stale[0] and stale[0] in caplog.text
     release(path)
     assert not path.exists()
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from datasets import Dataset, DatasetDict
 from medtune.checksums import file_sha256
 from medtune.config import DatasetConfig
 from medtune.errors import DataError
+from medtune.transfer import SUMS_NAME, Retry, get_verified, remote_sums, with_retries
 
 log = logging.getLogger("medtune.data")
 
@@ -147,8 +149,9 @@ def _filesystem(url: str) -> tuple[Any, str]:
                         "file:// or a local folder") from None
 
 
-def _fetch_bucket(cfg: DatasetConfig, cache_dir: Path) -> Path:
-    """Copy the bucket path (a file or a whole folder) into the run's cache once; return the local copy."""
+def _fetch_bucket(cfg: DatasetConfig, cache_dir: Path, retry: Retry = Retry()) -> Path:
+    """Copy the bucket path (a file or a whole folder) into the run's cache once; return the local copy.
+    Each file is retried on a transport error or a size/sha256 mismatch (see transfer.py)."""
     url = bucket_url(cfg)
     fs, remote = _filesystem(url)
     target = cache_dir / "bucket" / hashlib.sha256(url.encode()).hexdigest()[:16]
@@ -158,21 +161,31 @@ def _fetch_bucket(cfg: DatasetConfig, cache_dir: Path) -> Path:
         return local
     if not fs.exists(remote):
         raise DataError(f"dataset bucket path {url} does not exist; check dataset.dataset_bucket and dataset_bucket_path")
-    files = fs.find(remote) if fs.isdir(remote) else [remote]
-    rels = [Path(name).relative_to(remote) if fs.isdir(remote) else Path(Path(name).name) for name in files]
+    folder = fs.isdir(remote)
+    files = [f for f in fs.find(remote) if Path(f).name != SUMS_NAME] if folder else [remote]
+    rels = [Path(name).relative_to(remote) if folder else Path(Path(name).name) for name in files]
     escaping = [str(rel) for rel in rels if rel.is_absolute() or ".." in rel.parts]
     if escaping:  # an object key like `data/../../x` would be written outside the run's cache
         raise DataError(f"dataset bucket {url} holds objects whose names leave that folder ({escaping[0]}"
                         f"{f' and {len(escaping) - 1} more' if len(escaping) > 1 else ''}); rename or remove them "
                         "in the bucket")
+    sums = remote_sums(fs, remote if folder else remote.rstrip("/").rsplit("/", 1)[0])
     sizes = [fs.size(f) or 0 for f in files]
-    log.info("data: downloading %d file(s), %.1f MB, from %s", len(files), sum(sizes) / 1e6, url)
+    log.info("data: downloading %d file(s), %.1f MB, from %s (%s)", len(files), sum(sizes) / 1e6, url,
+             f"sha256 checked against {SUMS_NAME}" if sums else f"sizes checked; no {SUMS_NAME} beside the data")
     tmp = target.with_name(target.name + ".tmp")
-    for i, (name, rel, size) in enumerate(zip(files, rels, sizes, strict=True), 1):
-        dest = tmp / local.name / rel if fs.isdir(remote) else tmp / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(name, str(dest))
-        log.info("data: [%d/%d] %s (%.1f MB)", i, len(files), rel, size / 1e6)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for i, (name, rel, size) in enumerate(zip(files, rels, sizes, strict=True), 1):
+            dest = tmp / local.name / rel if folder else tmp / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with_retries(lambda: get_verified(fs, name, dest, sums.get(rel.as_posix())),  # noqa: B023
+                         f"data: download of {name}", retry, DataError,
+                         "check the bucket (endpoint, credentials, a corrupt copy) and rerun the same command")
+            log.info("data: [%d/%d] %s (%.1f MB)", i, len(files), rel, size / 1e6)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-downloaded is left for a later run to trust
+        raise
     tmp.rename(target)
     return local
 
