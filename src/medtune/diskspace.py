@@ -2,7 +2,7 @@
 
 Stages write through temp names (rundir.atomic_dir), so a write that fails for lack of space removes
 its temp folder and leaves the previous complete state; this module only turns the low-level error
-(OSError ENOSPC/EDQUOT, or the RuntimeError that torch.save and safetensors raise around it) into a
+(OSError ENOSPC/EDQUOT, or the errors torch.save and safetensors wrap it in) into a
 `DiskFull` the CLI prints as one line. It is not retried: a full disk does not empty itself.
 """
 
@@ -14,7 +14,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from medtune.errors import EnvironmentProblem
+from medtune.errors import EnvironmentProblem, MedtuneError
 
 FULL = (errno.ENOSPC, errno.EDQUOT)
 _FULL_TEXT = ("no space left on device", "disk quota exceeded", "file write failed")
@@ -29,9 +29,9 @@ def is_disk_full(exc: BaseException) -> bool:
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in FULL:
             return True
-        if isinstance(exc, (OSError, RuntimeError)) and any(t in str(exc).lower() for t in _FULL_TEXT):
+        if any(t in str(exc).lower() for t in _FULL_TEXT):  # e.g. safetensors' SafetensorError: "(os error 28)"
             return True
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return False
 
 
@@ -48,7 +48,7 @@ def disk_full_as_error(what: str, folder: Path) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if not is_disk_full(exc):
+        if isinstance(exc, MedtuneError) or not is_disk_full(exc):  # already one line (a stage's DiskFull)
             raise
         raise DiskFull(
             f"{what}: no space left on the disk of {folder} ({_free(folder)} after cleaning up); free space there or "

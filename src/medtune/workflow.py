@@ -55,7 +55,9 @@ def preflight(cfg: MedtuneConfig, on_this_machine: bool = True) -> None:
 def run_workflow(cfg: MedtuneConfig, verbose: bool = False) -> RunDir:
     preflight(cfg)
     run = RunDir.for_run(cfg.output.output_root, cfg.output.run_id or new_run_id()).create()
-    with run_lock(run.root) as stale:  # a second `medtune run` on this directory is refused before it writes
+    # A second `medtune run` on this directory is refused before it writes anything; a disk that fills up
+    # outside a stage (the manifest, the summary) is one line too.
+    with run_lock(run.root) as stale, disk_full_as_error("medtune run", run.root):
         return _run_locked(cfg, run, verbose, stale)
 
 

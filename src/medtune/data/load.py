@@ -149,7 +149,10 @@ def _filesystem(url: str) -> tuple[Any, str]:
                         "file:// or a local folder") from None
 
 
-def _fetch_bucket(cfg: DatasetConfig, cache_dir: Path, retry: Retry = Retry()) -> Path:
+DOWNLOAD_RETRY = Retry(attempts=4, backoff_s=2.0)
+
+
+def _fetch_bucket(cfg: DatasetConfig, cache_dir: Path) -> Path:
     """Copy the bucket path (a file or a whole folder) into the run's cache once; return the local copy.
     Each file is retried on a transport error or a size/sha256 mismatch (see transfer.py)."""
     url = bucket_url(cfg)
@@ -180,7 +183,7 @@ def _fetch_bucket(cfg: DatasetConfig, cache_dir: Path, retry: Retry = Retry()) -
             dest = tmp / local.name / rel if folder else tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             with_retries(lambda: get_verified(fs, name, dest, sums.get(rel.as_posix())),  # noqa: B023
-                         f"data: download of {name}", retry, DataError,
+                         f"data: download of {name}", DOWNLOAD_RETRY, DataError,
                          "check the bucket (endpoint, credentials, a corrupt copy) and rerun the same command")
             log.info("data: [%d/%d] %s (%.1f MB)", i, len(files), rel, size / 1e6)
     except BaseException:
