@@ -5,7 +5,9 @@ sitecustomize on PYTHONPATH, so only the test's subprocesses carry it) at a poin
 RNG: a training step, the middle of a checkpoint's trainer_state.json, the middle of the merged
 weights file, just before `merged/` is renamed into place, an upload after its n-th file, and the
 moment before SHA256SUMS. After each kill the run directory and the bucket hold only complete
-outputs (or none); the tenth process, the same command without a hook, finishes the run.
+outputs (or none); the tenth process, the same command without a hook, finishes the run. While the
+first one is held at its kill point, a second `medtune run` on the same directory is refused (run lock);
+every later process takes over the lock its killed predecessor left.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
+from medtune.cli import main
 from medtune.preemption import last_complete_checkpoint
 from tests_support import RUN_ARTIFACTS, S3_BUCKET
 
@@ -40,6 +45,9 @@ def _due():
 
 
 def _die():
+    if os.environ.get("MEDTUNE_TEST_HOLD"):  # announce the point, then wait for the test's own SIGKILL
+        open(os.environ["MEDTUNE_TEST_HOLD"], "w").close()
+        signal.pause()
     os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -144,8 +152,29 @@ def _check_complete_or_absent(root: Path, fs, url: str) -> None:
     assert not fs.exists(f"{url}/SHA256SUMS")  # the upload's completion mark is written last
 
 
+def _hold_and_refuse_a_second_run(command: list[str], env: dict[str, str], root: Path, hold: Path,
+                                  capsys) -> tuple[int, str]:
+    """Two `medtune run` on one run directory: the second is refused in one line and writes nothing."""
+    proc = subprocess.Popen(command, env={**env, "MEDTUNE_TEST_HOLD": str(hold)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not hold.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-2000:] if proc.stderr else ""
+        time.sleep(0.1)
+    files = ("manifest.json", "config.yaml", "training.env", "logs/finetune.log")
+    before = {name: (root / name).read_bytes() for name in files}
+    capsys.readouterr()
+    assert main(command[3:]) == 2  # the same `medtune run ...`, in this process
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: run directory {root} is in use by medtune process {proc.pid} on host "
+                              f"{socket.gethostname()}; wait for it to finish"), err
+    assert {name: (root / name).read_bytes() for name in files} == before
+    proc.kill()
+    return proc.wait(), proc.stderr.read()
+
+
 @pytest.mark.e2e
-def test_kill_9_anywhere_then_the_same_command_finishes(tiny_overrides, s3, tmp_path):
+def test_kill_9_anywhere_then_the_same_command_finishes(tiny_overrides, s3, tmp_path, capsys):
     rng = random.Random(SEED)
     root = Path(next(o for o in tiny_overrides if o.startswith("output.output_root=")).partition("=")[2]) \
         / "medical-finetune-kill9"
@@ -159,8 +188,12 @@ def test_kill_9_anywhere_then_the_same_command_finishes(tiny_overrides, s3, tmp_
         n = _occurrence(point, root, rng)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")]),
                "MEDTUNE_TEST_KILL": f"{point}:{n}"}
-        proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == -signal.SIGKILL, f"{point}:{n} did not kill (seed {SEED}): {proc.stderr[-2000:]}"
+        if not stages_reached:  # the first process holds at its kill point while a second one is refused
+            returncode, stderr = _hold_and_refuse_a_second_run(command, env, root, tmp_path / "holding", capsys)
+        else:
+            proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+            returncode, stderr = proc.returncode, proc.stderr
+        assert returncode == -signal.SIGKILL, f"{point}:{n} did not kill (seed {SEED}): {stderr[-2000:]}"
         manifest = json.loads((root / "manifest.json").read_text())
         stages_reached.append((stage, set(manifest.get("stages", {}))))
         _check_complete_or_absent(root, fs, url)
