@@ -74,10 +74,11 @@ class StopOnSignal(TrainerCallback):
 
 def any_rank(flag: bool | torch.Tensor, args: Any) -> bool:
     """Whether `flag` holds on any rank: ranks that stop training must stop at the same step."""
-    tensor = torch.as_tensor(flag, device=args.device).to(torch.int32).reshape(1)
     if args.world_size > 1 and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tensor)  # MAX would do; SUM of 0/1 flags is the same test
-    return bool(tensor.item())  # note: a CPU-GPU sync point, once per optimizer step
+        tensor = torch.as_tensor(flag, device=args.device).to(torch.int32).reshape(1)
+        torch.distributed.all_reduce(tensor)  # SUM of 0/1 flags: non-zero when any rank has it
+        flag = tensor
+    return bool(flag)  # note: on a GPU tensor, a CPU-GPU sync point, once per optimizer step
 
 
 def last_complete_checkpoint(folder: Path) -> Path | None:
