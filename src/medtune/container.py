@@ -46,7 +46,13 @@ def container(cfg: ContainerConfig) -> dict[str, Any]:
     elif cfg.source == "pull":
         pull_image(cfg.bucket, image)
     elif cfg.source == "build":
-        _run(build_command(runtime, image, DEFINITION), "build the container", cwd=DEFINITION.parent.parent)
+        # Built under a temp name: a build killed halfway must not leave a finetune.sif that looks usable.
+        tmp = image.with_name(f".{image.name}.tmp-{os.getpid()}")
+        try:
+            _run(build_command(runtime, tmp, DEFINITION), "build the container", cwd=DEFINITION.parent.parent)
+            os.replace(tmp, image)
+        finally:
+            tmp.unlink(missing_ok=True)
     else:
         repo = sync_lfs_repo(cfg.lfs_repo, image.parent)
         assemble_parts(repo, image)

@@ -150,8 +150,9 @@ def follow_umask(folder: Path) -> None:
 
 
 def remove_stale_temps(root: Path) -> None:
-    """Temp folders left by a killed stage (`.<name>.tmp-<pid>`) are garbage: the stage reruns."""
-    for path in root.glob(".*.tmp-*"):
+    """Temp folders left by a killed stage (`.<name>.tmp-<pid>`, or `.<name>.old-<pid>` when it was
+    killed between atomic_dir's two renames) are garbage: the stage reruns."""
+    for path in [*root.glob(".*.tmp-*"), *root.glob(".*.old-*")]:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
