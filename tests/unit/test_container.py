@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def fake_apptainer(tmp_path, monkeypatch):
-    """An `apptainer` executable on PATH (only its presence is used by these tests)."""
+    """An `apptainer` executable on PATH; its `build --force IMAGE DEF` writes IMAGE, then exits $FAKE_BUILD_RC."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     tool = bin_dir / "apptainer"
-    tool.write_text("#!/bin/sh\nexit 0\n")
+    tool.write_text('#!/bin/sh\n[ "$1" = build ] && printf SIF-bytes > "$3"\nexit "${FAKE_BUILD_RC:-0}"\n')
     tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     return tool
@@ -144,3 +144,16 @@ def test_training_runs_inside_the_image(tmp_path):
     cmd = training_command(multi, run, WorldPlan(4, 2, "nccl"), wrap)
     assert cmd[0] == "srun" and cmd[4:10] == wrap and cmd[10:13] == ["python3", "-m", "torch.distributed.run"]
     assert exec_prefix({"source": "none"}, [run.root]) == []
+
+
+def test_a_container_build_is_renamed_into_place(tmp_path, fake_apptainer, monkeypatch):
+    monkeypatch.setattr(container_mod.os, "geteuid", lambda: 0)
+    image = tmp_path / "images" / "finetune.sif"
+    image.parent.mkdir()
+    container(ContainerConfig(source="build", finetune_path=str(image)))
+    assert image.read_text() == "SIF-bytes" and [p.name for p in image.parent.iterdir()] == ["finetune.sif"]
+    monkeypatch.setenv("FAKE_BUILD_RC", "1")  # a failed (or killed) build: its partial output never is the image
+    image.unlink()
+    with pytest.raises(EnvironmentProblem, match="could not build the container"):
+        container(ContainerConfig(source="build", finetune_path=str(image)))
+    assert list(image.parent.iterdir()) == []
