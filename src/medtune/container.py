@@ -5,7 +5,8 @@
 launch/apptainer.py):
 
 - `path`: the image already there (a clear error when it is missing);
-- `pull`: `finetune.sif` copied from `container.bucket` (any fsspec URL), checked by size;
+- `pull`: `finetune.sif` copied from `container.bucket` (any fsspec URL), checked by size (and by
+  sha256 when a SHA256SUMS lies beside it), retried with backoff;
 - `build`: `apptainer build` / `singularity build` from the project's containers/finetune.def,
   as root, with `--fakeroot` where /etc/subuid maps the user, or through password-less sudo;
 - `lfs`: `container.lfs_repo` cloned (a URL) or updated (a local clone) with git-lfs, then the
@@ -26,6 +27,7 @@ from typing import Any
 from medtune.checksums import file_sha256
 from medtune.config import ContainerConfig
 from medtune.errors import EnvironmentProblem
+from medtune.transfer import Retry, get_verified, remote_sums, with_retries
 
 log = logging.getLogger("medtune.container")
 
@@ -68,6 +70,9 @@ def find_runtime(source: str) -> str:
                              "is on PATH; load it (e.g. `module load apptainer`) or set infrastructure.container.source=none")
 
 
+PULL_RETRY = Retry()
+
+
 def pull_image(bucket: str, image: Path) -> None:
     if not bucket:
         raise EnvironmentProblem("infrastructure.container.source is `pull`: set infrastructure.container.bucket "
@@ -82,12 +87,9 @@ def pull_image(bucket: str, image: Path) -> None:
         log.info("container: %s already pulled", image)
         return
     image.parent.mkdir(parents=True, exist_ok=True)
-    tmp = image.with_name(f".{image.name}.tmp-{os.getpid()}")
-    fs.get_file(remote, str(tmp))
-    if tmp.stat().st_size != fs.size(remote):
-        tmp.unlink()
-        raise EnvironmentProblem(f"pull of {remote} is incomplete; rerun to retry")
-    os.replace(tmp, image)
+    # Through a temp name, checked by size (and by sha256 when a SHA256SUMS lies beside it), retried.
+    with_retries(lambda: get_verified(fs, remote, image, remote_sums(fs, base).get("finetune.sif")),
+                 f"container: pull of {remote}", PULL_RETRY, EnvironmentProblem, "check the bucket and rerun")
 
 
 def build_command(runtime: str, image: Path, definition: Path, euid: int | None = None) -> list[str]:

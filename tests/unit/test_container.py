@@ -157,3 +157,17 @@ def test_a_container_build_is_renamed_into_place(tmp_path, fake_apptainer, monke
     with pytest.raises(EnvironmentProblem, match="could not build the container"):
         container(ContainerConfig(source="build", finetune_path=str(image)))
     assert list(image.parent.iterdir()) == []
+
+
+def test_a_pull_that_does_not_match_sha256sums_is_refused(tmp_path, fake_apptainer, monkeypatch):
+    from medtune.transfer import Retry
+
+    monkeypatch.setattr(container_mod, "PULL_RETRY", Retry(attempts=2, backoff_s=0.01))
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    (bucket / "finetune.sif").write_bytes(b"image-bytes")
+    (bucket / "SHA256SUMS").write_text(f"{hashlib.sha256(b'other-bytes').hexdigest()}  finetune.sif\n")
+    image = tmp_path / "cache" / "finetune.sif"
+    with pytest.raises(EnvironmentProblem, match=r"pull of .* failed after 2 attempts \(ChecksumMismatch: .*SHA256SUMS"):
+        container(ContainerConfig(source="pull", bucket=f"file://{bucket}", finetune_path=str(image)))
+    assert list(image.parent.iterdir()) == []
