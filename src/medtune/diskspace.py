@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,18 +27,27 @@ class DiskFull(EnvironmentProblem):
 
 def is_disk_full(exc: BaseException) -> bool:
     """An out-of-space error, also when a library wrapped it (torch.save: "file write failed")."""
+    return _full_error(exc) is not None
+
+
+def _full_error(exc: BaseException | None) -> BaseException | None:
+    """The out-of-space error in `exc`'s chain of causes, if there is one."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in FULL:
-            return True
+            return exc
         if any(t in str(exc).lower() for t in _FULL_TEXT):  # e.g. safetensors' SafetensorError: "(os error 28)"
-            return True
+            return exc
         exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
-    return False
+    return None
+
+
+def _existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:  # a temp folder is gone once cleaned up
+        folder = folder.parent
+    return folder
 
 
 def _free(folder: Path) -> str:
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
     usage = shutil.disk_usage(folder)
     return f"{usage.free / 1e6:.0f} MB free of {usage.total / 1e6:.0f} MB"
 
@@ -48,8 +58,12 @@ def disk_full_as_error(what: str, folder: Path) -> Iterator[None]:
     try:
         yield
     except Exception as exc:
-        if isinstance(exc, MedtuneError) or not is_disk_full(exc):  # already one line (a stage's DiskFull)
+        full = None if isinstance(exc, MedtuneError) else _full_error(exc)  # a DiskFull is already one line
+        if full is None:
             raise
+        if isinstance(full, OSError) and full.filename:  # the disk that filled may not be the run's (/tmp)
+            folder = Path(os.fsdecode(full.filename)).parent
+        folder = _existing(folder)
         raise DiskFull(
             f"{what}: no space left on the disk of {folder} ({_free(folder)} after cleaning up); free space there or "
             "set output.output_root to a larger disk, then rerun the same command (finished stages are kept)"

@@ -38,15 +38,15 @@ def _outage(s3, seconds: float) -> None:
     threading.Timer(seconds, s3.start).start()
 
 
-def _patch_once(monkeypatch, name: str, before) -> list[str]:
-    """Call `before(path)` ahead of the first call of S3FileSystem.<name>; returns the paths seen."""
+def _before_call(monkeypatch, name: str, n: int, action) -> list[str]:
+    """Run `action()` just before the n-th call of S3FileSystem.<name>; returns the paths of all calls."""
     real, seen = getattr(s3fs.S3FileSystem, name), []
 
-    def hooked(self, rpath, *args, **kwargs):
-        seen.append(rpath)
-        if len(seen) == 1:
-            before(rpath)
-        return real(self, rpath, *args, **kwargs)
+    def hooked(self, path, *args, **kwargs):
+        seen.append(path)
+        if len(seen) == n:
+            action()
+        return real(self, path, *args, **kwargs)
 
     monkeypatch.setattr(s3fs.S3FileSystem, name, hooked)
     return seen
@@ -68,7 +68,7 @@ def finished(tmp_path) -> RunDir:
 
 def test_endpoint_away_mid_upload_is_retried_until_it_returns(s3, finished, monkeypatch, caplog):
     before = {p: p.read_bytes() for p in finished.root.rglob("*") if p.is_file() and p.name != "manifest.json"}
-    monkeypatch.setattr(s3fs.S3FileSystem, "put_file", _wrap_nth(s3fs.S3FileSystem.put_file, 2, lambda: _outage(s3, 0.5)))
+    _before_call(monkeypatch, "put_file", 2, lambda: _outage(s3, 0.5))
     caplog.set_level(logging.WARNING, "medtune")
     result = upload(f"s3://{S3_BUCKET}/r", finished, workers=1, retry=FAST)
     assert result["copied"] == 6
@@ -78,18 +78,6 @@ def test_endpoint_away_mid_upload_is_retried_until_it_returns(s3, finished, monk
         digest, name = line.split("  ", 1)
         assert hashlib.sha256(fs.cat_file(f"{S3_BUCKET}/r/medical-finetune-st1/{name}")).hexdigest() == digest
     assert all(p.read_bytes() == data for p, data in before.items())  # the local outputs are untouched
-
-
-def _wrap_nth(real, n: int, action):
-    calls = {"n": 0}
-
-    def hooked(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            action()
-        return real(self, *args, **kwargs)
-
-    return hooked
 
 
 # --- download -------------------------------------------------------------------------------------
@@ -106,14 +94,14 @@ def bucket_data(s3) -> DatasetConfig:
 
 def test_endpoint_away_mid_download_is_retried_until_it_returns(s3, bucket_data, tmp_path, monkeypatch):
     monkeypatch.setattr("medtune.data.load.DOWNLOAD_RETRY", FAST)
-    seen = _patch_once(monkeypatch, "get_file", lambda _: _outage(s3, 0.5))
+    seen = _before_call(monkeypatch, "get_file", 1, lambda: _outage(s3, 0.5))
     raw = load_raw(bucket_data, tmp_path / "cache", None)
     assert len(raw.train) == 12 and len(seen) >= 2  # the first attempt failed, a retry succeeded
 
 
 def test_endpoint_gone_for_good_is_refused_in_one_line(s3, bucket_data, tmp_path, monkeypatch):
     monkeypatch.setattr("medtune.data.load.DOWNLOAD_RETRY", Retry(attempts=2, backoff_s=0.05))
-    _patch_once(monkeypatch, "get_file", lambda _: s3.stop())
+    _before_call(monkeypatch, "get_file", 1, s3.stop)
     with pytest.raises(DataError) as caught:
         load_raw(bucket_data, tmp_path / "cache", None)
     message = str(caught.value)
@@ -143,7 +131,8 @@ def test_a_corrupted_download_is_fetched_again(s3, bucket_data, tmp_path, monkey
     seen = _corrupt_download(monkeypatch, times=1)
     raw = load_raw(bucket_data, tmp_path / "cache", None)
     assert len(seen) == 2 and "sha256" in caplog.text and "SHA256SUMS says" in caplog.text
-    assert raw.train[0]["instruction"] == json.loads((ASSETS / "tiny_medical.jsonl").read_text().splitlines()[0])["instruction"]
+    first = json.loads((ASSETS / "tiny_medical.jsonl").read_text().splitlines()[0])
+    assert raw.train[0]["instruction"] == first["instruction"]
 
 
 def test_a_download_that_stays_corrupt_is_refused(s3, bucket_data, tmp_path, monkeypatch):
@@ -235,7 +224,8 @@ def test_a_full_disk_during_download_is_one_line(s3, tiny_overrides, small_disk,
     assert main(["run", "--preset", "smollm2-135m-medical", *[a for s in sets for a in ("--set", s)]]) == 2
     err = capsys.readouterr().err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("error: stage data: no space left on the disk of") and "Traceback" not in err, line
+    assert line.startswith(f"error: stage data: no space left on the disk of {small_disk}/"), line
+    assert "Traceback" not in err
     root = small_disk / "medical-finetune-dl"
     assert not list(root.rglob("*.jsonl")) and not (root / "data").exists()
     assert json.loads((root / "manifest.json").read_text())["status"] == "failed"
