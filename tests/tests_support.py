@@ -3,6 +3,7 @@
 import functools
 import os
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -30,5 +31,13 @@ def loopback_only(command: list[str]) -> list[str]:
         return command
     return ["unshare", "--net", "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *command]
 
+
 # The bucket the `s3` fixture (tests/integration/conftest.py) creates on its moto endpoint.
 S3_BUCKET = "medtune-test"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (for test servers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

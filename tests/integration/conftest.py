@@ -8,18 +8,11 @@ are set in this process's environment, so `medtune` subprocesses started by a te
 from __future__ import annotations
 
 import logging
-import socket
 import urllib.request
 
 import pytest
 
-from tests_support import S3_BUCKET
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests_support import S3_BUCKET, free_port
 
 
 class S3Endpoint:
@@ -48,7 +41,7 @@ def s3(monkeypatch):
     s3fs = pytest.importorskip("s3fs")
     pytest.importorskip("moto.server")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    endpoint = S3Endpoint(_free_port())
+    endpoint = S3Endpoint(free_port())
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{endpoint.port}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "medtune-test-key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "medtune-test-secret")

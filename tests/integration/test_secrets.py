@@ -31,7 +31,7 @@ moto_server = pytest.importorskip("moto.server")
 
 import argv_audit  # noqa: E402
 from test_container_run import STAND_IN  # noqa: E402
-from test_upload_s3 import _free_port  # noqa: E402
+from tests_support import free_port as _free_port  # noqa: E402
 
 from medtune.cli import main  # noqa: E402
 from medtune.config_io import load_config  # noqa: E402
