@@ -14,6 +14,7 @@ import logging
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 from transformers import TrainerCallback
 
 from medtune.errors import MedtuneError
@@ -53,7 +54,10 @@ class StopOnDivergence(TrainerCallback):
             self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        weights = any_rank(~torch.isfinite(torch.nn.utils.get_total_norm(self._params)), args)
+        norm = torch.nn.utils.get_total_norm(self._params)
+        if isinstance(norm, DTensor):  # FSDP: each rank holds a shard; the norm over all of them is one collective
+            norm = norm.full_tensor()
+        weights = any_rank(~torch.isfinite(norm), args)
         loss = any_rank(self._bad_loss if self._bad_loss is not None else False, args)
         self._bad_loss = None
         self._bad_steps = self._bad_steps + 1 if loss else 0

@@ -8,6 +8,9 @@ learning rate or an fp16 overflow reaches the weights.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from medtune.divergence import PATIENCE, TrainingDiverged
 from medtune.oom import TrainingOutOfMemory
 from medtune.preemption import last_complete_checkpoint
 from medtune.workflow import run_workflow
+from tests_support import loopback_only
 
 QUICK = ["output.merge_full_weights=false", "evaluation.validation_questions=0", "evaluation.mcq_questions=0",
          "evaluation.safety_probes=false", "training.eval_steps=0", "dataset.eval_fraction=0"]
@@ -164,3 +168,44 @@ def test_nan_loss_stops_after_patience_steps(tiny_overrides, monkeypatch):
     with pytest.raises(TrainingDiverged, match=rf"the loss \({PATIENCE} steps in a row\) became NaN/inf at step "
                                                rf"{3 + PATIENCE}.*no checkpoint had been saved yet"):
         run_workflow(cfg)
+
+
+POISON_RANK_1 = """
+import os, torch
+if os.environ.get("RANK") == "1":
+    _step, _calls = torch.optim.AdamW.step, [0]
+    def _poisoned(self, *args, **kwargs):
+        out = _step(self, *args, **kwargs)
+        _calls[0] += 1
+        if _calls[0] == 3:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return out
+    torch.optim.AdamW.step = _poisoned
+"""
+
+
+@pytest.mark.e2e
+def test_nan_on_one_rank_stops_both_at_the_same_step(tiny_overrides, tmp_path):
+    """Under torchrun the ranks agree every step: rank 1's NaN stops rank 0 too (no rank left waiting),
+    and the parent `medtune run` prints the rank's one-line error."""
+    hooks = tmp_path / "poison"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(POISON_RANK_1)
+    sets = [*tiny_overrides, "output.run_id=nan2", "infrastructure.cpu_processes=2", "training.max_steps=8",
+            "training.save_steps=2", "training.gradient_accumulation=1", "evaluation.validation_questions=0"]
+    command = [sys.executable, "-m", "medtune", "run", "--preset", "smollm2-135m-medical",
+               *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(loopback_only(command), env=env, capture_output=True, text=True, timeout=600)
+    line = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and line.startswith("error: training diverged: the LoRA weights became NaN/inf "
+                                                    "at step 3; likely cause: learning rate 0.01"), done.stderr[-3000:]
+    root = Path(next(o for o in tiny_overrides if o.startswith("output.output_root=")).partition("=")[2]) \
+        / "medical-finetune-nan2"
+    assert "checkpoint-2, is kept" in line
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["divergence"]["step"] == 3 and manifest["status"] == "failed"
+    assert last_complete_checkpoint(root / "checkpoints").name == "checkpoint-2"
+    log = (root / "logs" / "finetune.log").read_text()
+    assert "step 3/8 loss" in log and "step 4/8" not in log  # rank 0 stopped at rank 1's step

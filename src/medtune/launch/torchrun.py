@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 
 from medtune.config import MedtuneConfig
-from medtune.errors import EnvironmentProblem
+from medtune.errors import EnvironmentProblem, MedtuneError
 from medtune.preemption import STOP_SIGNALS, Preempted
 from medtune.rundir import RunDir
 
@@ -146,6 +146,9 @@ def train_in_subprocess(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, comman
     if stop.get("time", 0) >= started:
         raise Preempted(f"training stopped by {signalled[0] if signalled else stop.get('signal')} after saving a checkpoint at step "
                         f"{stop.get('step')}; rerun with `medtune run --resume {run.root}` to continue")
+    failed = manifest.get("worker_error", {})
+    if code != 0 and failed.get("time", 0) >= started:
+        raise MedtuneError(failed["message"])
     if code != 0:
         why = f" after {signalled[0]}" if signalled else ""
         raise RuntimeError(f"distributed training exited with code {code}{why}; see {run.log_file}")

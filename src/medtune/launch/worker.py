@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from medtune.config_io import load_config
@@ -36,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, run, run.stage("model")["path"], str(run.data))
     except MedtuneError as exc:
         log.warning("rank %d: %s", rank, exc)
+        if rank == 0:  # the parent `medtune run` prints this line (out of memory, divergence) as its own
+            run.update_manifest(worker_error={"message": str(exc), "time": time.time()})
         return exc.exit_code
     return 0
 
