@@ -15,6 +15,19 @@ RUN_ARTIFACTS = {"adapters", "merged", "logs", "training.env", "manifest.json", 
                  "report.html"}
 
 
+def qa_examples(tokenizer) -> list[dict]:
+    """Three short medical Q&A rows tokenized as the data stage does: the loss on the answer and its
+    end-of-turn token only (for the packing and attention-kernel equivalence tests)."""
+    texts = [("What is anaemia?", "A low haemoglobin level."), ("Define tachycardia.", "A resting heart rate above 100."),
+             ("Name a statin used after a heart attack.", "Atorvastatin.")]
+    out = []
+    for q, a in texts:
+        prompt = tokenizer(q, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    return out
+
+
 @functools.cache
 def _private_network_available() -> bool:
     if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):

@@ -9,19 +9,10 @@ from transformers import AutoTokenizer
 
 from medtune.config_io import load_config
 from medtune.train import load_for_training, make_collator
+from tests_support import qa_examples
 
 TOLERANCE = 1e-5  # float32 on CPU; cross-attention between examples moves the loss by far more (see below)
 
-
-def examples(tokenizer):
-    texts = [("What is anaemia?", "A low haemoglobin level."), ("Define tachycardia.", "A resting heart rate above 100."),
-             ("Name a statin.", "Atorvastatin.")]
-    out = []
-    for q, a in texts:
-        prompt = tokenizer(q, add_special_tokens=False)["input_ids"]
-        answer = tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
-    return out
 
 
 def config(tiny_model_dir, packing: bool):
@@ -44,7 +35,7 @@ def collate(model_dir, tokenizer, packing: bool, feats):
 
 def test_packed_loss_equals_unpacked_loss(model_and_tokenizer, tiny_model_dir):
     model, tokenizer = model_and_tokenizer
-    feats = examples(tokenizer)
+    feats = qa_examples(tokenizer)
     padded = collate(tiny_model_dir, tokenizer, False, feats)
     packed = collate(tiny_model_dir, tokenizer, True, feats)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed

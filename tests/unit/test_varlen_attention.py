@@ -15,6 +15,7 @@ from medtune import attention
 from medtune.config_io import load_config
 from medtune.errors import ConfigError
 from medtune.train import make_collator
+from tests_support import qa_examples
 
 TOLERANCE = 1e-5  # float32 on CPU
 CALLS: list[int] = []
@@ -54,13 +55,7 @@ def fake_kernel(monkeypatch):
 
 def packed_and_padded(tiny_model_dir):
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    rows = [("What is anaemia?", "A low haemoglobin level."), ("Define tachycardia.", "A heart rate above 100."),
-            ("Name a statin used after a heart attack.", "Atorvastatin.")]
-    feats = []
-    for q, a in rows:
-        prompt = tok(q, add_special_tokens=False)["input_ids"]
-        answer = tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        feats.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    feats = qa_examples(tok)
     base = ["model.model_source=local", f"model.local_model_path={tiny_model_dir}", "lora.quantization=none"]
     packed_cfg = load_config(overrides=[*base, "lora.packing=true", "training.device=cuda"], env={})
     plain_cfg = load_config(overrides=base, env={})
