@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from medtune.config import PRESET_DESCRIPTIONS
+from medtune.presets import PRESET_DESCRIPTIONS
 from medtune.config_io import default_preset, load_config, render_markdown, render_yaml, to_dict
 from medtune.errors import ConfigError, MedtuneError
 from medtune.runlog import quiet_import_notices

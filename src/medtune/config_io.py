@@ -18,15 +18,8 @@ import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
-from medtune.config import (
-    DEFAULT_GPU_PRESET,
-    EMBEDDED_PRESET,
-    PRESETS,
-    MedtuneConfig,
-    _deep_merge,
-    embedded_dataset_path,
-    preset_dict,
-)
+from medtune.config import MedtuneConfig
+from medtune.presets import DEFAULT_GPU_PRESET, EMBEDDED_PRESET, PRESETS, _deep_merge, embedded_dataset_path, preset_dict
 from medtune.credentials import refuse_url_credentials
 from medtune.errors import ConfigError
 
@@ -257,7 +250,7 @@ def render_markdown() -> str:
         "Presets (`--preset NAME`):",
         "",
     ]
-    from medtune.config import PRESET_DESCRIPTIONS
+    from medtune.presets import PRESET_DESCRIPTIONS
 
     out += [f"- `{name}`: {desc}" for name, desc in PRESET_DESCRIPTIONS.items()]
     defaults = to_dict(MedtuneConfig())

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from medtune.cli import main
-from medtune.config import EMBEDDED_PRESET
+from medtune.presets import EMBEDDED_PRESET
 
 pytestmark = pytest.mark.e2e
 

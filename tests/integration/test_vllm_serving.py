@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from medtune.cli import main
-from medtune.config import EMBEDDED_PRESET
+from medtune.presets import EMBEDDED_PRESET
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 log = logging.getLogger(__name__)

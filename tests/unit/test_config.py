@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medtune.config import EMBEDDED_PRESET, PRESETS, MedtuneConfig
+from medtune.config import MedtuneConfig
+from medtune.presets import EMBEDDED_PRESET, PRESETS
 from medtune.config_io import load_config, render_env, render_markdown, render_yaml, to_dict
 from medtune.errors import ConfigError
 

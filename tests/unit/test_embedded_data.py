@@ -2,7 +2,7 @@
 
 import json
 
-from medtune.config import embedded_dataset_path
+from medtune.presets import embedded_dataset_path
 
 SPECIALTIES_MIN = 15
 

@@ -7,7 +7,7 @@ import time
 import pytest
 
 from medtune.cli import main
-from medtune.config import PRESETS
+from medtune.presets import PRESETS
 from medtune.config_io import load_config
 from medtune.plan import make_plan, parameter_counts, recipe, throughput
 from medtune.plan_batches import first_micro_batch_rows, mean_above, planned_micro_batch
