@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-from medtune.checksums import file_sha256
 from medtune.rundir import RunDir, write_text
 
 STAGES = ("setup", "container", "model", "data", "finetune", "merge", "upload", "validate", "evaluate")
@@ -240,11 +239,11 @@ def _safety_section(safety: dict[str, Any] | None) -> list[str]:
 def artifact_rows(run: RunDir) -> list[tuple[str, int, str]]:
     """(relative path, bytes, sha256) of every delivered file (working state and caches left out)."""
     skip = {"checkpoints", "cache", "data", "report.html"}
-    out = []
+    out, sha256 = [], run.digests()
     for path in sorted(run.root.rglob("*")):
         rel = path.relative_to(run.root)
         if path.is_file() and rel.parts[0] not in skip and not any(p.startswith(".") for p in rel.parts):
-            out.append((str(rel), path.stat().st_size, file_sha256(path)))
+            out.append((str(rel), path.stat().st_size, sha256(path)))
     return out
 
 

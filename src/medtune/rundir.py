@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,16 @@ class RunDir:
         return self
 
     # --- manifest: the hand-off between stages ----------------------------------------------------
+
+    def digests(self) -> Callable[[Path], str]:
+        """sha256 of this run's files for the report and the upload, remembered in the model cache by
+        path, size and modification time: the merged weights (16 GB for an 8B model) are read once."""
+        from medtune.checksums import cached_sha256, file_sha256
+
+        cache = self.manifest().get("config", {}).get("model", {}).get("model_cache_dir")
+        if not cache:
+            return file_sha256
+        return lambda path: cached_sha256(path, Path(cache).expanduser())
 
     def manifest(self) -> dict[str, Any]:
         if not self.manifest_path.is_file():

@@ -55,7 +55,8 @@ def upload(output_bucket: str, run: RunDir, workers: int = 4, retry: Retry = Ret
         files = _deliverables(run, Path(snapshot))
         log.info("upload: %d files (%.1f MB) to %s", len(files),
                  sum(p.stat().st_size for p in files.values()) / 1e6, output_bucket)
-        hashes = {name: file_sha256(path) for name, path in files.items()}
+        sha256 = run.digests()  # log snapshots are fresh copies: hashed here, not remembered
+        hashes = {name: (file_sha256 if name.startswith("logs/") else sha256)(path) for name, path in files.items()}
         copied = _sync(fs, dest, files, hashes, workers, retry)
     info = {"destination": f"{output_bucket.rstrip('/')}/{run.root.name}", "files": len(files) + 2}
     # The manifest records the upload before it is uploaded itself, so the bucket's copy says so too.
