@@ -103,7 +103,7 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
     from medtune.setup import setup
     from medtune.train import train
 
-    environment = _stage(run, "setup", lambda: setup(cfg, run), always=True)
+    environment = _stage(run, "setup", lambda: setup(cfg, run), always=True, record=False)
     run.update_manifest(environment=environment)
     plan = plan_world(cfg, len(environment["gpus"]))
     image = _stage(run, "container", lambda: container(cfg.infrastructure.container), always=True)
@@ -116,7 +116,7 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
         finetune = lambda: train_in_subprocess(cfg, run, plan, command)  # noqa: E731
     else:
         finetune = lambda: train(cfg, run, model_path, str(run.data))  # noqa: E731
-    metrics = _stage(run, "finetune", finetune, done=done)
+    metrics = _stage(run, "finetune", finetune, done=done, record=False)
     if metrics:
         run.update_manifest(training=metrics)
     if cfg.output.merge_full_weights:
@@ -134,8 +134,10 @@ def _model_with_fingerprint(cfg: MedtuneConfig, run: RunDir) -> dict[str, Any]:
     return model
 
 
-def _stage(run: RunDir, name: str, fn: Callable[[], Any], done: bool = True, always: bool = False) -> Any:
-    """Run one stage unless the manifest says it finished and its output is still there."""
+def _stage(run: RunDir, name: str, fn: Callable[[], Any], done: bool = True, always: bool = False,
+           record: bool = True) -> Any:
+    """Run one stage unless the manifest says it finished and its output is still there. The stage's
+    dict result is recorded under `stages.<name>` unless `record` is false (the caller files it elsewhere)."""
     previous = run.stage(name)
     if not always and previous.get("status") == "done" and done:
         log.info("== %s: already complete, skipped", name)
@@ -144,7 +146,7 @@ def _stage(run: RunDir, name: str, fn: Callable[[], Any], done: bool = True, alw
     start = time.perf_counter()
     with disk_full_as_error(f"stage {name}", run.root):
         result = fn()
-    info = result if isinstance(result, dict) and name not in ("setup", "finetune", "evaluate") else {}
+    info = result if record and isinstance(result, dict) else {}
     run.finish_stage(name, time.perf_counter() - start, **info)
     return result
 
@@ -182,7 +184,7 @@ def _evaluate(cfg: MedtuneConfig, run: RunDir) -> str | None:
     from medtune.medeval import evaluate_run
 
     try:
-        result = _stage(run, "evaluate", lambda: evaluate_run(cfg, run, run.stage("model")["path"]))
+        result = _stage(run, "evaluate", lambda: evaluate_run(cfg, run, run.stage("model")["path"]), record=False)
     except Exception as exc:  # like validation: a failed evaluation still leaves a summary and a report
         log.exception("evaluate failed")
         return f"evaluation failed: {type(exc).__name__}: {exc}"
