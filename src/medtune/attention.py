@@ -19,6 +19,11 @@ import torch
 VARLEN = "medtune_varlen"
 
 
+def flash_capable() -> bool:
+    """PyTorch's FlashAttention kernels need an Ampere or newer GPU (compute capability 8.0+)."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
 def register() -> str:
     """Make `attn_implementation=VARLEN` loadable; idempotent."""
     from transformers import AttentionInterface

@@ -228,9 +228,9 @@ class TrainingConfig(Section):
     )
     attn_implementation: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
         "auto",
-        description="Attention kernel. `auto`: on CUDA with `lora.packing`, `varlen` (PyTorch's variable-length "
-        "FlashAttention: each packed example attends to itself only, no mask, no padding); PyTorch SDPA otherwise. "
-        "`varlen` needs CUDA and `lora.packing`.",
+        description="Attention kernel. `auto`: on an Ampere or newer CUDA GPU with `lora.packing`, `varlen` "
+        "(PyTorch's variable-length FlashAttention: each packed example attends to itself only, no mask, no "
+        "padding); PyTorch SDPA otherwise. `varlen` needs such a GPU and `lora.packing`.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Where to train: `auto` uses CUDA when available, else the CPU."

@@ -53,15 +53,16 @@ def compute_dtype(cfg: MedtuneConfig, device: str) -> torch.dtype:
 
 
 def attention_kernel(cfg: MedtuneConfig, device: str) -> str:
-    """The `attn_implementation` to load the model with. With packing, SDPA would get a materialised
-    block mask and fall back to its math kernel, which keeps a full T x T attention matrix per head
-    (measured: out of memory at 4k tokens without recompute); FlexAttention compiles per packed length."""
+    """The `attn_implementation` to load the model with. Packed batches get the varlen FlashAttention
+    kernel; SDPA would take a materialised block mask per layer (measured: out of memory at 4k tokens
+    without recompute) and FlexAttention compiles per packed length. GPUs older than Ampere have no
+    FlashAttention in PyTorch: there `auto` keeps SDPA (its memory-efficient kernel takes the mask)."""
     choice = cfg.training.attn_implementation
     if choice == "auto":
-        choice = "varlen" if device == "cuda" and cfg.lora.packing else "sdpa"
-    if choice == "varlen" and device != "cuda":
-        raise EnvironmentProblem("training.attn_implementation=varlen needs a CUDA GPU; none is visible here, "
-                                 "set it to `auto`")
+        choice = "varlen" if device == "cuda" and cfg.lora.packing and attention.flash_capable() else "sdpa"
+    if choice == "varlen" and not (device == "cuda" and attention.flash_capable()):
+        raise EnvironmentProblem("training.attn_implementation=varlen needs an Ampere or newer CUDA GPU (compute "
+                                 "capability 8.0+) and none is visible here; set it to `auto`")
     return attention.register() if choice == "varlen" else choice
 
 

@@ -47,6 +47,7 @@ def fake_kernel(monkeypatch):
         import torch.nn.attention.varlen as varlen
 
         monkeypatch.setattr(varlen, "varlen_attn", fn)
+        monkeypatch.setattr(attention, "flash_capable", lambda: True)  # the stand-in kernel runs anywhere
         attention._supported.cache_clear()
         CALLS.clear()
     yield use
@@ -103,3 +104,31 @@ def test_a_padded_batch_is_refused_rather_than_attending_to_padding(tiny_model_d
 def test_varlen_needs_packing():
     with pytest.raises(ConfigError, match="lora.packing=true"):
         load_config(overrides=["training.attn_implementation=varlen"], env={})
+
+
+@pytest.mark.parametrize("capability,expected", [((9, 0), attention.VARLEN), ((8, 0), attention.VARLEN),
+                                                  ((7, 5), "sdpa")])
+def test_auto_picks_varlen_only_where_pytorch_has_flash_attention(monkeypatch, tiny_model_dir, capability, expected):
+    from medtune.train import attention_kernel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cfg = load_config(overrides=["model.model_source=local", f"model.local_model_path={tiny_model_dir}",
+                                 "lora.packing=true", "training.device=cuda"], env={})
+    assert attention_kernel(cfg, "cuda") == expected
+    unpacked = load_config(overrides=["model.model_source=local", f"model.local_model_path={tiny_model_dir}",
+                                      "training.device=cuda", "lora.packing=false"], env={})
+    assert attention_kernel(unpacked, "cuda") == "sdpa"
+
+
+def test_asking_for_varlen_on_an_older_gpu_is_one_clear_error(monkeypatch, tiny_model_dir):
+    from medtune.errors import EnvironmentProblem
+    from medtune.train import attention_kernel
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    cfg = load_config(overrides=["model.model_source=local", f"model.local_model_path={tiny_model_dir}",
+                                 "lora.packing=true", "training.device=cuda", "training.attn_implementation=varlen"],
+                      env={})
+    with pytest.raises(EnvironmentProblem, match="Ampere or newer"):
+        attention_kernel(cfg, "cuda")
