@@ -83,14 +83,14 @@ def check_chat_template(path: Path, key: str) -> None:
     fallback; an architecture with neither would fail there, after the run directory exists."""
     from transformers import AutoTokenizer
 
-    from medtune.data.templates import model_family
+    from medtune.data.templates import template_source
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # transformers raises OSError/ValueError/KeyError for missing or broken files
         raise ModelError(f"{key} {path}: the tokenizer cannot be loaded ({type(exc).__name__}); copy the model's "
                          "tokenizer files (tokenizer.json, tokenizer_config.json) into the folder") from None
-    if getattr(tokenizer, "chat_template", None) or model_family(tokenizer, str(path)):
+    if template_source(tokenizer, str(path)):
         return
     raise ModelError(f"{key} {path}: the tokenizer has no chat template and the architecture "
                      f"({model_type(path, key)}) matches none of medtune's fallback templates (Llama 2/3, Mistral, "

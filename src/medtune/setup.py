@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import shutil
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ import psutil
 import torch
 
 from medtune.config import MedtuneConfig
+from medtune.preflight import free_bytes
 from medtune.errors import EnvironmentProblem
 from medtune.rundir import RunDir
 
@@ -26,10 +26,7 @@ LIBRARIES = ("medtune", "torch", "transformers", "peft", "accelerate", "datasets
 def environment_report(paths: list[Path]) -> dict[str, Any]:
     """GPUs, CUDA, CPU, RAM, free disk and library versions."""
     gpus = visible_gpus()
-    disk = {}
-    for path in paths:
-        probe = next((p for p in [path, *path.parents] if p.exists()), Path("/"))
-        disk[str(path)] = round(shutil.disk_usage(probe).free / 2**30, 1)
+    disk = {str(path): round(free_bytes(path) / 2**30, 1) for path in paths}
     return {
         "host": platform.node(),
         "python": platform.python_version(),

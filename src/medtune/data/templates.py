@@ -80,11 +80,16 @@ def model_family(tokenizer: Any, model_path: str | None) -> str | None:
     return None
 
 
+def template_source(tokenizer: Any, model_path: str | None) -> str | None:
+    """"model" when the tokenizer has a chat template, else its family with a fallback, else None."""
+    return "model" if getattr(tokenizer, "chat_template", None) else model_family(tokenizer, model_path)
+
+
 def ensure_chat_template(tokenizer: Any, model_path: str | None) -> str:
     """Give a template-less tokenizer its family's template; return what is used (for the report)."""
-    if getattr(tokenizer, "chat_template", None):
+    family = template_source(tokenizer, model_path)
+    if family == "model":
         return "model"
-    family = model_family(tokenizer, model_path)
     if family is None:
         raise DataError("the base model's tokenizer has no chat template and its family is not one medtune knows "
                         "(Llama 2/3, Mistral, Gemma); use a chat/instruct model or dataset.row_format=prompt")
