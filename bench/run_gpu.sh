@@ -62,6 +62,9 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       n=${run#ddp}
       step 400 "$run" torchrun --standalone --nproc-per-node "$n" bench/gpu_train.py --model-dir $M --ids $IDS \
         --quantization 4bit --packing --micro-batch 52 --grad-accum 2 --steps 6 --warm 2 --label "medtune_varlen_mb52_gpus$n" ;;
+    levers8k|levers16k|levers_bf16)  # bench/profile_levers.py: profile + dropout/recompute levers on one loaded model
+      q=4bit; n=8192; [ $run = levers16k ] && n=16384; [ $run = levers_bf16 ] && q=none
+      step 300 "$run" python3 bench/profile_levers.py --model-dir $M --ids $IDS --quantization $q --tokens $n ;;
     losscheck)  # the fast path vs the plain PEFT path, 20 steps, same rows and seed
       step 300 fast20 $GT --quantization 4bit --packing --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --label fast20
       step 400 plain20 $GT --quantization 4bit --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --plain --label plain20

@@ -1,0 +1,182 @@
+"""Where a QLoRA micro batch's time goes, and what each lever is worth, on one loaded model.
+
+Builds medtune's own trainer (`medtune.train.build_trainer`: the same loading, LoRA, Liger and
+varlen attention as `medtune run`) once, then times forward + backward over the same packed micro
+batches of real-length rows (`--tokens` per micro batch) under variants switched on the loaded model:
+
+    base       gradient checkpointing on, LoRA dropout as configured (the seed's 0.05)
+    dropout0   LoRA dropout modules replaced by identity
+    nogc       gradient checkpointing off
+    nogc_dropout0
+
+and profiles one micro batch of `base` with torch.profiler: GPU busy time against wall time (a GPU
+idle while Python launches kernels shows as busy < wall), the kernel count and the kernels that take
+the most GPU time. One JSON line per variant and one for the profile.
+
+    python bench/profile_levers.py --model-dir /tmp/llama31-8b-random --ids ids.json --tokens 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from gpu_train import ensure_tokenizer, load_ids, write_data
+from medtune.config_io import load_config
+from medtune.rundir import RunDir
+from medtune.train import build_trainer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run of the script itself
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        sync()
+
+
+def peak_gib() -> float:
+    return peak_gib() if DEVICE == "cuda" else 0.0
+
+
+def packed_batches(ids: list[list[int]], tokens: int, count: int, max_len: int) -> list[dict[str, torch.Tensor]]:
+    """`count` micro batches of whole rows (in file order) up to `tokens` each, as the packing collator
+    lays them out: one row, position ids restarting per example, each example's first label masked."""
+    batches, rows, used = [], [], 0
+    for row in (r[:max_len] for r in ids):
+        if used + len(row) > tokens and rows:
+            batches.append(_flatten(rows))
+            rows, used = [], 0
+            if len(batches) == count:
+                break
+        rows.append(row)
+        used += len(row)
+    return batches
+
+
+def _flatten(rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    flat = [t for r in rows for t in r]
+    labels = [t for r in rows for t in [-100, *r[1:]]]
+    pos = [p for r in rows for p in range(len(r))]
+    cu = [0]
+    for r in rows:
+        cu.append(cu[-1] + len(r))
+    longest = max(len(r) for r in rows)
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEVICE)
+    return {"input_ids": torch.tensor([flat], device=DEVICE), "labels": torch.tensor([labels], device=DEVICE),
+            "position_ids": torch.tensor([pos], device=DEVICE), "cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t,
+            "max_length_q": longest, "max_length_k": longest}
+
+
+def set_dropout(model: torch.nn.Module, on: bool, saved: dict) -> None:
+    """Swap PEFT's LoRA dropout modules for identities (and back)."""
+    for name, module in model.named_modules():
+        if name.endswith("lora_dropout"):
+            for key in list(module.keys()):
+                if not on:
+                    saved.setdefault((name, key), module[key])
+                    module[key] = torch.nn.Identity()
+                elif (name, key) in saved:
+                    module[key] = saved[(name, key)]
+
+
+def step(model: torch.nn.Module, batch: dict) -> float:
+    loss = model(**batch).loss
+    loss.backward()
+    return loss
+
+
+def time_variant(model, batches, label: str, repeats: int) -> dict:
+    step(model, batches[0])  # warm-up: kernels compiled/tuned for this variant
+    sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    tokens = 0
+    for _ in range(repeats):
+        for b in batches:
+            loss = step(model, b)
+            tokens += b["input_ids"].numel()
+    cpu_s = time.perf_counter() - t0  # Python has launched everything; the GPU may still be behind
+    sync()
+    wall = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return {"variant": label, "tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall),
+            "launch_s": round(cpu_s, 3), "peak_mem_gib": peak_gib(),
+            "loss": round(float(loss.detach()), 4)}
+
+
+def profile(model, batch) -> dict:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step(model, batch)
+    sync()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        step(model, batch)
+        sync()
+        wall = time.perf_counter() - t0
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e6
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = by_name.setdefault(e.name[:90], [0.0, 0])
+        entry[0] += e.device_time / 1e3
+        entry[1] += 1
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+    return {"profile": "base", "tokens": batch["input_ids"].numel(), "wall_s": round(wall, 3),
+            "gpu_busy_s": round(busy, 3), "kernels": len(kernels),
+            "top_kernels_ms_count": [[n, round(v[0], 1), v[1]] for n, v in top]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--ids", required=True, type=Path)
+    ap.add_argument("--preset", default="llama3-8b-medical")
+    ap.add_argument("--quantization", default="4bit", choices=["4bit", "none"])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--variants", default="base,dropout0,nogc,nogc_dropout0")
+    a = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="medtune-levers-"))
+    ensure_tokenizer(Path(a.model_dir))
+    ids = load_ids(a.ids)
+    write_data(ids, 2048, work / "data")
+    cfg = load_config(preset=a.preset, overrides=[
+        "model.model_source=local", f"model.local_model_path={a.model_dir}",
+        "dataset.dataset_source=local", f"dataset.local_dataset_path={a.ids}",
+        f"lora.quantization={a.quantization}", "lora.bf16=true", "lora.packing=true", f"training.device={DEVICE}",
+        f"output.output_root={work}"], env={})
+    run = RunDir.for_run(work, "levers").create()
+    trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"))
+    model = trainer.model
+    model.train()
+    batches = packed_batches(ids, a.tokens, a.batches, 2048)
+    saved: dict = {}
+    common = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "quantization": a.quantization, "micro_batch_tokens": a.tokens,
+              "date": time.strftime("%Y-%m-%d")}
+    print(json.dumps({**profile(model, batches[0]), **common}), flush=True)
+    for variant in a.variants.split(","):
+        set_dropout(model, "dropout0" not in variant, saved)
+        if "nogc" in variant:
+            model.gradient_checkpointing_disable()
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            result = time_variant(model, batches, variant, a.repeats)
+        except torch.cuda.OutOfMemoryError:
+            result = {"variant": variant, "oom": True}
+            model.zero_grad(set_to_none=True)
+        print(json.dumps({"run": "levers", **result, **common}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
