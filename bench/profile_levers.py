@@ -40,7 +40,7 @@ def sync() -> None:
 
 
 def peak_gib() -> float:
-    return peak_gib() if DEVICE == "cuda" else 0.0
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else 0.0
 
 
 def packed_batches(ids: list[list[int]], tokens: int, count: int, max_len: int) -> list[dict[str, torch.Tensor]]:
