@@ -148,7 +148,7 @@ def main() -> None:
     ap.add_argument("--label", default="medtune")
     ap.add_argument("--merge", action="store_true", help="then save the adapter, merge it (medtune.merge) and reload")
     ap.add_argument("--plain", action="store_true",
-                    help="the plain PEFT path: padded rows, SDPA, no Liger kernels (the loss-agreement reference)")
+                    help="the plain PEFT path: padded rows, SDPA, no Liger kernels, PEFT's LoRA forward (the loss-agreement reference)")
     ap.add_argument("--preset-batch", action="store_true",
                     help="keep the preset's micro batch, accumulation and packing instead of the flags")
     a = ap.parse_args()
@@ -169,7 +169,7 @@ def main() -> None:
         overrides += [f"lora.packing={str(a.packing and not a.plain).lower()}",
                       f"training.micro_batch_size={a.micro_batch}", f"training.gradient_accumulation={a.grad_accum}"]
     if a.plain:
-        overrides.append("training.liger_kernels=false")
+        overrides += ["training.liger_kernels=false", "training.fused_lora=false"]
     cfg = load_config(preset="llama3-8b-medical", overrides=overrides, env={})
     run = RunDir.for_run(work, "bench").create()
     timer = StepTimer(a.warm)

@@ -4,12 +4,13 @@ Builds medtune's own trainer (`medtune.train.build_trainer`: the same loading, L
 varlen attention as `medtune run`) once, then times forward + backward over the same packed micro
 batches of real-length rows (`--tokens` per micro batch) under variants switched on the loaded model:
 
-    base       gradient checkpointing on, LoRA dropout as configured (the seed's 0.05)
-    dropout0   LoRA dropout modules replaced by identity
-    nogc       gradient checkpointing off
-    nogc_dropout0
+    peft         PEFT's own LoRA forward, gradient checkpointing on, the seed's LoRA dropout 0.05
+    fused        medtune.fast_lora's forward (the default), the rest as `peft`
+    *_dropout0   LoRA dropout modules replaced by identities
+    *_nogc       gradient checkpointing off
 
-and profiles one micro batch of `base` with torch.profiler: GPU busy time against wall time (a GPU
+all under bf16 autocast as the Trainer runs them, and profiles one micro batch of `peft` and of `fused`
+with torch.profiler: GPU busy time against wall time (a GPU
 idle while Python launches kernels shows as busy < wall), the kernel count and the kernels that take
 the most GPU time. One JSON line per variant and one for the profile.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from gpu_train import ensure_tokenizer, load_ids, write_data
+from medtune import fast_lora
 from medtune.config_io import load_config
 from medtune.rundir import RunDir
 from medtune.train import build_trainer
@@ -85,7 +87,8 @@ def set_dropout(model: torch.nn.Module, on: bool, saved: dict) -> None:
 
 
 def step(model: torch.nn.Module, batch: dict) -> float:
-    loss = model(**batch).loss
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # as accelerate wraps the forward for bf16 training
+        loss = model(**batch).loss
     loss.backward()
     return loss
 
@@ -110,7 +113,16 @@ def time_variant(model, batches, label: str, repeats: int) -> dict:
             "loss": round(float(loss.detach()), 4)}
 
 
-def profile(model, batch) -> dict:
+def set_fused(model: torch.nn.Module, on: bool) -> None:
+    if on:
+        fast_lora.install(model)
+        return
+    for module in model.modules():
+        if "forward" in vars(module):
+            del module.forward
+
+
+def profile(model, batch, label: str) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -129,7 +141,7 @@ def profile(model, batch) -> dict:
         entry[0] += e.device_time / 1e3
         entry[1] += 1
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
-    return {"profile": "base", "tokens": batch["input_ids"].numel(), "wall_s": round(wall, 3),
+    return {"profile": label, "tokens": batch["input_ids"].numel(), "wall_s": round(wall, 3),
             "gpu_busy_s": round(busy, 3), "kernels": len(kernels),
             "top_kernels_ms_count": [[n, round(v[0], 1), v[1]] for n, v in top]}
 
@@ -143,7 +155,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--variants", default="base,dropout0,nogc,nogc_dropout0")
+    ap.add_argument("--variants", default="peft,fused,fused_dropout0,peft_nogc,fused_nogc,fused_nogc_dropout0")
     a = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="medtune-levers-"))
@@ -163,8 +175,11 @@ def main() -> None:
     saved: dict = {}
     common = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "quantization": a.quantization, "micro_batch_tokens": a.tokens,
               "date": time.strftime("%Y-%m-%d")}
-    print(json.dumps({**profile(model, batches[0]), **common}), flush=True)
+    for fused in (False, True):
+        set_fused(model, fused)
+        print(json.dumps({**profile(model, batches[0], "fused" if fused else "peft"), **common}), flush=True)
     for variant in a.variants.split(","):
+        set_fused(model, variant.startswith("fused"))
         set_dropout(model, "dropout0" not in variant, saved)
         if "nogc" in variant:
             model.gradient_checkpointing_disable()

@@ -226,6 +226,12 @@ class TrainingConfig(Section):
         description="On CUDA GPUs, use Liger's fused kernels (linear + cross-entropy without materialising the "
         "logits, RMSNorm, SwiGLU, RoPE) when the `liger-kernel` package is installed (`pip install medtune[gpu]`).",
     )
+    fused_lora: bool = Field(
+        True,
+        description="Add each LoRA update to the base projection's output inside one GEMM (scaled in its "
+        "epilogue, no copy of the base output, adapter weights cast to the activations' dtype); false keeps "
+        "PEFT's own LoRA forward. Same numbers either way (tests/unit/test_fast_lora.py).",
+    )
     attn_implementation: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
         "auto",
         description="Attention kernel. `auto`: on an Ampere or newer CUDA GPU with `lora.packing`, `varlen` "

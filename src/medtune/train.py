@@ -23,7 +23,7 @@ import torch
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
-from medtune import attention, base_eval_cache
+from medtune import attention, base_eval_cache, fast_lora
 from medtune.config import MedtuneConfig
 from medtune.divergence import StopOnDivergence, diverged_error
 from medtune.errors import EnvironmentProblem
@@ -89,6 +89,8 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
     lora = LoraConfig(r=cfg.lora.lora_r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
                       target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if cfg.training.fused_lora:
+        log.info("finetune: fused LoRA forward on %d projections", fast_lora.install(model))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("finetune: %s base on %s, quantization %s, LoRA r=%d alpha=%d: %.2fM trainable of %.0fM parameters",
              dtype, device, cfg.lora.quantization, cfg.lora.lora_r, cfg.lora.lora_alpha, trainable / 1e6, total / 1e6)

@@ -1,0 +1,75 @@
+"""The fused LoRA forward computes what PEFT's forward computes: outputs and adapter gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from medtune import fast_lora
+
+
+def _lora_model(dropout: float):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = get_peft_model(LlamaForCausalLM(config), LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=dropout, task_type="CAUSAL_LM",
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    with torch.no_grad():  # lora_B starts at zero: give the update a value so it is actually compared
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _loss_and_grads(model, ids, seed: int):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout masks on both paths
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_forward_matches_peft(dropout):
+    peft_model = _lora_model(dropout)
+    fused = copy.deepcopy(peft_model)
+    assert fast_lora.install(fused) == 7 * 2
+    q_proj = fused.get_base_model().model.layers[0].self_attn.q_proj
+    assert q_proj.forward.__func__ is fast_lora.fused_forward
+    peft_model.train(), fused.train()
+    ids = torch.randint(0, 97, (2, 24))
+    logits_a, loss_a, grads_a = _loss_and_grads(peft_model, ids, seed=3)
+    logits_b, loss_b, grads_b = _loss_and_grads(fused, ids, seed=3)
+    torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * 2
+    for name in grads_a:
+        assert grads_a[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_other_states_take_peft_forward():
+    """Disabled adapters and merged weights are PEFT's business: the swap must not alter them."""
+    model = _lora_model(0.0)
+    fast_lora.install(model)
+    model.eval()
+    ids = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+    assert not torch.allclose(tuned, base)
+    plain = _lora_model(0.0)
+    plain.eval()
+    with torch.no_grad(), plain.disable_adapter():
+        torch.testing.assert_close(base, plain(input_ids=ids).logits)
+    model.merge_adapter()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, tuned, rtol=1e-5, atol=1e-5)
