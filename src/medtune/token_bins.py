@@ -31,7 +31,7 @@ BIN_ROWS = "bin_rows"  # the bins dataset's column of row indices
 def pack(lengths: Sequence[int], budget: int) -> list[list[int]]:
     """Row indices grouped into bins of at most `budget` tokens, by best-fit decreasing: rows longest
     first (ties: lower index first), each into the open bin it fills most tightly (ties: the earlier bin),
-    else into a new bin. Each bin's indices are in ascending order."""
+    else into a new bin. Bins come in the order they were opened; each bin's indices in ascending order."""
     if lengths and max(lengths) > budget:
         raise ValueError(f"a row of {max(lengths)} tokens does not fit a bin of {budget}")
     bins: list[list[int]] = []
