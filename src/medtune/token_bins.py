@@ -20,6 +20,8 @@ import bisect
 from collections.abc import Sequence
 from typing import Any
 
+from medtune.errors import ConfigError
+
 # Mean fill (tokens / budget) of the bins other than the last, measured by `pack` on the 1,800-row
 # medical sample ../shared/datasets/medical_mistral_instruct_dataset_short (each row's rendered `prompt`
 # at ~4 characters per token, capped at 2048; mean 256 tokens): 0.998, 0.999, 0.9993, 0.9999 at budgets
@@ -54,6 +56,9 @@ def bins_dataset(train_ds: Any, budget: int) -> Any:
     from datasets import Dataset
 
     lengths = list(train_ds["length"])
+    if lengths and max(lengths) > budget:  # data prepared under a longer max_seq_length, then resumed
+        raise ConfigError(f"training.micro_batch_tokens={budget} is below the longest prepared training row "
+                          f"({max(lengths)} tokens); set it to at least {max(lengths)}")
     bins = pack(lengths, budget)
     return Dataset.from_dict({BIN_ROWS: bins, "bin_tokens": [sum(lengths[i] for i in b) for b in bins]})
 

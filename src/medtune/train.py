@@ -212,6 +212,8 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
     trainer.accelerator.wait_for_everyone()
     resume = last_complete_checkpoint(run.checkpoints)
     metrics: dict[str, Any] = dict(run.manifest().get("training", {}))
+    for stale in ("micro_batch_tokens", "effective_batch_tokens"):  # from an earlier attempt with token bins
+        metrics.pop(stale, None)
     metrics.update(_batch_metrics(cfg, world, trainer.train_dataset))
     log.info("finetune: %d process(es), %s", world, _batch_line(cfg, metrics))
     if eval_ds is not None and "base_eval_loss" not in metrics:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, DataCollatorWithFlattening, Trainer
 
 from medtune.config_io import load_config
+from medtune.errors import ConfigError
 from medtune.oom import smaller_budget
 from medtune.rundir import RunDir
 from medtune.token_bins import BIN_ROWS, BinCollator, bins_dataset, pack
@@ -167,3 +168,10 @@ def test_auto_fit_halves_the_budget_down_to_max_seq_length_then_stops():
     assert smaller_budget(16384, 2, 2048) == (8192, 4)
     assert smaller_budget(3000, 1, 2048) == (2048, 2)  # not below the longest row
     assert smaller_budget(2048, 4, 2048) is None
+
+
+def test_rows_longer_than_the_budget_are_one_clear_error():
+    rows = Dataset.from_dict({"length": [100, 700, 300]})
+    with pytest.raises(ConfigError, match=r"^training.micro_batch_tokens=512 is below the longest prepared training "
+                                          r"row \(700 tokens\); set it to at least 700$"):
+        bins_dataset(rows, 512)
