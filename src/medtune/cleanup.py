@@ -108,6 +108,9 @@ def _training_section(train: dict[str, Any]) -> list[str]:
     if "effective_batch_size" in train:
         lines.append(f"- Effective batch {train['effective_batch_size']} sequences per optimizer step "
                      f"(micro batch × gradient accumulation × {train['world_size']} process(es)).")
+    if "effective_batch_tokens" in train:
+        lines.append(f"- Micro batches of whole rows up to {train['micro_batch_tokens']} tokens: at most "
+                     f"{train['effective_batch_tokens']} tokens per optimizer step (the rows above are the mean).")
     if "eval_loss" in train:
         lines.append(f"- Held-out eval loss: base **{train['base_eval_loss']:.4f}** → tuned **{train['eval_loss']:.4f}** "
                      f"({100 * train['eval_loss_reduction']:.1f}% lower).")

@@ -205,6 +205,13 @@ class TrainingConfig(Section):
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of the LoRA parameters.")
     micro_batch_size: int = Field(1, ge=1, description="Sequences per device per forward pass.")
     gradient_accumulation: int = Field(16, ge=1, description="Micro batches accumulated per optimizer step.")
+    micro_batch_tokens: int = Field(
+        0, ge=0,
+        description="0: micro batches of `micro_batch_size` rows. Above 0 (needs `lora.packing`, at least "
+        "`max_seq_length`): each micro batch is a bin of whole rows holding at most this many tokens, packed "
+        "once before training, so memory and per-GPU work stay even however the row lengths vary; "
+        "`micro_batch_size` then sets only the evaluation batch.",
+    )
     max_seq_length: int = Field(2048, ge=32, le=131072, description="Longest training sequence in tokens; longer rows are truncated.")
     seed: int = Field(42, description="Seed for shuffling, LoRA initialisation and sampling.")
     max_steps: int = Field(0, ge=0, description="Stop after this many optimizer steps (0 = run `num_epochs`).")
@@ -244,8 +251,8 @@ class TrainingConfig(Section):
     auto_fit: bool = Field(
         True,
         description="On CUDA out of memory, retry from the last checkpoint with half the micro batch and twice "
-        "the gradient accumulation (same effective batch), down to micro batch 1; false: stop and name the "
-        "remedies. Single-process runs only; every change is recorded in manifest.json (`auto_fit`).",
+        "the gradient accumulation (same effective batch), down to micro batch 1 (with `micro_batch_tokens`: half "
+        "the token budget, down to `max_seq_length`); false: stop and name the remedies. Single-process runs only; every change is recorded in manifest.json (`auto_fit`).",
     )
 
 
@@ -345,6 +352,14 @@ class MedtuneConfig(Section):
         if self.training.attn_implementation == "varlen" and (not self.lora.packing or self.training.device == "cpu"):
             raise ValueError("training.attn_implementation=varlen needs lora.packing=true on a CUDA GPU; "
                              "use `auto` to pick the kernel")
+        t = self.training
+        if t.micro_batch_tokens and not self.lora.packing:
+            raise ValueError(f"training.micro_batch_tokens={t.micro_batch_tokens} packs rows into token-budget "
+                             "micro batches and needs lora.packing=true; set it, or training.micro_batch_tokens=0")
+        if 0 < t.micro_batch_tokens < t.max_seq_length:
+            raise ValueError(f"training.micro_batch_tokens={t.micro_batch_tokens} is below training.max_seq_length="
+                             f"{t.max_seq_length}, so the longest rows fit no micro batch; set it to at least "
+                             f"{t.max_seq_length}")
         return self
 
     @model_validator(mode="after")

@@ -5,6 +5,8 @@ accumulation that keeps the effective batch (so the optimisation is the same), a
 max_seq_length, 4-bit QLoRA, gradient checkpointing. With `training.auto_fit` (the default) a
 single-process run applies the first one itself: it halves the micro batch, raises the accumulation
 to keep the effective batch, and retries from the last complete checkpoint, down to micro batch 1.
+With token-budget micro batches (`training.micro_batch_tokens`) it halves the budget instead, down to
+max_seq_length, and doubles the accumulation: the same bound on tokens per optimizer step.
 Under torchrun the ranks would have to agree on the new batch, so there the error is reported instead.
 """
 
@@ -39,15 +41,39 @@ def smaller_batch(micro: int, accumulation: int) -> tuple[int, int] | None:
     return new, per_step // new
 
 
+def smaller_budget(tokens: int, accumulation: int, max_seq_length: int) -> tuple[int, int] | None:
+    """Half the token budget (not below max_seq_length, so every row still fits a bin) with twice the
+    accumulation; None when the budget is already max_seq_length."""
+    new = max(tokens // 2, max_seq_length)
+    return (new, accumulation * 2) if new < tokens else None
+
+
+def fitted_batch(cfg: MedtuneConfig) -> tuple[int, int] | None:
+    """The next smaller micro batch (rows, or tokens with token bins) and its accumulation."""
+    t = cfg.training
+    if t.micro_batch_tokens:
+        return smaller_budget(t.micro_batch_tokens, t.gradient_accumulation, t.max_seq_length)
+    return smaller_batch(t.micro_batch_size, t.gradient_accumulation)
+
+
+def _fitted_fix(cfg: MedtuneConfig, fitted: tuple[int, int], world_size: int) -> str:
+    t = cfg.training
+    if t.micro_batch_tokens:
+        return (f"training.micro_batch_tokens={fitted[0]} with training.gradient_accumulation={fitted[1]} (at most "
+                f"{fitted[0] * fitted[1] * world_size} tokens per optimizer step, was "
+                f"{t.micro_batch_tokens * t.gradient_accumulation * world_size})")
+    effective = t.micro_batch_size * t.gradient_accumulation * world_size
+    return (f"training.micro_batch_size={fitted[0]} with training.gradient_accumulation={fitted[1]} "
+            f"(the effective batch stays {effective})")
+
+
 def remedies(cfg: MedtuneConfig, world_size: int) -> str:
     """The fixes for this run, as `--set` overrides with concrete values."""
     t, lora = cfg.training, cfg.lora
-    effective = t.micro_batch_size * t.gradient_accumulation * world_size
     fixes = []
-    fitted = smaller_batch(t.micro_batch_size, t.gradient_accumulation)
+    fitted = fitted_batch(cfg)
     if fitted:
-        fixes.append(f"training.micro_batch_size={fitted[0]} with training.gradient_accumulation={fitted[1]} "
-                     f"(the effective batch stays {effective})")
+        fixes.append(_fitted_fix(cfg, fitted, world_size))
     if t.max_seq_length >= 64:
         fixes.append(f"training.max_seq_length={t.max_seq_length // 2} (longer rows are truncated; needs a new run)")
     if lora.quantization != "4bit":
@@ -82,19 +108,22 @@ def train_fitting_memory(cfg: MedtuneConfig, run: RunDir, attempt: Callable[[Med
         release_memory()
         t = cfg.training
         world = torch.distributed.get_world_size() if _distributed() else 1
-        fitted = smaller_batch(t.micro_batch_size, t.gradient_accumulation)
+        fitted = fitted_batch(cfg)
+        key = "micro_batch_tokens" if t.micro_batch_tokens else "micro_batch_size"
+        unit = " tokens" if t.micro_batch_tokens else ""
         if not (t.auto_fit and fitted and world == 1):
             tried = " (auto_fit is off)" if not t.auto_fit else ""
             raise TrainingOutOfMemory(
-                f"training ran out of GPU memory at micro batch {t.micro_batch_size} x accumulation "
+                f"training ran out of GPU memory at micro batch {getattr(t, key)}{unit} x accumulation "
                 f"{t.gradient_accumulation}{tried} ({what[:120]}); set {remedies(cfg, world)}; apply with "
                 f"`medtune run --resume {run.root} --set KEY=VALUE` (the last checkpoint is kept)"
             ) from None
-        log.warning("finetune: out of GPU memory at micro batch %d; auto_fit retries with micro batch %d x "
-                    "accumulation %d (same effective batch) from the last checkpoint",
-                    t.micro_batch_size, fitted[0], fitted[1])
+        keeps = f"at most {fitted[0] * fitted[1]} tokens per step" if unit else "same effective batch"
+        log.warning("finetune: out of GPU memory at micro batch %d%s; auto_fit retries with micro batch %d%s x "
+                    "accumulation %d (%s) from the last checkpoint", getattr(t, key), unit, fitted[0], unit,
+                    fitted[1], keeps)
         history = run.manifest().get("auto_fit", [])
-        run.update_manifest(auto_fit=[*history, {"from_micro_batch_size": t.micro_batch_size,
-                                                 "micro_batch_size": fitted[0], "gradient_accumulation": fitted[1]}])
+        run.update_manifest(auto_fit=[*history, {f"from_{key}": getattr(t, key), key: fitted[0],
+                                                 "gradient_accumulation": fitted[1]}])
         cfg = cfg.model_copy(update={"training": t.model_copy(
-            update={"micro_batch_size": fitted[0], "gradient_accumulation": fitted[1]})})
+            update={key: fitted[0], "gradient_accumulation": fitted[1]})})

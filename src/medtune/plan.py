@@ -21,9 +21,10 @@ from typing import Any
 
 from medtune.config import MedtuneConfig
 from medtune.errors import ConfigError
-from medtune.plan_batches import QUANTILES, knots_from_lengths, planned_micro_batch
+from medtune.plan_batches import QUANTILES, knots_from_lengths, planned_micro_batch, steps_per_epoch
 from medtune.plan_memory import MicroBatch, Recipe, attention_family, estimate, projections
 from medtune.plan_tables import CARDS, KNOWN_SHAPES, THROUGHPUT, Card, Shape, Throughput
+from medtune.token_bins import MEASURED_FILL
 
 GIB = 2**30
 ASSUMED_TOKENS_PER_ROW = 300  # the seed's medical sets: 234-306 tokens/row (shared/bench/README.md)
@@ -130,6 +131,15 @@ def fsdp_shards(cfg: MedtuneConfig) -> int:
     if per_node * infra.nodes < 2:
         raise ConfigError("planning FSDP needs the GPU count: set infrastructure.num_gpus (per node) to the GPUs "
                           "the run will shard over")
+    return per_node * infra.nodes
+
+
+def _ddp_world(cfg: MedtuneConfig, device: str) -> int:
+    """Processes that share the micro batches (token bins only; the row plan counts steps per process)."""
+    if device != "cuda" or not cfg.training.micro_batch_tokens:
+        return 1
+    infra = cfg.infrastructure
+    per_node = infra.num_gpus if infra.num_gpus != "auto" else max(1, visible_gpu_count())
     return per_node * infra.nodes
 
 
@@ -302,13 +312,14 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
     batch = planned_micro_batch(cfg, data, device)
     shards = fsdp_shards(cfg) if device == "cuda" else 1
     memory = memory_gib(cfg, shape, device, batch, shards)
-    mean_batch = t.micro_batch_size * data["tokens"] / max(1, data["rows"])
+    mean_batch = batch.tokens * MEASURED_FILL if t.micro_batch_tokens else \
+        t.micro_batch_size * data["tokens"] / max(1, data["rows"])
     speed = throughput(recipe(cfg, device), cfg.lora.packing, round(mean_batch), device, card, counts["total"])
     epoch_s = data["tokens"] / speed["tokens_per_second"]
-    steps_per_epoch = math.ceil(data["rows"] / (t.micro_batch_size * t.gradient_accumulation))
+    epoch_steps = steps_per_epoch(cfg, data, _ddp_world(cfg, device))
     train_s = epoch_s * t.num_epochs
     if t.max_steps:
-        train_s = min(train_s, epoch_s * t.max_steps / max(1, steps_per_epoch))
+        train_s = min(train_s, epoch_s * t.max_steps / max(1, epoch_steps))
     # Walltime: training plus loading, merge, validation and evaluation (~10 min on a GPU node), +30%.
     walltime = (train_s + 600) * 1.3
     merge_host = counts["total"] * 2 / GIB  # the merge reloads the base unquantized (16-bit) in host memory
@@ -325,7 +336,7 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
         "micro_batch": {"tokens": batch.tokens, "rows": batch.rows, "layout": batch.layout}, "fsdp": fsdp,
         "fits": fits, "data": data,
         "throughput": {**speed, "tokens_per_second": round(speed["tokens_per_second"], 1)},
-        "time": {"epoch_seconds": round(epoch_s), "steps_per_epoch": steps_per_epoch, "train_seconds": round(train_s),
+        "time": {"epoch_seconds": round(epoch_s), "steps_per_epoch": epoch_steps, "train_seconds": round(train_s),
                  "walltime_seconds": round(walltime)},
         "request": {"gpus": gpus, "host_memory_gib": host_mem,
                     **scheduler_lines(gpus, host_mem, 8 if device == "cuda" else 2, walltime)},

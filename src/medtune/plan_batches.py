@@ -7,16 +7,22 @@ micro batch is its largest: the longest row plus `micro_batch_size - 1` rows fro
 micro_batch_size / megabatch fraction of the lengths. Packed, that is the sum of their tokens;
 padded, every row is padded to the longest.
 
+With token bins (`training.micro_batch_tokens`) every micro batch is a bin of whole rows holding at
+most the budget, and the bins are nearly full (token_bins.MEASURED_FILL), so the budget is the largest
+micro batch and the number of bins is the data's tokens over budget x fill.
+
 Lengths are known as quantile knots [(q, tokens)]: the data report's p50/p90/p95/p99/max, or the same
 points of a local sample; between knots the quantile function is taken as linear.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from medtune.config import MedtuneConfig
 from medtune.plan_memory import MicroBatch
+from medtune.token_bins import MEASURED_FILL
 
 QUANTILES = (0.5, 0.9, 0.95, 0.99, 1.0)
 
@@ -57,6 +63,8 @@ def planned_micro_batch(cfg: MedtuneConfig, data: dict[str, Any], device: str) -
     mb = t.micro_batch_size
     knots = data.get("length_quantiles")
     mean = min(t.max_seq_length, max(1, round(data["tokens"] / max(1, data["rows"]))))
+    if t.micro_batch_tokens:
+        return MicroBatch(tokens=t.micro_batch_tokens, rows=max(1, round(t.micro_batch_tokens / mean)), layout="packed")
     if knots:
         tokens, longest = first_micro_batch_rows(knots, data["rows"], mb, t.gradient_accumulation, t.max_seq_length)
     else:
@@ -67,3 +75,13 @@ def planned_micro_batch(cfg: MedtuneConfig, data: dict[str, Any], device: str) -
     if device == "cuda":
         longest = -(-longest // 8) * 8
     return MicroBatch(tokens=mb * longest, rows=mb, layout="padded")
+
+
+def steps_per_epoch(cfg: MedtuneConfig, data: dict[str, Any], world_size: int) -> int:
+    """Optimizer steps in one epoch: rows / (micro batch x accumulation), or with token bins the bins
+    (tokens / (budget x fill)) over accumulation x world size."""
+    t = cfg.training
+    if t.micro_batch_tokens:
+        bins = math.ceil(data["tokens"] / (t.micro_batch_tokens * MEASURED_FILL))
+        return math.ceil(bins / (t.gradient_accumulation * world_size))
+    return math.ceil(data["rows"] / (t.micro_batch_size * t.gradient_accumulation))

@@ -23,7 +23,7 @@ import torch
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
-from medtune import attention, base_eval_cache, fast_lora
+from medtune import attention, base_eval_cache, fast_lora, token_bins
 from medtune.config import MedtuneConfig
 from medtune.divergence import StopOnDivergence, diverged_error
 from medtune.errors import EnvironmentProblem
@@ -103,9 +103,10 @@ def training_args(cfg: MedtuneConfig, run: RunDir, device: str, has_eval: bool) 
 
     t = cfg.training
     on_gpu = device == "cuda"
+    bins = bool(t.micro_batch_tokens)  # one token-budget bin per micro batch; near-equal bins need no grouping
     return TrainingArguments(
         output_dir=str(run.checkpoints),
-        per_device_train_batch_size=t.micro_batch_size,
+        per_device_train_batch_size=1 if bins else t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation,
         num_train_epochs=t.num_epochs,
@@ -130,7 +131,7 @@ def training_args(cfg: MedtuneConfig, run: RunDir, device: str, has_eval: bool) 
         report_to=[],
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
-        train_sampling_strategy="group_by_length",
+        train_sampling_strategy="random" if bins else "group_by_length",
         length_column_name="length",
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -165,6 +166,9 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
     args = training_args(cfg, run, device, eval_ds is not None)
     model = load_for_training(cfg, model_path, device, place=args.device)  # under torchrun: this rank's GPU
     collator = make_collator(cfg, tokenizer, device)
+    if cfg.training.micro_batch_tokens:
+        rows, train_ds = train_ds, token_bins.bins_dataset(train_ds, cfg.training.micro_batch_tokens)
+        collator = token_bins.BinCollator(rows, collator)
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
                       callbacks=[ProgressLog(run.logs, device), _tensorboard(run), *callbacks])
     trainer.remove_callback(PrinterCallback)  # ProgressLog writes the log lines
@@ -210,10 +214,10 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
     trainer.accelerator.wait_for_everyone()
     resume = last_complete_checkpoint(run.checkpoints)
     metrics: dict[str, Any] = dict(run.manifest().get("training", {}))
-    metrics.update(_batch_metrics(cfg, world))
-    log.info("finetune: %d process(es), effective batch %d = micro batch %d x accumulation %d x world size %d",
-             world, metrics["effective_batch_size"], cfg.training.micro_batch_size,
-             cfg.training.gradient_accumulation, world)
+    for stale in ("micro_batch_tokens", "effective_batch_tokens"):  # from an earlier attempt with token bins
+        metrics.pop(stale, None)
+    metrics.update(_batch_metrics(cfg, world, trainer.train_dataset))
+    log.info("finetune: %d process(es), %s", world, _batch_line(cfg, metrics))
     if eval_ds is not None and "base_eval_loss" not in metrics:
         metrics.update(_base_eval(cfg, trainer, model_path, Path(data_path) / "eval", device))
         if rank0:
@@ -268,10 +272,28 @@ def _callback(trainer: Any, kind: type) -> Any:
     return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, kind))
 
 
-def _batch_metrics(cfg: MedtuneConfig, world_size: int) -> dict[str, int]:
+def _batch_metrics(cfg: MedtuneConfig, world_size: int, train_ds: Any = None) -> dict[str, int]:
+    """`effective_batch_size` is rows per optimizer step: exact for micro batches of rows; with token bins
+    (whose row counts vary) the mean rows per bin x accumulation x world size, and `effective_batch_tokens`
+    is the bound on tokens per optimizer step."""
     t = cfg.training
+    if not t.micro_batch_tokens:
+        return {"world_size": world_size,
+                "effective_batch_size": t.micro_batch_size * t.gradient_accumulation * world_size}
     return {"world_size": world_size,
-            "effective_batch_size": t.micro_batch_size * t.gradient_accumulation * world_size}
+            "effective_batch_size": round(token_bins.mean_rows(train_ds) * t.gradient_accumulation * world_size),
+            "micro_batch_tokens": t.micro_batch_tokens,
+            "effective_batch_tokens": t.micro_batch_tokens * t.gradient_accumulation * world_size}
+
+
+def _batch_line(cfg: MedtuneConfig, metrics: dict[str, int]) -> str:
+    t, world = cfg.training, metrics["world_size"]
+    if not t.micro_batch_tokens:
+        return (f"effective batch {metrics['effective_batch_size']} = micro batch {t.micro_batch_size} x accumulation "
+                f"{t.gradient_accumulation} x world size {world}")
+    return (f"effective batch ≤ {metrics['effective_batch_tokens']} tokens = {t.micro_batch_tokens}-token micro "
+            f"batches x accumulation {t.gradient_accumulation} x world size {world} "
+            f"(~{metrics['effective_batch_size']} rows per step)")
 
 
 def _base_eval(cfg: MedtuneConfig, trainer: Any, model_path: str, eval_path: Path, device: str) -> dict[str, Any]:

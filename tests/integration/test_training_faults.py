@@ -82,15 +82,48 @@ def test_oom_without_auto_fit_names_the_remedies_for_this_run(tiny_overrides, mo
     assert "lora.gradient_checkpointing=true" in line and "training.auto_fit=true" in line
 
 
-def test_oom_at_micro_batch_1_stops_even_with_auto_fit(tiny_overrides, monkeypatch):
+def _oom_message(tiny_overrides, monkeypatch, run_id: str, *extra: str) -> str:
+    """The error of a run whose first training step runs out of memory and that does not retry."""
     _inject_oom(monkeypatch, times=1)
-    cfg = _cfg(tiny_overrides, "oom1", "training.micro_batch_size=1", "training.gradient_accumulation=2",
-               "lora.quantization=none", "lora.gradient_checkpointing=true")
     with pytest.raises(TrainingOutOfMemory) as caught:
-        run_workflow(cfg)
-    message = str(caught.value)
+        run_workflow(_cfg(tiny_overrides, run_id, *extra))
+    return str(caught.value)
+
+
+def test_oom_at_micro_batch_1_stops_even_with_auto_fit(tiny_overrides, monkeypatch):
+    message = _oom_message(tiny_overrides, monkeypatch, "oom1", "training.micro_batch_size=1",
+                           "training.gradient_accumulation=2", "lora.quantization=none",
+                           "lora.gradient_checkpointing=true")
     assert "micro batch 1 x accumulation 2" in message and "training.micro_batch_size=" not in message
     assert "gradient_checkpointing" not in message and "lora.quantization=4bit" in message
+
+
+def test_auto_fit_halves_the_token_budget_and_doubles_the_accumulation(tiny_overrides, monkeypatch):
+    seen = _inject_oom(monkeypatch, times=2)
+    cfg = _cfg(tiny_overrides, "oombins", "lora.packing=true", "training.micro_batch_tokens=400",
+               "training.gradient_accumulation=1", "training.max_steps=1")
+    run = run_workflow(cfg)
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["status"] == "succeeded"
+    assert manifest["auto_fit"] == [  # 400 -> 200, then 128 = max_seq_length, the floor (not 100)
+        {"from_micro_batch_tokens": 400, "micro_batch_tokens": 200, "gradient_accumulation": 2},
+        {"from_micro_batch_tokens": 200, "micro_batch_tokens": 128, "gradient_accumulation": 4},
+    ]
+    assert set(seen) == {1} and len(seen) == 2 + 4  # one bin per micro batch; then 1 step of 4 bins
+    assert manifest["training"]["micro_batch_tokens"] == 128 and manifest["training"]["effective_batch_tokens"] == 512
+    assert "auto_fit retries with micro batch 128 tokens x accumulation 4 (at most 512 tokens per step)" \
+        in run.log_file.read_text()
+
+
+def test_oom_with_token_bins_names_the_token_budget_remedy(tiny_overrides, monkeypatch):
+    message = _oom_message(tiny_overrides, monkeypatch, "oombinstop", "lora.packing=true",
+                           "training.micro_batch_tokens=512", "training.gradient_accumulation=3",
+                           "training.auto_fit=false")
+    assert message.startswith("training ran out of GPU memory at micro batch 512 tokens x accumulation 3 (auto_fit is "
+                              "off)")
+    assert "training.micro_batch_tokens=256 with training.gradient_accumulation=6 (at most 1536 tokens per " \
+           "optimizer step, was 1536)" in message
+    assert "training.micro_batch_size=" not in message and "training.auto_fit=true" in message
 
 
 def _poison_weights_at(monkeypatch, step: int) -> None:

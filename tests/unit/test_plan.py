@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import pytest
@@ -10,9 +11,10 @@ from medtune.cli import main
 from medtune.presets import PRESETS
 from medtune.config_io import load_config
 from medtune.plan import make_plan, parameter_counts, recipe, throughput
-from medtune.plan_batches import first_micro_batch_rows, mean_above, planned_micro_batch
+from medtune.plan_batches import first_micro_batch_rows, mean_above, planned_micro_batch, steps_per_epoch
 from medtune.plan_memory import MicroBatch, Recipe, estimate, layer_saved_bytes, static_bytes
 from medtune.plan_tables import CARDS, KNOWN_SHAPES
+from medtune.token_bins import MEASURED_FILL
 
 L8B = KNOWN_SHAPES["meta-llama/Llama-3.1-8B-Instruct"]
 GIB = 2**30
@@ -80,6 +82,25 @@ def test_packed_batches_count_row_tokens_and_padded_batches_pad_to_the_longest()
     assert planned_micro_batch(padded, one, "cuda") == MicroBatch(4 * 1008, 4, "padded")  # rows x longest, to 8
     assert planned_micro_batch(padded, one, "cpu").tokens == 4 * 1001
     assert planned_micro_batch(padded, {**flat, "length_quantiles": [(1.0, 9000)]}, "cuda").tokens == 4 * 2048
+
+
+def test_token_bins_plan_the_budget_as_the_micro_batch_and_steps_from_tokens():
+    cfg = load_config(preset="llama3-8b-medical", overrides=["training.micro_batch_tokens=16384",
+                                                             "training.gradient_accumulation=2"])
+    data = {"rows": 10_000, "tokens": 2_500_000, "length_quantiles": [(0.5, 200), (1.0, 2048)]}
+    assert planned_micro_batch(cfg, data, "cuda") == MicroBatch(16384, round(16384 / 250), "packed")
+    bins = math.ceil(2_500_000 / (16384 * MEASURED_FILL))  # 153 bins of ~16.35k tokens
+    assert steps_per_epoch(cfg, data, 1) == math.ceil(bins / 2) == 77
+    assert steps_per_epoch(cfg, data, 2) == math.ceil(bins / 4) == 39
+    two = load_config(preset="llama3-8b-medical", overrides=["training.micro_batch_tokens=16384",
+                                                             "training.gradient_accumulation=2",
+                                                             "infrastructure.num_gpus=2"])
+    plan = make_plan(two, gpu="H100", rows=10_000)
+    mean = round(plan["data"]["tokens"] / plan["data"]["rows"])
+    assert plan["micro_batch"] == {"tokens": 16384, "rows": round(16384 / mean), "layout": "packed"}
+    per_step = 16384 * MEASURED_FILL * 2 * 2
+    assert plan["time"]["steps_per_epoch"] == math.ceil(math.ceil(plan["data"]["tokens"] / (16384 * MEASURED_FILL)) / 4)
+    assert plan["time"]["steps_per_epoch"] == pytest.approx(plan["data"]["tokens"] / per_step, abs=1)
 
 
 def test_first_micro_batch_of_a_length_grouped_epoch():
