@@ -46,7 +46,8 @@ class BatchShapes:
 
     def __call__(self, features):
         batch = self.collator(features)
-        self.shapes.append([len(features), int(batch["input_ids"].numel())])
+        rows = len(batch["cu_seq_lens_q"]) - 1 if "cu_seq_lens_q" in batch else len(features)  # a token bin is one feature
+        self.shapes.append([rows, int(batch["input_ids"].numel())])
         return batch
 
 
@@ -140,6 +141,8 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=4)
     ap.add_argument("--max-len", type=int, default=2048)
     ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--tokens", type=int, default=0,
+                    help="training.micro_batch_tokens: micro batches of whole rows up to this many tokens (implies --packing)")
     ap.add_argument("--no-gc", action="store_true", help="turn gradient checkpointing off")
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=3)
@@ -166,7 +169,8 @@ def main() -> None:
         "training.save_steps=100000", "training.warmup_ratio=0", f"output.output_root={work}",
     ]
     if not a.preset_batch:
-        overrides += [f"lora.packing={str(a.packing and not a.plain).lower()}",
+        overrides += [f"lora.packing={str((a.packing or a.tokens > 0) and not a.plain).lower()}",
+                      f"training.micro_batch_tokens={a.tokens}",
                       f"training.micro_batch_size={a.micro_batch}", f"training.gradient_accumulation={a.grad_accum}"]
     if a.plain:
         overrides += ["training.liger_kernels=false", "training.fused_lora=false"]
@@ -188,7 +192,8 @@ def main() -> None:
         return
     print(json.dumps({
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
-        "micro_batch": cfg.training.micro_batch_size, "grad_accum": cfg.training.gradient_accumulation,
+        "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
+        "fused_lora": cfg.training.fused_lora, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,
         "gradient_checkpointing": not a.no_gc, "lora_dropout": a.dropout,
         "liger": bool(trainer.args.use_liger_kernel), "attn": trainer.model.config._attn_implementation, "load_s": round(load_s, 1),

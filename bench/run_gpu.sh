@@ -65,6 +65,23 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
     levers8k|levers16k|levers_bf16)  # bench/profile_levers.py: profile + dropout/recompute levers on one loaded model
       q=4bit; n=8192; [ $run = levers16k ] && n=16384; [ $run = levers_bf16 ] && q=none
       step 300 "$run" python3 bench/profile_levers.py --model-dir $M --ids $IDS --quantization $q --tokens $n ;;
+    bins_ddp1|bins_ddp2)  # scaling with token-budget micro batches: 16384-token bins x GA 2 per GPU
+      n=${run#bins_ddp}
+      step 400 "$run" torchrun --standalone --nproc-per-node "$n" bench/gpu_train.py --model-dir $M --ids $IDS \
+        --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "medtune_bins16k_gpus$n" ;;
+    bins_gc)  # QLoRA, 16384-token bins x GA 2, recompute on (fits a 24 GB card)
+      step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "$run" ;;
+    bins_nogc)  # QLoRA, 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an H100)
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
+    bins_nogc4k)  # QLoRA, 4096-token bins x GA 8, no recompute
+      step 300 "$run" $GT --quantization 4bit --tokens 4096 --grad-accum 8 --steps 6 --warm 2 --no-gc --label "$run" ;;
+    bins_bf16_nogc)  # bf16 LoRA, 8192-token bins x GA 4, no recompute
+      step 300 "$run" $GT --quantization none --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
+    fsdp_test)  # tests/integration/test_distributed.py::test_fsdp_two_gpus_match_one on 2 real GPUs
+      step 500 "$run" python3 -m pytest -q -p no:cacheprovider tests/integration/test_distributed.py -k fsdp_two_gpus \
+        -o addopts="" --rootdir . ;
+      tail -1 /tmp/fsdp_test.out | python3 -c 'import json, sys; print(json.dumps({"run": "fsdp_test", "pytest": sys.stdin.read().strip()}))' \
+        | tee -a "$OUT/results.jsonl" ;;
     losscheck)  # the fast path vs the plain PEFT path, 20 steps, same rows and seed
       step 300 fast20 $GT --quantization 4bit --packing --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --label fast20
       step 400 plain20 $GT --quantization 4bit --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --plain --label plain20
