@@ -42,6 +42,11 @@ def trainer_arguments(cfg: MedtuneConfig) -> dict[str, Any]:
             # (`_checkpoint_wrapped_module.`) and PEFT 0.21 then finds no adapter keys in the
             # gathered state dict, saving an empty adapter.
         },
+        # Liger's fused linear + cross-entropy multiplies by `lm_head.weight` itself, outside the lm_head
+        # module's call, so FSDP never gathers that weight for it: on 2 x H200 it stopped with "aten.mm.out
+        # got mixed torch.Tensor and DTensor". Under FSDP the loss goes through the lm_head module (logits
+        # materialised); Liger's RMSNorm, SwiGLU and RoPE kernels stay.
+        "liger_kernel_config": {"fused_linear_cross_entropy": False, "cross_entropy": False},
     }
 
 

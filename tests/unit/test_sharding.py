@@ -61,7 +61,10 @@ def test_trainer_gets_fsdp_full_shard_per_decoder_layer(tmp_path, monkeypatch, q
     assert args.fsdp_plugin_args == {
         "fsdp_version": 2, "reshard_after_forward": True, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
         "cpu_ram_efficient_loading": host_loading, "state_dict_type": "FULL_STATE_DICT"}
-    assert training_args(_cfg(), RunDir(tmp_path), "cpu", has_eval=False).fsdp_plugin_args is None
+    # Liger's fused linear + cross-entropy bypasses FSDP's gathering of lm_head (crashed on 2 x H200)
+    assert args.liger_kernel_config == {"fused_linear_cross_entropy": False, "cross_entropy": False}
+    plain = training_args(_cfg(), RunDir(tmp_path), "cpu", has_eval=False)
+    assert plain.fsdp_plugin_args is None and plain.liger_kernel_config is None
 
 
 @pytest.mark.parametrize("strategy, storage", [("fsdp", "compute"), ("ddp", "uint8")])
