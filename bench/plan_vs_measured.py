@@ -103,7 +103,8 @@ def compare(path: Path, line: dict, lengths: list[int] | None, lines: list[tuple
         speed = throughput(rec, line["packing"], mean, "cuda", CARDS["H200-141GB"], PARAMS,
                            exclude=f"bench/results/{path.name} {label}")["tokens_per_second"]
         what = f"{line['quantization']}, {'packed' if line['packing'] else 'padded'}, " \
-               f"{'GC' if line['gradient_checkpointing'] else 'no GC'}, {rec.attention}, mb {line['micro_batch']}"
+               f"{'GC' if line['gradient_checkpointing'] else 'no GC'}, {rec.attention}, " + \
+               (f"bins {line['micro_batch_tokens']}" if line.get("micro_batch_tokens") else f"mb {line['micro_batch']}")
     else:
         rec, label = ANCHORS[line["mode"]][2], line["mode"]
         others = [d["tokens_per_s"] for p, d in lines if d.get("mode") == label and p != path]
@@ -127,7 +128,7 @@ def main() -> None:
     # a line with merge_s read its peak after bench_merge reset the counter: that peak is the merge's;
     # data-parallel lines count every rank's tokens and each rank draws its own share of the sampler
     lines = [(p, d) for p, d in lines
-             if d.get("peak_mem_gib") and ("run" in d or d.get("mode") in ANCHORS) and "merge_s" not in d
+             if d.get("peak_mem_gib") and ("micro_batch" in d or d.get("mode") in ANCHORS) and "merge_s" not in d
              and d.get("world_size", 1) == 1]
     print("| run | recipe | largest timed micro batch, tokens | measured GiB | estimated GiB (peak at) | error "
           "| measured tok/s | estimated tok/s | error |")

@@ -268,7 +268,13 @@ class LoraConfig(Section):
     quantization: Literal["4bit", "8bit", "none"] = Field(
         "4bit", description="Base weights during training: 4-bit NF4 with double quantization (QLoRA), 8-bit, or none."
     )
-    gradient_checkpointing: bool = Field(True, description="Recompute activations in the backward pass to save memory.")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        True,
+        description="Recompute activations in the backward pass: far less memory, ~30% more compute. `auto`: "
+        "off on a CUDA GPU when micro batches are token-bounded (`training.micro_batch_tokens`) and medtune's "
+        "memory model (the one `medtune plan` prints) puts the peak without recompute within 90% of the GPU's "
+        "free memory; on otherwise, and turned on first if training still runs out of memory.",
+    )
     bf16: bool = Field(
         False,
         description="Compute in bfloat16: on GPUs (false = float16, the seed's default) and on CPUs with native "

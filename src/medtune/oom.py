@@ -96,9 +96,12 @@ def _distributed() -> bool:
         and torch.distributed.get_world_size() > 1
 
 
-def train_fitting_memory(cfg: MedtuneConfig, run: RunDir, attempt: Callable[[MedtuneConfig], Any]) -> Any:
+def train_fitting_memory(cfg: MedtuneConfig, run: RunDir, attempt: Callable[[MedtuneConfig], Any],
+                         recompute_auto: bool = False) -> Any:
     """`attempt(cfg)` (one training run, resuming from the last checkpoint), retried with a smaller
-    micro batch after each CUDA out-of-memory error while `training.auto_fit` allows it."""
+    micro batch after each CUDA out-of-memory error while `training.auto_fit` allows it. When
+    `recompute_auto` (lora.gradient_checkpointing was `auto`) chose no recompute, the first retry turns
+    recompute on instead, keeping the batch."""
     while True:
         try:
             return attempt(cfg)
@@ -108,6 +111,12 @@ def train_fitting_memory(cfg: MedtuneConfig, run: RunDir, attempt: Callable[[Med
         release_memory()
         t = cfg.training
         world = torch.distributed.get_world_size() if _distributed() else 1
+        if recompute_auto and cfg.lora.gradient_checkpointing is False and world == 1:
+            log.warning("finetune: out of GPU memory without activation recompute (lora.gradient_checkpointing=auto); "
+                        "retrying with recompute on, same batch, from the last checkpoint")
+            run.update_manifest(auto_fit=[*run.manifest().get("auto_fit", []), {"gradient_checkpointing": True}])
+            cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"gradient_checkpointing": True})})
+            continue
         fitted = fitted_batch(cfg)
         key = "micro_batch_tokens" if t.micro_batch_tokens else "micro_batch_size"
         unit = " tokens" if t.micro_batch_tokens else ""

@@ -88,7 +88,7 @@ def recipe(cfg: MedtuneConfig, device: str, attention: str | None = None, liger:
             ("varlen" if device == "cuda" and lo.packing else "sdpa")
     return Recipe(quantization=lo.quantization if device == "cuda" else "none", lora_r=lo.lora_r,
                   targets=tuple(lo.target_modules), lora_dropout=lo.lora_dropout, optimizer=t.optimizer,
-                  gradient_checkpointing=lo.gradient_checkpointing,
+                  gradient_checkpointing=lo.gradient_checkpointing is not False,  # `auto` unresolved: on
                   liger=(device == "cuda" and t.liger_kernels) if liger is None else liger, attention=attention,
                   compute_bytes=2 if device == "cuda" or lo.bf16 else 4)  # CPUs without bf16 train in fp32
 
@@ -307,6 +307,11 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
     shape, shape_source = model_shape(cfg)
     counts = parameter_counts(shape, cfg.lora.lora_r, cfg.lora.target_modules)
     device, card, why = pick_target(cfg, gpu, counts["total"])
+    recompute_why = "set in the config"
+    if cfg.lora.gradient_checkpointing == "auto":
+        from medtune.recompute import resolve  # recompute.py builds on this module's memory estimate
+
+        cfg, recompute_why = resolve(cfg, shape, device, card.memory_gib if card else None)
     data = dataset_tokens(cfg, rows)
     t = cfg.training
     batch = planned_micro_batch(cfg, data, device)
@@ -335,6 +340,7 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
         "memory_gib": {k: round(v, 2) if isinstance(v, float) else v for k, v in memory.items()},
         "micro_batch": {"tokens": batch.tokens, "rows": batch.rows, "layout": batch.layout}, "fsdp": fsdp,
         "fits": fits, "data": data,
+        "recompute": {"on": cfg.lora.gradient_checkpointing, "why": recompute_why},
         "throughput": {**speed, "tokens_per_second": round(speed["tokens_per_second"], 1)},
         "time": {"epoch_seconds": round(epoch_s), "steps_per_epoch": epoch_steps, "train_seconds": round(train_s),
                  "walltime_seconds": round(walltime)},
@@ -371,6 +377,7 @@ def render_plan(p: dict[str, Any]) -> str:
         f"(at the {mem['peak_moment']}) + runtime {mem['overhead']:.1f}{gathered}, at the epoch's largest micro "
         f"batch: {mb['rows']} rows, {mb['tokens']:,} tokens {mb['layout']} {verdict}",
         *_fsdp_lines(p["fsdp"]),
+        f"recompute   {'on' if p['recompute']['on'] else 'off'} ({p['recompute']['why']})",
         f"data        {d['rows']:,} training rows, {d['tokens']:,} tokens ({d['source']})",
         f"throughput  {p['throughput']['tokens_per_second']:,.0f} tok/s — {p['throughput']['note']}; anchor: "
         f"{p['throughput']['anchor']}",

@@ -13,8 +13,10 @@ its own (4-bit) base on its own device, and only rank 0 writes the manifest and 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -23,13 +25,14 @@ import torch
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
-from medtune import attention, base_eval_cache, fast_lora, token_bins
+from medtune import attention, base_eval_cache, fast_lora, recompute, token_bins
 from medtune.config import MedtuneConfig
 from medtune.divergence import StopOnDivergence, diverged_error
 from medtune.errors import EnvironmentProblem
 from medtune.oom import train_fitting_memory
 from medtune.preemption import Preempted, StopOnSignal, last_complete_checkpoint, remove_incomplete_checkpoints
 from medtune.modelcard import write_card
+from medtune.plan import shape_from_config
 from medtune.progress import ProgressLog, peak_memory_gib
 from medtune.rundir import RunDir, atomic_dir
 from medtune.sharding import full_state, load_placement, shard_report, trainer_arguments, uses_fsdp
@@ -190,7 +193,19 @@ def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:
 
 
 def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
-    return train_fitting_memory(cfg, run, lambda fitted: _train_once(fitted, run, model_path, data_path))
+    device = pick_device(cfg)
+    config_json = Path(model_path) / "config.json"
+    shape = shape_from_config(json.loads(config_json.read_text())) if config_json.is_file() else None
+    resolved, why = recompute.resolve(cfg, shape, device, free_gpu_gib() if device == "cuda" else None)
+    log.info("finetune: activation recompute (lora.gradient_checkpointing) %s: %s",
+             "on" if resolved.lora.gradient_checkpointing else "off", why)
+    return train_fitting_memory(resolved, run, lambda fitted: _train_once(fitted, run, model_path, data_path),
+                                recompute_auto=cfg.lora.gradient_checkpointing == "auto")
+
+
+def free_gpu_gib() -> float:
+    """Free memory on this process's GPU (under torchrun: LOCAL_RANK's), before anything is loaded."""
+    return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))[0] / 2**30
 
 
 def _train_once(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
@@ -216,6 +231,7 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
     metrics: dict[str, Any] = dict(run.manifest().get("training", {}))
     for stale in ("micro_batch_tokens", "effective_batch_tokens"):  # from an earlier attempt with token bins
         metrics.pop(stale, None)
+    metrics["gradient_checkpointing"] = cfg.lora.gradient_checkpointing
     metrics.update(_batch_metrics(cfg, world, trainer.train_dataset))
     log.info("finetune: %d process(es), %s", world, _batch_line(cfg, metrics))
     if eval_ds is not None and "base_eval_loss" not in metrics:

@@ -126,6 +126,37 @@ def test_oom_with_token_bins_names_the_token_budget_remedy(tiny_overrides, monke
     assert "training.micro_batch_size=" not in message and "training.auto_fit=true" in message
 
 
+def test_auto_recompute_turns_recompute_on_before_shrinking_the_batch(tiny_overrides, monkeypatch):
+    """`lora.gradient_checkpointing: auto` chose no recompute (as on a GPU with room: forced here, the CPU
+    never chooses it); the first OOM turns recompute on and keeps the token budget."""
+    from medtune import recompute, train
+
+    monkeypatch.setattr(train.recompute, "resolve",
+                        lambda cfg, *_: (recompute._with(cfg, False), "auto: off (forced by the test)"))
+    recomputing: list[bool] = []
+    real = transformers.Trainer.training_step
+
+    def step(self, model, inputs, *args, **kwargs):
+        recomputing.append(bool(self.model.get_base_model().is_gradient_checkpointing))
+        if len(recomputing) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return real(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", step)
+    cfg = _cfg(tiny_overrides, "oomrecompute", "lora.gradient_checkpointing=auto", "lora.packing=true",
+               "training.micro_batch_tokens=400", "training.gradient_accumulation=1", "training.max_steps=2")
+    run = run_workflow(cfg)
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["status"] == "succeeded"
+    assert manifest["auto_fit"] == [{"gradient_checkpointing": True}]
+    assert recomputing[0] is False and recomputing[1:] == [True, True]
+    train_metrics = manifest["training"]
+    assert train_metrics["gradient_checkpointing"] is True and train_metrics["micro_batch_tokens"] == 400
+    log = run.log_file.read_text()
+    assert "activation recompute (lora.gradient_checkpointing) off: auto: off (forced by the test)" in log
+    assert "retrying with recompute on, same batch" in log
+
+
 def _poison_weights_at(monkeypatch, step: int) -> None:
     """The optimizer's `step`-th update turns one LoRA weight into NaN, as an overflowing update does."""
     calls = {"n": 0}
