@@ -109,13 +109,13 @@ THROUGHPUT: tuple[Throughput, ...] = (
                "bench/results/2026-11-28-h200-e.jsonl medtune_varlen_mb52"),
     # From here: token-bin micro batches and the fused LoRA forward (medtune.fast_lora)
     Throughput(H200, L8B, "4bit", True, True, "varlen", 16090, 9121.0,
-               "bench/results/2026-11-28-h200x2-k.jsonl medtune_bins16k_gpus1"),
+               "bench/results/2026-11-28-h200x2-m.jsonl medtune_bins16k_gpus1"),
     Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 12374.0,
-               "bench/results/2026-11-28-h200x2-k.jsonl bins_nogc"),
+               "bench/results/2026-11-28-h200x2-m.jsonl bins_nogc"),
     Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 12023.0,
-               "bench/results/2026-11-28-h200-l.jsonl bins_nogc"),
+               "bench/results/2026-11-28-h200-n.jsonl bins_nogc"),
     Throughput(H200, L8B, "4bit", True, False, "varlen", 4066, 10511.0,
-               "bench/results/2026-11-28-h200-l.jsonl bins_nogc4k"),
+               "bench/results/2026-11-28-h200-n.jsonl bins_nogc4k"),
     Throughput(H200, L8B, "none", True, False, "varlen", 8058, 12911.0,
-               "bench/results/2026-11-28-h200-l.jsonl bins_bf16_nogc"),
+               "bench/results/2026-11-28-h200-n.jsonl bins_bf16_nogc"),
 )

@@ -51,7 +51,8 @@ def test_counts_match_peft_on_a_real_model(tiny_model_dir, tmp_path):
 
 
 def _recipe(*overrides, device="cuda"):
-    return recipe(load_config(preset="llama3-8b-medical", overrides=list(overrides)), device)
+    # the memory recipe does not depend on how micro batches are cut; row batches let packing be switched off
+    return recipe(load_config(preset="llama3-8b-medical", overrides=["training.micro_batch_tokens=0", *overrides]), device)
 
 
 def test_weights_by_quantization():
@@ -73,11 +74,13 @@ def test_lora_states_are_fp32_weights_grads_and_adam():
 
 def test_packed_batches_count_row_tokens_and_padded_batches_pad_to_the_longest():
     cfg = load_config(preset="llama3-8b-medical", overrides=["training.micro_batch_size=26", "lora.packing=true",
-                                                             "training.gradient_accumulation=4"])
+                                                             "training.gradient_accumulation=4",
+                                                             "training.micro_batch_tokens=0"])
     flat = {"rows": 1000, "tokens": 300_000, "length_quantiles": [(0.5, 300), (1.0, 300)]}
     assert planned_micro_batch(cfg, flat, "cuda") == MicroBatch(26 * 300, 26, "packed")  # sum of row tokens
     assert planned_micro_batch(cfg, {**flat, "length_quantiles": None}, "cuda").tokens == 26 * 300  # the mean
-    padded = load_config(preset="llama3-8b-medical", overrides=["training.micro_batch_size=4", "lora.packing=false"])
+    padded = load_config(preset="llama3-8b-medical", overrides=["training.micro_batch_size=4", "lora.packing=false",
+                                                                "training.micro_batch_tokens=0"])
     one = {**flat, "length_quantiles": [(1.0, 1001)]}
     assert planned_micro_batch(padded, one, "cuda") == MicroBatch(4 * 1008, 4, "padded")  # rows x longest, to 8
     assert planned_micro_batch(padded, one, "cpu").tokens == 4 * 1001
@@ -148,6 +151,9 @@ MEASURED = [
      22.06),
     ("2026-11-28-h200-a.jsonl medtune_qlora_mb16", ("lora.packing=false", "training.attn_implementation=sdpa"),
      MicroBatch(9728, 16, "padded"), 12.18),
+    # token-bin micro batches, fused LoRA forward, no recompute: what `gradient_checkpointing: auto` relies on
+    ("2026-11-28-h200-n.jsonl bins_nogc", ("lora.gradient_checkpointing=false",), MicroBatch(8192, 1, "packed"), 63.29),
+    ("2026-11-28-h200-n.jsonl bins_nogc4k", ("lora.gradient_checkpointing=false",), MicroBatch(4096, 1, "packed"), 35.78),
 ]
 
 
@@ -181,7 +187,8 @@ def test_throughput_matches_recipe_then_micro_batch_and_can_leave_a_run_out():
 
 def test_plan_reports_when_it_does_not_fit(capsys):
     assert main(["plan", "--preset", "llama3-8b-medical", "--gpu", "A10", "--set", "lora.quantization=none",
-                 "--set", "training.micro_batch_size=8", "--set", "lora.packing=false"]) == 0
+                 "--set", "training.micro_batch_size=8", "--set", "lora.packing=false",
+                 "--set", "training.micro_batch_tokens=0"]) == 0
     assert "DOES NOT FIT" in capsys.readouterr().out
     assert main(["plan", "--preset", "llama3-8b-medical", "--gpu", "TPU"]) == 2
     assert capsys.readouterr().err.startswith("error: unknown --gpu 'TPU'; choose one of: cpu, H100-80GB")
@@ -202,7 +209,8 @@ def test_plan_uses_an_earlier_runs_data_report(tmp_path):
 
     from medtune.config_io import to_dict
 
-    cfg = load_config(preset="llama3-8b-medical", overrides=[f"output.output_root={tmp_path}", "lora.packing=false"])
+    cfg = load_config(preset="llama3-8b-medical", overrides=[f"output.output_root={tmp_path}", "lora.packing=false",
+                                                                 "training.micro_batch_tokens=0"])
     run = tmp_path / "medical-finetune-x"
     run.mkdir()
     report = {"train_examples": 1234, "train_tokens": 456789, "length_max": 900, "max_seq_length": 2048}

@@ -23,7 +23,7 @@ def test_the_gpu_presets_leave_it_to_auto_with_token_bins():
 @pytest.mark.parametrize("free_gib, on", [(139.8, False), (79.6, False), (70.0, True), (39.4, True), (22.0, True)])
 def test_auto_skips_recompute_where_the_no_recompute_peak_fits(free_gib, on):
     # 8,192-token QLoRA micro batches: measured 63.29 GiB peak without recompute on an H200
-    # (bench/results/2026-11-28-h200-l.jsonl bins_nogc); estimated 64.4 GiB with the runtime.
+    # (bench/results/2026-11-28-h200-n.jsonl bins_nogc); estimated 64.4 GiB with the runtime.
     resolved, why = resolve(_cfg(), LLAMA_8B, "cuda", free_gib)
     assert resolved.lora.gradient_checkpointing is on
     assert why.startswith(f"auto: {'on' if on else 'off'}") and "64.4 GiB" in why and f"{free_gib:.1f} GiB free" in why
