@@ -57,6 +57,7 @@ class Recipe:
     optimizer: str = "adamw_torch"
     gradient_checkpointing: bool = True
     liger: bool = True             # Liger kernels: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy
+    fused_loss: bool = True        # with liger: its fused linear cross-entropy (left out under FSDP)
     attention: str = "varlen"
     compute_bytes: int = 2         # bf16/fp16; 4 for float32 training on CPUs without bf16
     upcast_frozen: bool = False    # PEFT's prepare_model_for_kbit_training: norms, embeddings, lm_head in fp32
@@ -156,7 +157,7 @@ def layer_backward_bytes(s: Shape, r: Recipe, b: MicroBatch) -> float:
 def loss_bytes(s: Shape, r: Recipe, b: MicroBatch) -> tuple[float, float]:
     """(peak during the loss, what stays for the backward) in bytes."""
     c, t = r.compute_bytes, b.tokens
-    if r.liger:
+    if r.liger and r.fused_loss:
         # Liger's fused linear cross-entropy computes the hidden-state gradient during the forward in
         # chunks of next_pow2(ceil(tokens / ceil(vocab / hidden))) rows, one 16-bit logit chunk at a time.
         per_chunk = -(-t // -(-s.vocab // s.hidden))
