@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from medtune.config_io import load_config
 from medtune.rundir import RunDir
-from medtune.train import build_trainer
+from medtune.train import build_trainer, resolve_recompute
 
 MODEL_GFLOP_PER_TOKEN = 33.5
 PEAK_TFLOPS = 795.0
@@ -163,19 +163,21 @@ def main() -> None:
         "model.model_source=local", f"model.local_model_path={a.model_dir}",
         "dataset.dataset_source=local", f"dataset.local_dataset_path={a.ids}",
         f"lora.quantization={a.quantization}", "lora.bf16=true",
-        f"lora.gradient_checkpointing={str(not a.no_gc).lower()}", f"lora.lora_dropout={a.dropout}",
+        f"lora.lora_dropout={a.dropout}",
         f"training.max_seq_length={a.max_len}", f"training.max_steps={a.warm + a.steps}",
         f"training.attn_implementation={'sdpa' if a.plain else a.attn}", "training.logging_steps=1",
         "training.save_steps=100000", "training.warmup_ratio=0", f"output.output_root={work}",
     ]
-    if not a.preset_batch:
-        overrides += [f"lora.packing={str((a.packing or a.tokens > 0) and not a.plain).lower()}",
+    if not a.preset_batch:  # else the preset's batch and its recompute setting (`auto` on the GPU presets)
+        overrides += [f"lora.gradient_checkpointing={str(not a.no_gc).lower()}",
+                      f"lora.packing={str((a.packing or a.tokens > 0) and not a.plain).lower()}",
                       f"training.micro_batch_tokens={a.tokens}",
                       f"training.micro_batch_size={a.micro_batch}", f"training.gradient_accumulation={a.grad_accum}"]
     if a.plain:
         overrides += ["training.liger_kernels=false", "training.fused_lora=false"]
     cfg = load_config(preset="llama3-8b-medical", overrides=overrides, env={})
     run = RunDir.for_run(work, "bench").create()
+    cfg = resolve_recompute(cfg, a.model_dir)
     timer = StepTimer(a.warm)
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer,))
@@ -195,7 +197,7 @@ def main() -> None:
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
         "fused_lora": cfg.training.fused_lora, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,
-        "gradient_checkpointing": not a.no_gc, "lora_dropout": a.dropout,
+        "gradient_checkpointing": cfg.lora.gradient_checkpointing, "lora_dropout": a.dropout,
         "liger": bool(trainer.args.use_liger_kernel), "attn": trainer.model.config._attn_implementation, "load_s": round(load_s, 1),
         "timed_steps": a.steps, **timer.result,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

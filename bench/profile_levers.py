@@ -165,7 +165,7 @@ def main() -> None:
     cfg = load_config(preset=a.preset, overrides=[
         "model.model_source=local", f"model.local_model_path={a.model_dir}",
         "dataset.dataset_source=local", f"dataset.local_dataset_path={a.ids}",
-        f"lora.quantization={a.quantization}", "lora.bf16=true", "lora.packing=true", f"training.device={DEVICE}",
+        f"lora.quantization={a.quantization}", "lora.bf16=true", "lora.packing=true", "lora.gradient_checkpointing=true", f"training.device={DEVICE}",
         f"output.output_root={work}"], env={})
     run = RunDir.for_run(work, "levers").create()
     trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"))

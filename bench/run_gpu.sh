@@ -54,7 +54,7 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization none --packing --micro-batch 26 --grad-accum 4 --label "$run" ;;
     medtune_bf16_varlen_nogc)
       step 300 "$run" $GT --quantization none --packing --micro-batch 26 --grad-accum 4 --no-gc --label "$run" ;;
-    medtune_preset)  # the llama3-8b-medical preset's own batch: 16 packed rows, GA 1 (the seed's 16 rows/step)
+    medtune_preset)  # the llama3-8b-medical preset's own batch: 8,192-token bins, GA 1, recompute `auto`
       step 300 "$run" $GT --quantization 4bit --preset-batch --steps 12 --warm 2 --label "$run" ;;
     medtune_seedbatch)  # the seed's batch without medtune's levers: 1 padded row x GA 16, fp16 -> bf16 only
       step 300 "$run" $GT --quantization 4bit --micro-batch 1 --grad-accum 16 --plain --label "$run" ;;

@@ -87,6 +87,7 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
                                                  device_map={"": load_placement(cfg, place or device)},
                                                  attn_implementation=attention_kernel(cfg, device))
     model.config.use_cache = False
+    assert cfg.lora.gradient_checkpointing != "auto", "resolve_recompute() decides `auto` before loading"
     if cfg.lora.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=cfg.lora.lora_r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
@@ -193,14 +194,20 @@ def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:
 
 
 def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
+    resolved = resolve_recompute(cfg, model_path)
+    return train_fitting_memory(resolved, run, lambda fitted: _train_once(fitted, run, model_path, data_path),
+                                recompute_auto=cfg.lora.gradient_checkpointing == "auto")
+
+
+def resolve_recompute(cfg: MedtuneConfig, model_path: str) -> MedtuneConfig:
+    """`cfg` with `lora.gradient_checkpointing: auto` decided for this machine's GPU (logged)."""
     device = pick_device(cfg)
     config_json = Path(model_path) / "config.json"
     shape = shape_from_config(json.loads(config_json.read_text())) if config_json.is_file() else None
     resolved, why = recompute.resolve(cfg, shape, device, free_gpu_gib() if device == "cuda" else None)
     log.info("finetune: activation recompute (lora.gradient_checkpointing) %s: %s",
              "on" if resolved.lora.gradient_checkpointing else "off", why)
-    return train_fitting_memory(resolved, run, lambda fitted: _train_once(fitted, run, model_path, data_path),
-                                recompute_auto=cfg.lora.gradient_checkpointing == "auto")
+    return resolved
 
 
 def free_gpu_gib() -> float:
