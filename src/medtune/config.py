@@ -273,7 +273,14 @@ class LoraConfig(Section):
         description="Recompute activations in the backward pass: far less memory, ~30% more compute. `auto`: "
         "off on a CUDA GPU when micro batches are token-bounded (`training.micro_batch_tokens`) and medtune's "
         "memory model (the one `medtune plan` prints) puts the peak without recompute within 90% of the GPU's "
-        "free memory; on otherwise, and turned on first if training still runs out of memory.",
+        "free memory; where it does not fit, recompute for as few layers as fit (`recompute_every_n_layers`); "
+        "on for every layer otherwise, and for every layer first if training still runs out of memory.",
+    )
+    recompute_every_n_layers: int = Field(
+        1, ge=1,
+        description="With gradient checkpointing: recompute only decoder layers 0, n, 2n, ...; the others keep "
+        "their activations (more memory, less recompute). 1 = every layer. `gradient_checkpointing: auto` "
+        "sets it to the largest n that fits.",
     )
     bf16: bool = Field(
         False,

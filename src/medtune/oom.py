@@ -21,6 +21,7 @@ import torch
 
 from medtune.config import MedtuneConfig
 from medtune.errors import MedtuneError
+from medtune.recompute import with_recompute
 from medtune.rundir import RunDir
 
 log = logging.getLogger("medtune.train")
@@ -111,11 +112,15 @@ def train_fitting_memory(cfg: MedtuneConfig, run: RunDir, attempt: Callable[[Med
         release_memory()
         t = cfg.training
         world = torch.distributed.get_world_size() if _distributed() else 1
-        if recompute_auto and cfg.lora.gradient_checkpointing is False and world == 1:
-            log.warning("finetune: out of GPU memory without activation recompute (lora.gradient_checkpointing=auto); "
-                        "retrying with recompute on, same batch, from the last checkpoint")
-            run.update_manifest(auto_fit=[*run.manifest().get("auto_fit", []), {"gradient_checkpointing": True}])
-            cfg = cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"gradient_checkpointing": True})})
+        partial = cfg.lora.gradient_checkpointing is False or cfg.lora.recompute_every_n_layers > 1
+        if recompute_auto and partial and world == 1:
+            log.warning("finetune: out of GPU memory with recompute on %s (lora.gradient_checkpointing=auto); retrying "
+                        "with recompute on every layer, same batch, from the last checkpoint",
+                        "no layer" if cfg.lora.gradient_checkpointing is False
+                        else f"one layer in {cfg.lora.recompute_every_n_layers}")
+            run.update_manifest(auto_fit=[*run.manifest().get("auto_fit", []),
+                                          {"gradient_checkpointing": True, "recompute_every_n_layers": 1}])
+            cfg = with_recompute(cfg, True, 1)
             continue
         fitted = fitted_batch(cfg)
         key = "micro_batch_tokens" if t.micro_batch_tokens else "micro_batch_size"

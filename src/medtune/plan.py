@@ -89,6 +89,7 @@ def recipe(cfg: MedtuneConfig, device: str, attention: str | None = None, liger:
     return Recipe(quantization=lo.quantization if device == "cuda" else "none", lora_r=lo.lora_r,
                   targets=tuple(lo.target_modules), lora_dropout=lo.lora_dropout, optimizer=t.optimizer,
                   gradient_checkpointing=lo.gradient_checkpointing is not False,  # `auto` unresolved: on
+                  recompute_every=lo.recompute_every_n_layers,
                   liger=(device == "cuda" and t.liger_kernels) if liger is None else liger, attention=attention,
                   fused_loss=cfg.infrastructure.distributed != "fsdp",  # medtune.sharding: no fused loss under FSDP
                   compute_bytes=2 if device == "cuda" or lo.bf16 else 4)  # CPUs without bf16 train in fp32

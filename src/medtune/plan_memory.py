@@ -56,6 +56,7 @@ class Recipe:
     lora_dropout: float
     optimizer: str = "adamw_torch"
     gradient_checkpointing: bool = True
+    recompute_every: int = 1       # with checkpointing: every n-th decoder layer is recomputed, the rest keep activations
     liger: bool = True             # Liger kernels: RMSNorm, SwiGLU, RoPE, fused linear cross-entropy
     fused_loss: bool = True        # with liger: its fused linear cross-entropy (left out under FSDP)
     attention: str = "varlen"
@@ -180,9 +181,14 @@ def estimate(s: Shape, r: Recipe, b: MicroBatch) -> dict[str, Any]:
     resid = 4 if r.upcast_frozen else c  # fp32 embeddings keep the residual stream in fp32
     saved_layer = layer_saved_bytes(s, r, b)
     if r.gradient_checkpointing:
-        # non-reentrant checkpointing keeps each layer's input (and the final norm's), and recomputes
-        # one layer at a time in the backward; autocast's 16-bit LoRA weight copies then live per layer
-        kept = (s.layers + 1) * b.tokens * s.hidden * resid
+        # non-reentrant checkpointing keeps each checkpointed layer's input (and the final norm's), and
+        # recomputes one layer at a time in the backward; autocast's 16-bit LoRA weight copies then live
+        # per layer. With recompute_every = n only layers 0, n, 2n, ... are checkpointed (transformers'
+        # every_n_layers); the others keep their activations and their LoRA weight copies.
+        checkpointed = -(-s.layers // r.recompute_every)
+        keeping = s.layers - checkpointed
+        kept = (checkpointed + 1) * b.tokens * s.hidden * resid + keeping * saved_layer \
+            + st["lora_params"] * c * keeping / s.layers
         recompute = saved_layer
     else:
         kept = s.layers * saved_layer + st["lora_params"] * c  # + autocast's cached 16-bit LoRA weights

@@ -1,14 +1,16 @@
-"""`lora.gradient_checkpointing: auto` — recompute activations only when memory requires it.
+"""`lora.gradient_checkpointing: auto` — recompute activations only as far as memory requires.
 
 Without recompute an 8B LoRA step does ~30% less arithmetic (33.5 instead of 48.5 GFLOP per token) but
 keeps every layer's activations: on one H200 (QLoRA, Llama-3.1-8B shape) 8,192-token micro batches
 trained at 12,023 tok/s in 63.3 GiB without recompute, 16,384-token ones at 9,121 tok/s in 16.0 GiB
-with it (docs/benchmarks.md). Which one a
-card can take is known before loading anything: with token-bounded micro batches
-(`training.micro_batch_tokens`) the largest micro batch is the budget itself, and medtune's memory
-model (plan_memory, within -2 % ... +6 % of every measured single-GPU peak) prices it. Row-count micro
-batches have no such bound (a micro batch of long rows can hold 15x the tokens of a short one), so
-`auto` keeps recompute on for them, on CPUs and under FSDP.
+with it (docs/benchmarks.md). Which one a card can take is known before loading anything: with
+token-bounded micro batches (`training.micro_batch_tokens`) the largest micro batch is the budget
+itself, and medtune's memory model (plan_memory, within -2 % ... +6 % of every measured single-GPU
+peak, 0.3 % on the no-recompute bins) prices it. Between the two, transformers can recompute only
+every n-th decoder layer (`lora.recompute_every_n_layers`): `auto` takes the largest n that fits, so
+a 40-48 GB card recomputes some layers instead of all. Row-count micro batches have no such bound (a
+micro batch of long rows can hold 15x the tokens of a short one), so `auto` recomputes every layer
+for them, on CPUs and under FSDP.
 """
 
 from __future__ import annotations
@@ -21,23 +23,41 @@ HEADROOM = 0.9  # share of the free GPU memory the estimated peak may take (allo
 
 
 def resolve(cfg: MedtuneConfig, shape: Shape | None, device: str, free_gib: float | None) -> tuple[MedtuneConfig, str]:
-    """`cfg` with `lora.gradient_checkpointing` a bool, and why; a bool setting is returned as it is.
-    `shape` None (no config.json to read) or `free_gib` None (no GPU) keep recompute on."""
-    setting = cfg.lora.gradient_checkpointing
-    if setting != "auto":
+    """`cfg` with `lora.gradient_checkpointing` a bool (and `recompute_every_n_layers` chosen), and why; a
+    bool setting is returned as it is. `shape` None (no config.json to read) or `free_gib` None (no GPU)
+    recompute every layer."""
+    if cfg.lora.gradient_checkpointing != "auto":
         return cfg, "set in the config"
     t = cfg.training
     if device != "cuda" or not t.micro_batch_tokens or cfg.infrastructure.distributed == "fsdp" or not free_gib \
             or shape is None:
-        return _with(cfg, True), "auto: on (off only on a CUDA GPU with token-bounded micro batches, without FSDP)"
-    without = _with(cfg, False)
-    peak = memory_gib(without, shape, "cuda", MicroBatch(t.micro_batch_tokens))["total"]
-    if peak <= HEADROOM * free_gib:
-        return without, (f"auto: off, the {t.micro_batch_tokens}-token micro batches peak at an estimated "
-                         f"{peak:.1f} GiB without recompute, within {HEADROOM:.0%} of the GPU's {free_gib:.1f} GiB free")
-    return _with(cfg, True), (f"auto: on, without recompute the {t.micro_batch_tokens}-token micro batches would "
-                              f"peak at an estimated {peak:.1f} GiB, above {HEADROOM:.0%} of the GPU's {free_gib:.1f} GiB free")
+        return with_recompute(cfg, True, 1), "auto: every layer (skipped only on a CUDA GPU with token-bounded " \
+                                             "micro batches, without FSDP)"
+    budget, limit = t.micro_batch_tokens, HEADROOM * free_gib
+
+    def peak(option: MedtuneConfig) -> float:
+        return memory_gib(option, shape, "cuda", MicroBatch(budget))["total"]
+
+    where = f"the {budget}-token micro batches, {HEADROOM:.0%} of the GPU's {free_gib:.1f} GiB free = {limit:.1f} GiB"
+    without = with_recompute(cfg, False, 1)
+    if (need := peak(without)) <= limit:
+        return without, f"auto: off, an estimated {need:.1f} GiB without recompute fits {where}"
+    for every in every_n_candidates(shape.layers):
+        partial = with_recompute(cfg, True, every)
+        if (need := peak(partial)) <= limit:
+            layers = -(-shape.layers // every)
+            return partial, (f"auto: {layers} of {shape.layers} layers (one in {every}), an estimated {need:.1f} GiB "
+                             f"fits {where}")
+    full = with_recompute(cfg, True, 1)
+    return full, f"auto: every layer, {peak(full):.1f} GiB estimated for {where}"
 
 
-def _with(cfg: MedtuneConfig, on: bool) -> MedtuneConfig:
-    return cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"gradient_checkpointing": on})})
+def every_n_candidates(layers: int) -> list[int]:
+    """Recompute intervals from the fewest recomputed layers to all but one in two (1 = every layer, the
+    fallback), e.g. 16, 8, 4, 2 for 32 layers."""
+    return sorted({layers // k for k in (2, 4, 8, 16, 32) if layers // k > 1}, reverse=True)
+
+
+def with_recompute(cfg: MedtuneConfig, on: bool, every: int) -> MedtuneConfig:
+    return cfg.model_copy(update={"lora": cfg.lora.model_copy(
+        update={"gradient_checkpointing": on, "recompute_every_n_layers": every})})

@@ -89,7 +89,8 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
     model.config.use_cache = False
     assert cfg.lora.gradient_checkpointing != "auto", "resolve_recompute() decides `auto` before loading"
     if cfg.lora.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              every_n_layers=cfg.lora.recompute_every_n_layers)
     lora = LoraConfig(r=cfg.lora.lora_r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
                       target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
@@ -239,6 +240,7 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
     for stale in ("micro_batch_tokens", "effective_batch_tokens"):  # from an earlier attempt with token bins
         metrics.pop(stale, None)
     metrics["gradient_checkpointing"] = cfg.lora.gradient_checkpointing
+    metrics["recompute_every_n_layers"] = cfg.lora.recompute_every_n_layers
     metrics.update(_batch_metrics(cfg, world, trainer.train_dataset))
     log.info("finetune: %d process(es), %s", world, _batch_line(cfg, metrics))
     if eval_ds is not None and "base_eval_loss" not in metrics:

@@ -132,7 +132,7 @@ def test_auto_recompute_turns_recompute_on_before_shrinking_the_batch(tiny_overr
     from medtune import recompute, train
 
     monkeypatch.setattr(train.recompute, "resolve",
-                        lambda cfg, *_: (recompute._with(cfg, False), "auto: off (forced by the test)"))
+                        lambda cfg, *_: (recompute.with_recompute(cfg, False, 1), "auto: off (forced by the test)"))
     recomputing: list[bool] = []
     real = transformers.Trainer.training_step
 
@@ -148,13 +148,14 @@ def test_auto_recompute_turns_recompute_on_before_shrinking_the_batch(tiny_overr
     run = run_workflow(cfg)
     manifest = json.loads(run.manifest_path.read_text())
     assert manifest["status"] == "succeeded"
-    assert manifest["auto_fit"] == [{"gradient_checkpointing": True}]
+    assert manifest["auto_fit"] == [{"gradient_checkpointing": True, "recompute_every_n_layers": 1}]
     assert recomputing[0] is False and recomputing[1:] == [True, True]
     train_metrics = manifest["training"]
     assert train_metrics["gradient_checkpointing"] is True and train_metrics["micro_batch_tokens"] == 400
     log = run.log_file.read_text()
     assert "activation recompute (lora.gradient_checkpointing) off: auto: off (forced by the test)" in log
-    assert "retrying with recompute on, same batch" in log
+    assert "out of GPU memory with recompute on no layer" in log
+    assert "retrying with recompute on every layer, same batch" in log
 
 
 def _poison_weights_at(monkeypatch, step: int) -> None:
