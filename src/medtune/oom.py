@@ -101,8 +101,8 @@ def train_fitting_memory(cfg: MedtuneConfig, run: RunDir, attempt: Callable[[Med
                          recompute_auto: bool = False) -> Any:
     """`attempt(cfg)` (one training run, resuming from the last checkpoint), retried with a smaller
     micro batch after each CUDA out-of-memory error while `training.auto_fit` allows it. When
-    `recompute_auto` (lora.gradient_checkpointing was `auto`) chose no recompute, the first retry turns
-    recompute on instead, keeping the batch."""
+    `recompute_auto` (lora.gradient_checkpointing was `auto`) left some or all layers unrecomputed, the
+    first retry recomputes every layer instead, keeping the batch."""
     while True:
         try:
             return attempt(cfg)
