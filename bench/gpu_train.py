@@ -144,6 +144,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=0,
                     help="training.micro_batch_tokens: micro batches of whole rows up to this many tokens (implies --packing)")
     ap.add_argument("--no-gc", action="store_true", help="turn gradient checkpointing off")
+    ap.add_argument("--recompute-every", type=int, default=1,
+                    help="lora.recompute_every_n_layers: with checkpointing, recompute only every n-th layer")
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=1)
@@ -170,6 +172,7 @@ def main() -> None:
     ]
     if not a.preset_batch:  # else the preset's batch and its recompute setting (`auto` on the GPU presets)
         overrides += [f"lora.gradient_checkpointing={str(not a.no_gc).lower()}",
+                      f"lora.recompute_every_n_layers={a.recompute_every}",
                       f"lora.packing={str((a.packing or a.tokens > 0) and not a.plain).lower()}",
                       f"training.micro_batch_tokens={a.tokens}",
                       f"training.micro_batch_size={a.micro_batch}", f"training.gradient_accumulation={a.grad_accum}"]
@@ -197,7 +200,8 @@ def main() -> None:
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
         "fused_lora": cfg.training.fused_lora, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,
-        "gradient_checkpointing": cfg.lora.gradient_checkpointing, "lora_dropout": a.dropout,
+        "gradient_checkpointing": cfg.lora.gradient_checkpointing,
+        "recompute_every_n_layers": cfg.lora.recompute_every_n_layers, "lora_dropout": a.dropout,
         "liger": bool(trainer.args.use_liger_kernel), "attn": trainer.model.config._attn_implementation, "load_s": round(load_s, 1),
         "timed_steps": a.steps, **timer.result,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

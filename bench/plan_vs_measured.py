@@ -54,6 +54,7 @@ def medtune_recipe(line: dict) -> Recipe:
     cfg = load_config(preset="llama3-8b-medical", env={}, overrides=[
         f"lora.quantization={line['quantization']}", "lora.bf16=true", f"lora.packing={str(line['packing']).lower()}",
         f"lora.gradient_checkpointing={str(line['gradient_checkpointing']).lower()}",
+        f"lora.recompute_every_n_layers={line.get('recompute_every_n_layers', 1)}",
         f"lora.lora_dropout={line['lora_dropout']}", f"training.micro_batch_size={line['micro_batch']}",
         f"training.gradient_accumulation={line['grad_accum']}", f"training.max_seq_length={MAX_LEN}",
         f"training.micro_batch_tokens={line.get('micro_batch_tokens', 0)}"])

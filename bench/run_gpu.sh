@@ -75,6 +75,8 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
     bins_nogc4k)  # QLoRA, 4096-token bins x GA 8, no recompute
       step 300 "$run" $GT --quantization 4bit --tokens 4096 --grad-accum 8 --steps 6 --warm 2 --no-gc --label "$run" ;;
+    bins_partial2)  # QLoRA, 8,192-token bins x GA 4, recompute one layer in two (what `auto` picks on a 48 GB card)
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --recompute-every 2 --label "$run" ;;
     bins_bf16_nogc)  # bf16 LoRA, 8192-token bins x GA 4, no recompute
       step 300 "$run" $GT --quantization none --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
     fsdp_test)  # tests/integration/test_distributed.py::test_fsdp_two_gpus_match_one on 2 real GPUs
