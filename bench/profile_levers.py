@@ -182,9 +182,9 @@ def main() -> None:
         set_fused(model, variant.startswith("fused"))
         set_dropout(model, "dropout0" not in variant, saved)
         if "nogc" in variant:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         try:
             result = time_variant(model, batches, variant, a.repeats)
         except torch.cuda.OutOfMemoryError:

@@ -24,6 +24,7 @@ from medtune.errors import ConfigError
 from medtune.plan_batches import QUANTILES, knots_from_lengths, planned_micro_batch, steps_per_epoch
 from medtune.plan_memory import MicroBatch, Recipe, attention_family, estimate, projections
 from medtune.plan_tables import CARDS, KNOWN_SHAPES, THROUGHPUT, Card, Shape, Throughput
+from medtune.sharding import uses_fsdp
 from medtune.token_bins import MEASURED_FILL
 
 GIB = 2**30
@@ -91,7 +92,7 @@ def recipe(cfg: MedtuneConfig, device: str, attention: str | None = None, liger:
                   gradient_checkpointing=lo.gradient_checkpointing is not False,  # `auto` unresolved: on
                   recompute_every=lo.recompute_every_n_layers,
                   liger=(device == "cuda" and t.liger_kernels) if liger is None else liger, attention=attention,
-                  fused_loss=cfg.infrastructure.distributed != "fsdp",  # medtune.sharding: no fused loss under FSDP
+                  fused_loss=not uses_fsdp(cfg),  # sharding.trainer_arguments: no Liger fused loss under FSDP
                   compute_bytes=2 if device == "cuda" or lo.bf16 else 4)  # CPUs without bf16 train in fp32
 
 

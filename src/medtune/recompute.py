@@ -18,6 +18,7 @@ from __future__ import annotations
 from medtune.config import MedtuneConfig
 from medtune.plan import memory_gib
 from medtune.plan_memory import MicroBatch, Shape
+from medtune.sharding import uses_fsdp
 
 HEADROOM = 0.9  # share of the free GPU memory the estimated peak may take (allocator fragmentation, spikes)
 
@@ -29,7 +30,7 @@ def resolve(cfg: MedtuneConfig, shape: Shape | None, device: str, free_gib: floa
     if cfg.lora.gradient_checkpointing != "auto":
         return cfg, "set in the config"
     t = cfg.training
-    if device != "cuda" or not t.micro_batch_tokens or cfg.infrastructure.distributed == "fsdp" or not free_gib \
+    if device != "cuda" or not t.micro_batch_tokens or uses_fsdp(cfg) or not free_gib \
             or shape is None:
         return with_recompute(cfg, True, 1), "auto: every layer (skipped only on a CUDA GPU with token-bounded " \
                                              "micro batches, without FSDP)"
