@@ -237,7 +237,8 @@ class TrainingConfig(Section):
         True,
         description="Add each LoRA update to the base projection's output inside one GEMM (scaled in its "
         "epilogue, no copy of the base output, adapter weights cast to the activations' dtype); false keeps "
-        "PEFT's own LoRA forward. Same numbers either way (tests/unit/test_fast_lora.py).",
+        "PEFT's own LoRA forward. The same numbers up to rounding: the update is rounded once instead of three "
+        "times (tests/unit/test_fast_lora.py).",
     )
     attn_implementation: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
         "auto",
