@@ -98,7 +98,7 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
     from medtune.container import container
     from medtune.data import prepare_data
     from medtune.launch.apptainer import exec_prefix
-    from medtune.launch.torchrun import plan_world, train_in_subprocess, training_command
+    from medtune.launch.torchrun import narrowed_devices, plan_world, train_in_subprocess, training_command
     from medtune.merge import merge
     from medtune.setup import setup
     from medtune.train import train
@@ -111,9 +111,10 @@ def _run_stages(cfg: MedtuneConfig, run: RunDir) -> None:
     model_path = model["path"]
     _stage(run, "data", lambda: prepare_data(cfg, run, model_path), done=run.data.is_dir())
     done = (run.adapters / "adapter_config.json").is_file()
-    if plan.distributed or image.get("image"):
+    devices = narrowed_devices(plan, len(environment["gpus"]))
+    if plan.distributed or image.get("image") or devices:
         command = training_command(cfg, run, plan, exec_prefix(image, [run.root, Path(model_path)]))
-        finetune = lambda: train_in_subprocess(cfg, run, plan, command)  # noqa: E731
+        finetune = lambda: train_in_subprocess(cfg, run, plan, command, devices)  # noqa: E731
     else:
         finetune = lambda: train(cfg, run, model_path, str(run.data))  # noqa: E731
     metrics = _stage(run, "finetune", finetune, done=done, record=False)

@@ -7,6 +7,7 @@ import os
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +20,7 @@ from medtune.config_io import load_config
 from medtune.errors import ConfigError, EnvironmentProblem, RunDirError
 from medtune.launch import pbs, slurm
 from medtune.launch.submit import for_scheduler
-from medtune.launch.torchrun import WorldPlan, plan_world, torchrun_command
+from medtune.launch.torchrun import WorldPlan, narrowed_devices, plan_world, torchrun_command, train_in_subprocess
 from medtune.preemption import StopOnSignal, last_complete_checkpoint, remove_incomplete_checkpoints
 from medtune.resume import find_run
 from medtune.rundir import RunDir
@@ -153,6 +154,25 @@ def test_world_plans():
         _cfg("infrastructure.num_gpus=0")
     with pytest.raises(ConfigError, match="select"):
         _cfg("infrastructure.pbs.select=ncpus=8")
+
+
+def test_a_run_on_fewer_gpus_than_visible_sees_only_those(tmp_path, monkeypatch):
+    """num_gpus=1 on a 2-GPU node: the Trainer would take a lone process seeing 2 GPUs for
+    DataParallel (the loss came out doubled on 2 H200s), so training runs in a process shown 1 GPU."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert narrowed_devices(WorldPlan(1, 1, "nccl"), visible_gpus=2) == {"CUDA_VISIBLE_DEVICES": "0"}
+    assert narrowed_devices(WorldPlan(2, 1, "nccl"), visible_gpus=2) == {}
+    assert narrowed_devices(WorldPlan(2, 1, "gloo"), visible_gpus=0) == {}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5,7")  # a scheduler's allocation: keep its numbering
+    assert narrowed_devices(WorldPlan(2, 1, "nccl"), visible_gpus=3) == {"CUDA_VISIBLE_DEVICES": "3,5"}
+
+    run = RunDir.for_run(tmp_path, "narrow").create()
+    child = ("import os, sys, pathlib; from medtune.rundir import RunDir; "
+             "RunDir(pathlib.Path(sys.argv[1])).update_manifest(training={'seen': os.environ['CUDA_VISIBLE_DEVICES']})")
+    plan = WorldPlan(1, 1, "nccl")
+    seen = train_in_subprocess(_cfg(), run, plan, [sys.executable, "-c", child, str(run.root)],
+                               narrowed_devices(plan, visible_gpus=3))
+    assert seen == {"seen": "3"}
 
 
 def test_sigusr1_stops_at_the_next_step_with_a_checkpoint():

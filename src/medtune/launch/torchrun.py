@@ -113,19 +113,32 @@ def torchrun_command(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, python: s
     return command
 
 
+def narrowed_devices(plan: WorldPlan, visible_gpus: int) -> dict[str, str]:
+    """CUDA_VISIBLE_DEVICES for a run that uses fewer GPUs than it sees, else nothing. Needed because
+    a lone process that sees several GPUs is run by the Trainer as torch DataParallel, which also
+    multiplies the logged loss by the GPU count (measured: 12.80 instead of 6.40 on 2 H200s)."""
+    if plan.backend != "nccl" or plan.nproc_per_node >= visible_gpus:
+        return {}
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ids = [d.strip() for d in listed.split(",") if d.strip()] or [str(i) for i in range(visible_gpus)]
+    return {"CUDA_VISIBLE_DEVICES": ",".join(ids[: plan.nproc_per_node])}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def train_in_subprocess(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, command: list[str]) -> dict[str, Any]:
-    """Run the rank(s), wait for them, and return the training metrics rank 0 wrote to the manifest."""
-    env = None
+def train_in_subprocess(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, command: list[str],
+                        devices: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run the rank(s), wait for them, and return the training metrics rank 0 wrote to the manifest;
+    `devices` (from `narrowed_devices`) limits the GPUs they see."""
+    env = {**os.environ, **devices} if devices else None
     if plan.backend == "gloo" and plan.nnodes == 1:
         env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo"}  # one node: keep gloo's sockets on loopback
-    log.info("finetune: %d process(es) on %d node(s) (%s): %s", plan.world_size, plan.nnodes, plan.backend,
-             " ".join(command))
+    log.info("finetune: %d process(es) on %d node(s) (%s)%s: %s", plan.world_size, plan.nnodes, plan.backend,
+             f", GPUs {devices['CUDA_VISIBLE_DEVICES']}" if devices else "", " ".join(command))
     started = time.time()
     proc = subprocess.Popen(command, env=env)
     signalled: list[str] = []
@@ -151,7 +164,7 @@ def train_in_subprocess(cfg: MedtuneConfig, run: RunDir, plan: WorldPlan, comman
         raise MedtuneError(failed["message"])
     if code != 0:
         why = f" after {signalled[0]}" if signalled else ""
-        raise RuntimeError(f"distributed training exited with code {code}{why}; see {run.log_file}")
+        raise RuntimeError(f"training exited with code {code}{why}; see {run.log_file}")
     return manifest.get("training", {})
 
 
