@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,7 @@ from safetensors.torch import load_file
 
 from medtune.config_io import load_config, render_yaml
 from medtune.launch.torchrun import WorldPlan, torchrun_command
+from medtune.preemption import EXIT_PREEMPTED, last_complete_checkpoint
 from medtune.rundir import RunDir, write_text
 from tests_support import RUN_ARTIFACTS, loopback_only
 
@@ -161,9 +165,10 @@ def _cuda_gpus() -> int:
 
 @pytest.mark.e2e
 @pytest.mark.skipif(_cuda_gpus() < 2, reason="FSDP needs 2+ CUDA GPUs (accelerate does not shard CPU processes)")
-def test_fsdp_two_gpus_match_one(tiny_overrides):
+def test_fsdp_two_gpus_match_one(tiny_overrides, slow_steps):
     """QLoRA under FSDP full shard over 2 GPUs, with gradient checkpointing, against 1 GPU, no stand-ins:
-    the adapter gathered onto rank 0 is the whole adapter and loads with PEFT; the losses follow 1 GPU's."""
+    the adapter gathered onto rank 0 is the whole adapter and loads with PEFT; the losses follow 1 GPU's;
+    SIGTERM stops both ranks at a checkpoint and `--resume` finishes the run from it."""
     gpu = ["training.device=cuda", "lora.quantization=4bit", "lora.bf16=true", "lora.gradient_checkpointing=true"]
     fsdp = [*gpu, "infrastructure.num_gpus=2", "training.gradient_accumulation=1", "infrastructure.distributed=fsdp"]
     single, one = _run(tiny_overrides, "single", *gpu, "infrastructure.num_gpus=1", "training.gradient_accumulation=2")
@@ -172,10 +177,39 @@ def test_fsdp_two_gpus_match_one(tiny_overrides):
     assert one["status"] == two["status"] == "succeeded"
     assert {p.name for p in sharded.root.iterdir()} == ARTIFACTS
     _check_fsdp_against_one(single, one, sharded, two, _model_dir(tiny_overrides))
-    # Resuming an FSDP run (not verified on CPU, where it deadlocks through the stand-ins): without the
-    # adapter and the last checkpoint, the rerun continues from checkpoint-6 and finishes.
-    shutil.rmtree(sharded.adapters)
-    shutil.rmtree(sharded.checkpoints / "checkpoint-8")
-    _, again = _run(tiny_overrides, "fsdp", *fsdp)
-    assert again["status"] == "succeeded" and again["training"]["steps"] == 8
-    assert f"resuming from {sharded.checkpoints / 'checkpoint-6'}" in sharded.log_file.read_text()
+    _stop_then_resume(tiny_overrides, fsdp, slow_steps)
+
+
+def _stop_then_resume(overrides: list[str], fsdp: list[str], slow_steps: Path) -> None:
+    """(Not verified on CPU, where FSDP runs only through the stand-ins and resuming deadlocks there.)"""
+    sets = [arg for item in [*overrides, *fsdp, "training.max_steps=8", "training.logging_steps=1",
+                             "evaluation.validation_questions=0"] for arg in ("--set", item)]
+    command = [sys.executable, "-m", "medtune", "run", "--preset", "smollm2-135m-medical", "--run-id", "stopped", *sets]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(slow_steps), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(loopback_only(command), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    out = next(item.partition("=")[2] for item in overrides if item.startswith("output.output_root="))
+    run = RunDir.for_run(out, "stopped")
+    deadline = time.monotonic() + 300
+    while not (run.log_file.is_file() and len(_logged_steps(run.log_file.read_text())) >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    step = json.loads(run.manifest_path.read_text())["preemption"]["step"]
+    assert 3 <= step < 8 and last_complete_checkpoint(run.checkpoints).name == f"checkpoint-{step}"
+    before = run.log_file.read_text()
+
+    done = subprocess.run(loopback_only([sys.executable, "-m", "medtune", "run", "--resume", str(run.root)]),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads(run.manifest_path.read_text())
+    assert manifest["status"] == "succeeded" and manifest["training"]["steps"] == 8
+    after = run.log_file.read_text()[len(before):]
+    assert f"resuming from {run.checkpoints / f'checkpoint-{step}'}" in after
+    assert _logged_steps(after) == list(range(step + 1, 9))  # continued, not restarted from step 0
+    assert {p.name for p in run.root.iterdir()} == ARTIFACTS
+
+
+def _logged_steps(text: str) -> list[int]:
+    return [int(m.group(1)) for m in re.finditer(r"step (\d+)/\d+ loss", text)]
