@@ -73,3 +73,61 @@ def test_other_states_take_peft_forward():
     model.merge_adapter()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, tuned, rtol=1e-5, atol=1e-5)
+
+
+def _four_bit_lora_model(dropout: float):
+    """The tiny model with its projections in bitsandbytes nf4 (double quant, bf16 compute), as QLoRA loads it."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if isinstance(linear, torch.nn.Linear):
+                    quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                                  compute_dtype=torch.bfloat16, compress_statistics=True,
+                                                  quant_type="nf4")
+                    quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False,
+                                                         compress_statistics=True, quant_type="nf4").to("cpu")
+                    setattr(parent, name, quantized)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_kept_dequantized_base_computes_what_4bit_computes(fused):
+    """lora.dequantized_base: the same logits, loss and adapter gradients as bitsandbytes' 4-bit matmuls."""
+    import bitsandbytes as bnb
+
+    four_bit = _four_bit_lora_model(0.1)
+    kept = copy.deepcopy(four_bit)
+    q_proj = four_bit.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+    assert isinstance(q_proj, bnb.nn.Linear4bit) and q_proj.weight.quant_state.nested  # double quant
+    if fused:
+        fast_lora.install(four_bit), fast_lora.install(kept)
+    expected_bytes = sum(m.in_features * m.out_features * 2 for m in four_bit.modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert fast_lora.keep_dequantized(kept) == expected_bytes
+    weight16 = kept.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight16
+    assert weight16.dtype == torch.bfloat16 and not weight16.requires_grad
+    assert not any("weight16" in k for k in kept.state_dict())  # never saved with the model
+    four_bit.train(), kept.train()
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_a, loss_a, grads_a = _loss_and_grads(four_bit, ids, seed=5)
+        logits_b, loss_b, grads_b = _loss_and_grads(kept, ids, seed=5)
+    assert torch.equal(logits_b, logits_a) and torch.equal(loss_b, loss_a)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * 2
+    for name in grads_a:
+        assert grads_a[name].abs().sum() > 0, name
+        assert torch.equal(grads_b[name], grads_a[name]), name
