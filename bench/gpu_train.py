@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from medtune.config_io import load_config
 from medtune.rundir import RunDir
-from medtune.train import build_trainer, resolve_auto
+from medtune.train import build_trainer, resolve_recompute
 
 MODEL_GFLOP_PER_TOKEN = 33.5
 PEAK_TFLOPS = 795.0
@@ -146,8 +146,6 @@ def main() -> None:
     ap.add_argument("--no-gc", action="store_true", help="turn gradient checkpointing off")
     ap.add_argument("--recompute-every", type=int, default=1,
                     help="lora.recompute_every_n_layers: with checkpointing, recompute only every n-th layer")
-    ap.add_argument("--dequantized", default="false", choices=["auto", "true", "false"],
-                    help="lora.dequantized_base: keep a 16-bit copy of the 4-bit base while training")
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=1)
@@ -175,7 +173,6 @@ def main() -> None:
     if not a.preset_batch:  # else the preset's batch and its recompute setting (`auto` on the GPU presets)
         overrides += [f"lora.gradient_checkpointing={str(not a.no_gc).lower()}",
                       f"lora.recompute_every_n_layers={a.recompute_every}",
-                      f"lora.dequantized_base={a.dequantized if a.quantization == '4bit' else 'auto'}",
                       f"lora.packing={str((a.packing or a.tokens > 0) and not a.plain).lower()}",
                       f"training.micro_batch_tokens={a.tokens}",
                       f"training.micro_batch_size={a.micro_batch}", f"training.gradient_accumulation={a.grad_accum}"]
@@ -183,7 +180,7 @@ def main() -> None:
         overrides += ["training.liger_kernels=false", "training.fused_lora=false"]
     cfg = load_config(preset="llama3-8b-medical", overrides=overrides, env={})
     run = RunDir.for_run(work, "bench").create()
-    cfg = resolve_auto(cfg, a.model_dir)
+    cfg = resolve_recompute(cfg, a.model_dir)
     timer = StepTimer(a.warm)
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer,))
@@ -205,7 +202,6 @@ def main() -> None:
         "packing": cfg.lora.packing,
         "gradient_checkpointing": cfg.lora.gradient_checkpointing,
         "recompute_every_n_layers": cfg.lora.recompute_every_n_layers, "lora_dropout": a.dropout,
-        "dequantized_base": cfg.lora.dequantized_base,
         "liger": bool(trainer.args.use_liger_kernel), "attn": trainer.model.config._attn_implementation, "load_s": round(load_s, 1),
         "timed_steps": a.steps, **timer.result,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),

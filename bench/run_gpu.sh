@@ -73,10 +73,6 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "$run" ;;
     bins_nogc)  # QLoRA, 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an H100)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
-    bins_nogc_deq)  # bins_nogc with lora.dequantized_base=true: the 16-bit copy of the 4-bit base kept
-      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --dequantized true --label "$run" ;;
-    bins_gc_deq)  # bins_gc with lora.dequantized_base=true
-      step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --dequantized true --label "$run" ;;
     bins_nogc4k)  # QLoRA, 4096-token bins x GA 8, no recompute
       step 300 "$run" $GT --quantization 4bit --tokens 4096 --grad-accum 8 --steps 6 --warm 2 --no-gc --label "$run" ;;
     bins_partial2)  # QLoRA, 8,192-token bins x GA 4, recompute one layer in two (what `auto` picks on a 48 GB card)

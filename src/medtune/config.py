@@ -283,14 +283,6 @@ class LoraConfig(Section):
         "their activations (more memory, less recompute). 1 = every layer. `gradient_checkpointing: auto` "
         "sets it to the largest n that fits.",
     )
-    dequantized_base: bool | Literal["auto"] = Field(
-        "auto",
-        description="With quantization 4bit: keep a 16-bit copy of the frozen base's projections on the GPU while "
-        "training, instead of dequantizing every projection in each forward and backward. The same numbers "
-        "(bitsandbytes dequantizes to these very 16-bit values before each matmul), fewer kernels, 2 more bytes "
-        "per base weight (~13 GiB for an 8B model). `auto`: on a CUDA GPU without FSDP when the estimated peak, "
-        "after the recompute decision, still fits 90% of the free GPU memory; dropped first on out of memory.",
-    )
     bf16: bool = Field(
         False,
         description="Compute in bfloat16: on GPUs (false = float16, the seed's default) and on CPUs with native "
@@ -382,9 +374,6 @@ class MedtuneConfig(Section):
             raise ValueError(f"training.micro_batch_tokens={t.micro_batch_tokens} is below training.max_seq_length="
                              f"{t.max_seq_length}, so the longest rows fit no micro batch; set it to at least "
                              f"{t.max_seq_length}")
-        if self.lora.dequantized_base is True and self.lora.quantization != "4bit":
-            raise ValueError(f"lora.dequantized_base=true keeps a 16-bit copy of a 4-bit base, but lora.quantization is "
-                             f"{self.lora.quantization}; set lora.dequantized_base=auto (or false)")
         return self
 
     @model_validator(mode="after")
@@ -402,7 +391,4 @@ class MedtuneConfig(Section):
         if infra.nodes == 1 and infra.num_gpus == 1:
             raise ValueError("infrastructure.distributed=fsdp shards the base over several GPUs but "
                              "infrastructure.num_gpus is 1; use 2 or more (or `auto`), or set infrastructure.distributed=ddp")
-        if self.lora.dequantized_base is True:
-            raise ValueError("lora.dequantized_base=true keeps a whole 16-bit copy of the base on each GPU, which FSDP "
-                             "shards to save; set lora.dequantized_base=auto (or false)")
         return self

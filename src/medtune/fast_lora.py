@@ -10,12 +10,6 @@ happen in the GEMM's epilogue (accumulated in float32, rounded once, where PEFT 
 and nothing is copied. The adapter weights stay in float32 for the optimizer; the small (r x in,
 out x r) matrices are cast to the activations' dtype, never the large activations to float32.
 
-`keep_dequantized` (`lora.dequantized_base`) gives each 4-bit base projection a 16-bit copy of its
-weight, made once: bitsandbytes' 4-bit matmul dequantizes the weight to exactly these values before
-every matmul of a training-sized batch (`MatMul4Bit`: `linear(x, dequantize_4bit(W))` forward, the
-same dequantization again for the input's gradient), so `linear(x, W16)` computes the same numbers
-without the per-use dequantize kernels and their launches.
-
 Only plain LoRA takes this path (one active adapter, a linear lora_A/lora_B without bias, no DoRA or
 other variant, not merged, adapters enabled, no per-row adapter names); anything else calls PEFT's
 own forward, so the swap can never change what a configuration means.
@@ -40,29 +34,6 @@ def install(model: torch.nn.Module) -> int:
             module.forward = types.MethodType(fused_forward, module)
             count += 1
     return count
-
-
-def keep_dequantized(model: torch.nn.Module) -> int:
-    """Give every bitsandbytes 4-bit projection under a LoRA layer a kept 16-bit weight; returns bytes kept."""
-    import bitsandbytes as bnb
-    from peft.tuners.lora import LoraLayer
-
-    kept = 0
-    for module in model.modules():
-        base = module.get_base_layer() if isinstance(module, LoraLayer) else None
-        if isinstance(base, bnb.nn.Linear4bit):
-            weight = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state)
-            base.weight16 = weight.to(base.compute_dtype or weight.dtype)
-            base.forward = types.MethodType(_dequantized_forward, base)
-            kept += base.weight16.numel() * base.weight16.element_size()
-    return kept
-
-
-def _dequantized_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
-    """bitsandbytes' Linear4bit.forward for a training batch, with the kept weight in place of dequantizing."""
-    w = self.weight16
-    bias = None if self.bias is None else self.bias.to(w.dtype)
-    return F.linear(x.to(w.dtype), w, bias).to(x.dtype)
 
 
 def _linear(layer: Any) -> bool:

@@ -21,7 +21,7 @@ import torch
 
 from medtune.config import MedtuneConfig
 from medtune.errors import MedtuneError
-from medtune.recompute import with_dequantized, with_recompute
+from medtune.recompute import with_recompute
 from medtune.rundir import RunDir
 
 log = logging.getLogger("medtune.train")
@@ -98,12 +98,11 @@ def _distributed() -> bool:
 
 
 def train_fitting_memory(cfg: MedtuneConfig, run: RunDir, attempt: Callable[[MedtuneConfig], Any],
-                         recompute_auto: bool = False, dequantized_auto: bool = False) -> Any:
+                         recompute_auto: bool = False) -> Any:
     """`attempt(cfg)` (one training run, resuming from the last checkpoint), retried with a smaller
-    micro batch after each CUDA out-of-memory error while `training.auto_fit` allows it. Before that,
-    keeping the batch: when `dequantized_auto` (lora.dequantized_base was `auto`) kept the 16-bit base,
-    the first retry drops it; when `recompute_auto` (lora.gradient_checkpointing was `auto`) left some
-    or all layers unrecomputed, the next recomputes every layer."""
+    micro batch after each CUDA out-of-memory error while `training.auto_fit` allows it. When
+    `recompute_auto` (lora.gradient_checkpointing was `auto`) left some or all layers unrecomputed, the
+    first retry recomputes every layer instead, keeping the batch."""
     while True:
         try:
             return attempt(cfg)
@@ -113,12 +112,6 @@ def train_fitting_memory(cfg: MedtuneConfig, run: RunDir, attempt: Callable[[Med
         release_memory()
         t = cfg.training
         world = torch.distributed.get_world_size() if _distributed() else 1
-        if dequantized_auto and cfg.lora.dequantized_base is True and world == 1:
-            log.warning("finetune: out of GPU memory with the 16-bit copy of the base (lora.dequantized_base=auto); "
-                        "retrying without it, same batch, from the last checkpoint")
-            run.update_manifest(auto_fit=[*run.manifest().get("auto_fit", []), {"dequantized_base": False}])
-            cfg = with_dequantized(cfg, False)
-            continue
         partial = cfg.lora.gradient_checkpointing is False or cfg.lora.recompute_every_n_layers > 1
         if recompute_auto and partial and world == 1:
             log.warning("finetune: out of GPU memory with recompute on %s (lora.gradient_checkpointing=auto); retrying "

@@ -93,7 +93,6 @@ def recipe(cfg: MedtuneConfig, device: str, attention: str | None = None, liger:
                   recompute_every=lo.recompute_every_n_layers,
                   liger=(device == "cuda" and t.liger_kernels) if liger is None else liger, attention=attention,
                   fused_loss=not uses_fsdp(cfg),  # sharding.trainer_arguments: no Liger fused loss under FSDP
-                  dequantized_base=device == "cuda" and lo.quantization == "4bit" and lo.dequantized_base is True,
                   compute_bytes=2 if device == "cuda" or lo.bf16 else 4)  # CPUs without bf16 train in fp32
 
 
@@ -311,10 +310,11 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
     shape, shape_source = model_shape(cfg)
     counts = parameter_counts(shape, cfg.lora.lora_r, cfg.lora.target_modules)
     device, card, why = pick_target(cfg, gpu, counts["total"])
-    from medtune.recompute import resolve, resolve_dequantized  # recompute.py builds on this module's estimate
+    recompute_why = "set in the config"
+    if cfg.lora.gradient_checkpointing == "auto":
+        from medtune.recompute import resolve  # recompute.py builds on this module's memory estimate
 
-    cfg, recompute_why = resolve(cfg, shape, device, card.memory_gib if card else None)
-    cfg, dequantized_why = resolve_dequantized(cfg, shape, device, card.memory_gib if card else None)
+        cfg, recompute_why = resolve(cfg, shape, device, card.memory_gib if card else None)
     data = dataset_tokens(cfg, rows)
     t = cfg.training
     batch = planned_micro_batch(cfg, data, device)
@@ -344,7 +344,6 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
         "micro_batch": {"tokens": batch.tokens, "rows": batch.rows, "layout": batch.layout}, "fsdp": fsdp,
         "fits": fits, "data": data,
         "recompute": {"on": cfg.lora.gradient_checkpointing, "why": recompute_why},
-        "dequantized_base": {"on": cfg.lora.dequantized_base, "why": dequantized_why},
         "throughput": {**speed, "tokens_per_second": round(speed["tokens_per_second"], 1)},
         "time": {"epoch_seconds": round(epoch_s), "steps_per_epoch": epoch_steps, "train_seconds": round(train_s),
                  "walltime_seconds": round(walltime)},
@@ -382,8 +381,6 @@ def render_plan(p: dict[str, Any]) -> str:
         f"batch: {mb['rows']} rows, {mb['tokens']:,} tokens {mb['layout']} {verdict}",
         *_fsdp_lines(p["fsdp"]),
         f"recompute   {'on' if p['recompute']['on'] else 'off'} ({p['recompute']['why']})",
-        *([f"dequantized {'on' if p['dequantized_base']['on'] else 'off'}: a 16-bit copy of the 4-bit base "
-           f"({p['dequantized_base']['why']})"] if m["quantization"] == "4bit" else []),
         f"data        {d['rows']:,} training rows, {d['tokens']:,} tokens ({d['source']})",
         f"throughput  {p['throughput']['tokens_per_second']:,.0f} tok/s — {p['throughput']['note']}; anchor: "
         f"{p['throughput']['anchor']}",

@@ -62,7 +62,6 @@ class Recipe:
     attention: str = "varlen"
     compute_bytes: int = 2         # bf16/fp16; 4 for float32 training on CPUs without bf16
     upcast_frozen: bool = False    # PEFT's prepare_model_for_kbit_training: norms, embeddings, lm_head in fp32
-    dequantized_base: bool = False  # 4-bit: a 16-bit copy of the projections kept beside the 4-bit ones
 
 
 def attention_family(name: str) -> str:
@@ -88,7 +87,7 @@ def static_bytes(s: Shape, r: Recipe) -> dict[str, float]:
     linear = s.layers * sum(i * o for i, o in proj.values())
     other = s.vocab * s.hidden * (1 if s.tied else 2) + s.layers * 2 * s.hidden + s.hidden
     if r.quantization == "4bit":
-        weights = linear * (NF4_BITS / 8 + (r.compute_bytes if r.dequantized_base else 0))
+        weights = linear * NF4_BITS / 8
     elif r.quantization == "8bit":
         weights = linear * INT8_BYTES + s.layers * sum(o for _, o in proj.values()) * 4
     else:
@@ -195,8 +194,7 @@ def estimate(s: Shape, r: Recipe, b: MicroBatch) -> dict[str, Any]:
         kept = s.layers * saved_layer + st["lora_params"] * c  # + autocast's cached 16-bit LoRA weights
         recompute = 0.0
     largest = max(i * o for i, o in projections(s).values())
-    # one dequantized weight at a time, unless the dequantized base is kept
-    dequant = largest * c if r.quantization != "none" and not r.dequantized_base else 0.0
+    dequant = largest * c if r.quantization != "none" else 0.0  # one dequantized weight at a time
     loss_peak, loss_kept = loss_bytes(s, r, b)
     attn_transient = _attention_matrices(s, r, b, fam)[1]
     moments = {  # (activations, transient) at each moment

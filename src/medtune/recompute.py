@@ -53,30 +53,6 @@ def resolve(cfg: MedtuneConfig, shape: Shape | None, device: str, free_gib: floa
     return full, f"auto: every layer, {peak(full):.1f} GiB estimated for {where}"
 
 
-def resolve_dequantized(cfg: MedtuneConfig, shape: Shape | None, device: str,
-                        free_gib: float | None) -> tuple[MedtuneConfig, str]:
-    """`cfg` with `lora.dequantized_base` a bool, and why: `auto` keeps the 16-bit copy of a 4-bit base
-    when the peak with it (recompute already decided: the bigger saving goes first) fits the GPU."""
-    lo = cfg.lora
-    if lo.dequantized_base != "auto":
-        return cfg, "set in the config"
-    if lo.quantization != "4bit" or device != "cuda" or uses_fsdp(cfg) or not free_gib or shape is None:
-        return with_dequantized(cfg, False), "auto: off (kept only for a 4-bit base on a CUDA GPU, without FSDP)"
-    assert lo.gradient_checkpointing != "auto", "resolve() decides recompute first"
-    t = cfg.training
-    batch = MicroBatch(t.micro_batch_tokens) if t.micro_batch_tokens else \
-        MicroBatch(t.micro_batch_size * t.max_seq_length, t.micro_batch_size, "padded")
-    kept, limit = with_dequantized(cfg, True), HEADROOM * free_gib
-    need = memory_gib(kept, shape, "cuda", batch)["total"]
-    if need <= limit:
-        return kept, f"auto: on, an estimated {need:.1f} GiB with it fits {HEADROOM:.0%} of {free_gib:.1f} GiB free"
-    return with_dequantized(cfg, False), f"auto: off, {need:.1f} GiB with it would exceed {limit:.1f} GiB"
-
-
-def with_dequantized(cfg: MedtuneConfig, on: bool) -> MedtuneConfig:
-    return cfg.model_copy(update={"lora": cfg.lora.model_copy(update={"dequantized_base": on})})
-
-
 def every_n_candidates(layers: int) -> list[int]:
     """Recompute intervals from the fewest recomputed layers to all but one in two (1 = every layer, the
     fallback), e.g. 16, 8, 4, 2 for 32 layers."""

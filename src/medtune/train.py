@@ -87,7 +87,7 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
                                                  device_map={"": load_placement(cfg, place or device)},
                                                  attn_implementation=attention_kernel(cfg, device))
     model.config.use_cache = False
-    assert cfg.lora.gradient_checkpointing != "auto", "resolve_auto() decides `auto` before loading"
+    assert cfg.lora.gradient_checkpointing != "auto", "resolve_recompute() decides `auto` before loading"
     if cfg.lora.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                               every_n_layers=cfg.lora.recompute_every_n_layers)
@@ -96,9 +96,6 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
     model = get_peft_model(model, lora)
     if cfg.training.fused_lora:
         log.info("finetune: fused LoRA forward on %d projections", fast_lora.install(model))
-    if cfg.lora.dequantized_base is True:  # `auto` is decided by resolve_auto(); unresolved, the same numbers without it
-        log.info("finetune: kept a 16-bit copy of the 4-bit base projections (%.2f GiB)",
-                 fast_lora.keep_dequantized(model) / 2**30)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("finetune: %s base on %s, quantization %s, LoRA r=%d alpha=%d: %.2fM trainable of %.0fM parameters",
              dtype, device, cfg.lora.quantization, cfg.lora.lora_r, cfg.lora.lora_alpha, trainable / 1e6, total / 1e6)
@@ -198,26 +195,19 @@ def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:
 
 
 def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
-    resolved = resolve_auto(cfg, model_path)
+    resolved = resolve_recompute(cfg, model_path)
     return train_fitting_memory(resolved, run, lambda fitted: _train_once(fitted, run, model_path, data_path),
-                                recompute_auto=cfg.lora.gradient_checkpointing == "auto",
-                                dequantized_auto=cfg.lora.dequantized_base == "auto")
+                                recompute_auto=cfg.lora.gradient_checkpointing == "auto")
 
 
-def resolve_auto(cfg: MedtuneConfig, model_path: str) -> MedtuneConfig:
-    """`cfg` with the memory-bound `auto` settings (lora.gradient_checkpointing, then lora.dequantized_base)
-    decided for this machine's GPU, each decision logged."""
+def resolve_recompute(cfg: MedtuneConfig, model_path: str) -> MedtuneConfig:
+    """`cfg` with `lora.gradient_checkpointing: auto` decided for this machine's GPU (logged)."""
     device = pick_device(cfg)
     config_json = Path(model_path) / "config.json"
     shape = shape_from_config(json.loads(config_json.read_text())) if config_json.is_file() else None
-    free = free_gpu_gib() if device == "cuda" else None
-    resolved, why = recompute.resolve(cfg, shape, device, free)
+    resolved, why = recompute.resolve(cfg, shape, device, free_gpu_gib() if device == "cuda" else None)
     log.info("finetune: activation recompute (lora.gradient_checkpointing) %s: %s",
              "on" if resolved.lora.gradient_checkpointing else "off", why)
-    resolved, why = recompute.resolve_dequantized(resolved, shape, device, free)
-    if resolved.lora.quantization == "4bit":
-        log.info("finetune: 16-bit copy of the 4-bit base (lora.dequantized_base) %s: %s",
-                 "on" if resolved.lora.dequantized_base else "off", why)
     return resolved
 
 
@@ -251,7 +241,6 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
         metrics.pop(stale, None)
     metrics["gradient_checkpointing"] = cfg.lora.gradient_checkpointing
     metrics["recompute_every_n_layers"] = cfg.lora.recompute_every_n_layers
-    metrics["dequantized_base"] = cfg.lora.dequantized_base
     metrics.update(_batch_metrics(cfg, world, trainer.train_dataset))
     log.info("finetune: %d process(es), %s", world, _batch_line(cfg, metrics))
     if eval_ds is not None and "base_eval_loss" not in metrics:

@@ -158,34 +158,6 @@ def test_auto_recompute_turns_recompute_on_before_shrinking_the_batch(tiny_overr
     assert "retrying with recompute on every layer, same batch" in log
 
 
-def test_auto_drops_the_dequantized_base_first_then_recomputes(tiny_overrides, monkeypatch):
-    """`lora.dequantized_base: auto` kept the 16-bit base and recompute `auto` chose none (both forced here):
-    the first OOM drops the 16-bit base, the second turns recompute on; the batch stays."""
-    from medtune import recompute, train
-
-    monkeypatch.setattr(train.recompute, "resolve",
-                        lambda cfg, *_: (recompute.with_recompute(cfg, False, 1), "auto: off (forced by the test)"))
-    monkeypatch.setattr(train.recompute, "resolve_dequantized",
-                        lambda cfg, *_: (recompute.with_dequantized(cfg, True), "auto: on (forced by the test)"))
-    calls = {"n": 0}
-    real = transformers.Trainer.training_step
-
-    def step(self, model, inputs, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] <= 2:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
-        return real(self, model, inputs, *args, **kwargs)
-
-    monkeypatch.setattr(transformers.Trainer, "training_step", step)
-    cfg = _cfg(tiny_overrides, "oomdequant", "lora.gradient_checkpointing=auto", "lora.packing=true",
-               "training.micro_batch_tokens=400", "training.gradient_accumulation=1", "training.max_steps=2")
-    manifest = json.loads(run_workflow(cfg).manifest_path.read_text())
-    assert manifest["status"] == "succeeded"
-    assert manifest["auto_fit"] == [{"dequantized_base": False},
-                                    {"gradient_checkpointing": True, "recompute_every_n_layers": 1}]
-    assert manifest["training"]["dequantized_base"] is False and manifest["training"]["micro_batch_tokens"] == 400
-
-
 def _poison_weights_at(monkeypatch, step: int) -> None:
     """The optimizer's `step`-th update turns one LoRA weight into NaN, as an overflowing update does."""
     calls = {"n": 0}

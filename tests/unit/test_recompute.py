@@ -8,7 +8,7 @@ from medtune.config_io import load_config
 from medtune.plan import recipe
 from medtune.plan_memory import MicroBatch, estimate
 from medtune.plan_tables import KNOWN_SHAPES
-from medtune.recompute import every_n_candidates, resolve, resolve_dequantized
+from medtune.recompute import every_n_candidates, resolve
 
 LLAMA_8B = KNOWN_SHAPES["meta-llama/Llama-3.1-8B-Instruct"]
 
@@ -96,34 +96,3 @@ def test_training_recomputes_only_the_chosen_layers(tiny_model_dir, tmp_path):
         "lora.gradient_checkpointing=true", "lora.recompute_every_n_layers=2"])
     model = load_for_training(cfg, str(tiny_model_dir), "cpu")
     assert [layer.gradient_checkpointing for layer in model.get_base_model().model.layers] == [True, False]
-
-
-@pytest.mark.parametrize("free_gib, on", [(139.8, True), (79.6, False)])
-def test_auto_keeps_the_dequantized_base_where_it_still_fits(free_gib, on):
-    """After recompute is decided: an H200 keeps the 16-bit copy beside the no-recompute peak (64.4 + 13.0
-    GiB), an H100 80GB does not (77.3 > 90% of 79.6)."""
-    cfg, _ = resolve(_cfg(), LLAMA_8B, "cuda", free_gib)
-    assert cfg.lora.gradient_checkpointing is False
-    resolved, why = resolve_dequantized(cfg, LLAMA_8B, "cuda", free_gib)
-    assert resolved.lora.dequantized_base is on
-    assert why.startswith("auto: on, an estimated 77.3 GiB" if on else "auto: off, 77.3 GiB with it would exceed 71.6")
-
-
-@pytest.mark.parametrize("sets, device", [
-    (("lora.quantization=none",), "cuda"), (("lora.quantization=8bit",), "cuda"), ((), "cpu"),
-    (("infrastructure.distributed=fsdp",), "cuda"),
-])
-def test_auto_keeps_no_dequantized_base_elsewhere(sets, device):
-    cfg, _ = resolve(_cfg(*sets), LLAMA_8B, device, 139.8 if device == "cuda" else None)
-    resolved, why = resolve_dequantized(cfg, LLAMA_8B, device, 139.8 if device == "cuda" else None)
-    assert resolved.lora.dequantized_base is False and why.startswith("auto: off (kept only for a 4-bit base")
-
-
-def test_the_dequantized_base_costs_two_bytes_per_projection_weight():
-    batch = MicroBatch(8192)
-    plain = estimate(LLAMA_8B, recipe(_cfg("lora.gradient_checkpointing=false"), "cuda"), batch)
-    kept = estimate(LLAMA_8B, recipe(_cfg("lora.gradient_checkpointing=false", "lora.dequantized_base=true"), "cuda"),
-                    batch)
-    linear = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336)
-    assert kept["weights"] - plain["weights"] == pytest.approx(linear * 2 / 2**30)  # 13.0 GiB
-    assert kept["transient"] < plain["transient"]  # no projection dequantized on the fly
