@@ -128,10 +128,11 @@ def main() -> None:
     lines = [(p, json.loads(x)) for p in sorted(a.results.glob("*.jsonl")) for x in p.read_text().splitlines()
              if x.strip()]
     # a line with merge_s read its peak after bench_merge reset the counter: that peak is the merge's;
-    # data-parallel lines count every rank's tokens and each rank draws its own share of the sampler
+    # data-parallel lines count every rank's tokens and each rank draws its own share of the sampler;
+    # `dequantized_base` lines measured a lever that was not kept (docs/benchmarks.md, machine eight)
     lines = [(p, d) for p, d in lines
              if d.get("peak_mem_gib") and ("micro_batch" in d or d.get("mode") in ANCHORS) and "merge_s" not in d
-             and d.get("world_size", 1) == 1]
+             and d.get("world_size", 1) == 1 and not d.get("dequantized_base")]
     print("| run | recipe | largest timed micro batch, tokens | measured GiB | estimated GiB (peak at) | error "
           "| measured tok/s | estimated tok/s | error |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -118,4 +118,10 @@ THROUGHPUT: tuple[Throughput, ...] = (
                "bench/results/2026-11-28-h200-n.jsonl bins_nogc4k"),
     Throughput(H200, L8B, "none", True, False, "varlen", 8058, 12911.0,
                "bench/results/2026-11-28-h200-n.jsonl bins_bf16_nogc"),
+    Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 12318.0,
+               "bench/results/2026-11-28-h200-r.jsonl bins_nogc"),
+    Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 11873.0,
+               "bench/results/2026-11-28-h200-s.jsonl bins_nogc"),
+    Throughput(H200, L8B, "4bit", True, True, "varlen", 16090, 9309.0,
+               "bench/results/2026-11-28-h200-s.jsonl bins_gc"),
 )
