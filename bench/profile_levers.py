@@ -117,8 +117,11 @@ def set_fused(model: torch.nn.Module, on: bool) -> None:
     if on:
         fast_lora.install(model)
         return
+    # Only fast_lora's own swaps: Liger binds RMSNorm, SwiGLU and the fused-loss forward on instances too
+    # (deleting every instance forward, as this script did before 2026-11-28 15:40, removed those as well).
     for module in model.modules():
-        if "forward" in vars(module):
+        bound = vars(module).get("forward")
+        if bound is not None and getattr(bound, "__func__", None) is fast_lora.fused_forward:
             del module.forward
 
 
@@ -140,10 +143,13 @@ def profile(model, batch, label: str) -> dict:
         entry = by_name.setdefault(e.name[:90], [0.0, 0])
         entry[0] += e.device_time / 1e3
         entry[1] += 1
-    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:25]
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:40]
+    # The same time by the operator that launched it (aten ops, autograd nodes, Triton kernels by name).
+    ops = sorted((e for e in prof.key_averages() if e.device_time_total > 0), key=lambda e: -e.self_device_time_total)
     return {"profile": label, "tokens": batch["input_ids"].numel(), "wall_s": round(wall, 3),
             "gpu_busy_s": round(busy, 3), "kernels": len(kernels),
-            "top_kernels_ms_count": [[n, round(v[0], 1), v[1]] for n, v in top]}
+            "top_kernels_ms_count": [[n, round(v[0], 1), v[1]] for n, v in top],
+            "top_ops_self_ms_count": [[e.key[:90], round(e.self_device_time_total / 1e3, 1), e.count] for e in ops[:40]]}
 
 
 def main() -> None:
@@ -156,6 +162,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variants", default="peft,fused,fused_dropout0,peft_nogc,fused_nogc,fused_nogc_dropout0")
+    ap.add_argument("--no-profile-gc", dest="profile_gc", action="store_false",
+                    help="profile without recompute (the GPU presets' path on an 80 GB+ card)")
     a = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="medtune-levers-"))
@@ -175,9 +183,12 @@ def main() -> None:
     saved: dict = {}
     common = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "quantization": a.quantization, "micro_batch_tokens": a.tokens,
               "date": time.strftime("%Y-%m-%d")}
+    if not a.profile_gc:
+        model.activation_checkpointing_disable()
     for fused in (False, True):
         set_fused(model, fused)
-        print(json.dumps({**profile(model, batches[0], "fused" if fused else "peft"), **common}), flush=True)
+        label = ("fused" if fused else "peft") + ("" if a.profile_gc else "_nogc")
+        print(json.dumps({**profile(model, batches[0], label), **common}), flush=True)
     for variant in a.variants.split(","):
         set_fused(model, variant.startswith("fused"))
         set_dropout(model, "dropout0" not in variant, saved)

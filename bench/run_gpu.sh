@@ -65,6 +65,9 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
     levers8k|levers16k|levers_bf16)  # bench/profile_levers.py: profile + dropout/recompute levers on one loaded model
       q=4bit; n=8192; [ $run = levers16k ] && n=16384; [ $run = levers_bf16 ] && q=none
       step 300 "$run" python3 bench/profile_levers.py --model-dir $M --ids $IDS --quantization $q --tokens $n ;;
+    profile_nogc)  # the profile alone, without recompute (the presets' path on an 80 GB+ card), + the no-recompute levers
+      step 240 "$run" python3 bench/profile_levers.py --model-dir $M --ids $IDS --tokens 8192 --no-profile-gc \
+        --variants fused_nogc,fused_nogc_dropout0,peft_nogc --repeats 1 ;;
     bins_ddp1|bins_ddp2)  # scaling with token-budget micro batches: 16384-token bins x GA 2 per GPU
       n=${run#bins_ddp}
       step 400 "$run" torchrun --standalone --nproc-per-node "$n" bench/gpu_train.py --model-dir $M --ids $IDS \
