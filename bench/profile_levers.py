@@ -178,6 +178,12 @@ def main() -> None:
     run = RunDir.for_run(work, "levers").create()
     trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"))
     model = trainer.model
+    if trainer.args.use_liger_kernel:
+        # Trainer.train() applies Liger, and this script never calls it: without this line (until
+        # 2026-11-28 15:50) every lever here ran without Liger's RMSNorm, SwiGLU, RoPE and fused loss.
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, trainer.args.liger_kernel_config)
     model.train()
     batches = packed_batches(ids, a.tokens, a.batches, 2048)
     saved: dict = {}
