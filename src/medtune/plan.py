@@ -262,7 +262,7 @@ def throughput(rec: Recipe, packing: bool, batch_tokens: int, device: str, card:
     same packing, a fused attention kernel (varlen, flash, flex) for a fused one, the same kernel
     family (FlexAttention 1.8x SDPA on packed batches), same
     quantization (8-bit, never measured, uses 4-bit; 4-bit vs bf16 1.1x), same gradient checkpointing
-    (1.2x), then the nearest tokens per micro batch (small micro batches leave the GPU idle: 2,103 vs
+    (1.2x) and the same share of layers recomputed, then the nearest tokens per micro batch (small micro batches leave the GPU idle: 2,103 vs
     4,579 tok/s at 2.3k vs 6.8k tokens, same recipe).
     `exclude` drops the entry of that source (bench/plan_vs_measured.py estimates each run from the others).
     """
@@ -272,7 +272,8 @@ def throughput(rec: Recipe, packing: bool, batch_tokens: int, device: str, card:
     for key in (lambda a: a.packing == packing,
                 lambda a: (attention_family(a.attention) in fused) == (attention_family(rec.attention) in fused),
                 lambda a: attention_family(a.attention) == attention_family(rec.attention),
-                lambda a: a.quantization == quant, lambda a: a.gradient_checkpointing == rec.gradient_checkpointing):
+                lambda a: a.quantization == quant, lambda a: a.gradient_checkpointing == rec.gradient_checkpointing,
+                lambda a: not rec.gradient_checkpointing or a.recompute_every == rec.recompute_every):
         pool = [a for a in pool if key(a)] or pool
     anchor = min(pool, key=lambda a: abs(math.log(max(1, batch_tokens) / a.tokens_per_micro_batch)))
     scale, note = anchor.params / params, "scaled by parameter count"
@@ -290,7 +291,8 @@ def throughput(rec: Recipe, packing: bool, batch_tokens: int, device: str, card:
 
 
 def _describe(a: Throughput) -> str:
-    gc = "recompute" if a.gradient_checkpointing else "no recompute"
+    gc = "no recompute" if not a.gradient_checkpointing else \
+        "recompute" if a.recompute_every == 1 else f"recompute 1 layer in {a.recompute_every}"
     return (f"{a.tokens_per_second:.0f} tok/s, {a.card}, {a.quantization}, {'packed' if a.packing else 'padded'}, "
             f"{gc}, {a.attention}, {a.tokens_per_micro_batch} tokens/micro batch ({a.source})")
 

@@ -67,6 +67,7 @@ class Throughput:
     tokens_per_micro_batch: int  # real tokens per forward pass in the timed steps (mean)
     tokens_per_second: float
     source: str        # results file and run label (or the docs section) the figure comes from
+    recompute_every: int = 1  # with gradient checkpointing: every n-th decoder layer recomputed
 
 
 H200 = "H200-141GB"
@@ -124,4 +125,6 @@ THROUGHPUT: tuple[Throughput, ...] = (
                "bench/results/2026-11-28-h200-s.jsonl bins_nogc"),
     Throughput(H200, L8B, "4bit", True, True, "varlen", 16090, 9309.0,
                "bench/results/2026-11-28-h200-s.jsonl bins_gc"),
+    Throughput(H200, L8B, "4bit", True, True, "varlen", 8058, 10173.0,
+               "bench/results/2026-11-28-h200-t.jsonl bins_partial2", recompute_every=2),
 )
