@@ -146,6 +146,8 @@ def main() -> None:
     ap.add_argument("--no-gc", action="store_true", help="turn gradient checkpointing off")
     ap.add_argument("--recompute-every", type=int, default=1,
                     help="lora.recompute_every_n_layers: with checkpointing, recompute only every n-th layer")
+    ap.add_argument("--fused-backward", action="store_true",
+                    help="medtune.fast_lora.install(backward=True): each projection's LoRA forward and backward as one node")
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=1)
@@ -185,6 +187,10 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer,))
     load_s = time.perf_counter() - t0
+    if a.fused_backward:
+        from medtune import fast_lora
+
+        fast_lora.install(trainer.model, backward=True)
     shapes = BatchShapes(trainer.data_collator)
     trainer.data_collator = shapes
     trainer.train()
@@ -198,7 +204,7 @@ def main() -> None:
     print(json.dumps({
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
-        "fused_lora": cfg.training.fused_lora, "grad_accum": cfg.training.gradient_accumulation,
+        "fused_lora": cfg.training.fused_lora, "fused_backward": a.fused_backward, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,
         "gradient_checkpointing": cfg.lora.gradient_checkpointing,
         "recompute_every_n_layers": cfg.lora.recompute_every_n_layers, "lora_dropout": a.dropout,

@@ -6,6 +6,7 @@ batches of real-length rows (`--tokens` per micro batch) under variants switched
 
     peft         PEFT's own LoRA forward, gradient checkpointing on, the seed's LoRA dropout 0.05
     fused        medtune.fast_lora's forward (the default), the rest as `peft`
+    fusedbw      medtune.fast_lora's forward and backward as one autograd node (`install(backward=True)`)
     *_dropout0   LoRA dropout modules replaced by identities
     *_nogc       gradient checkpointing off
 
@@ -113,15 +114,16 @@ def time_variant(model, batches, label: str, repeats: int) -> dict:
             "loss": round(float(loss.detach()), 4)}
 
 
-def set_fused(model: torch.nn.Module, on: bool) -> None:
+def set_fused(model: torch.nn.Module, on: bool, backward: bool = False) -> None:
     if on:
-        fast_lora.install(model)
+        fast_lora.install(model, backward=backward)
         return
     # Only fast_lora's own swaps: Liger binds RMSNorm, SwiGLU and the fused-loss forward on instances too
     # (deleting every instance forward, as this script did before 2026-11-28 15:40, removed those as well).
     for module in model.modules():
         bound = vars(module).get("forward")
-        if bound is not None and getattr(bound, "__func__", None) is fast_lora.fused_forward:
+        if bound is not None and getattr(bound, "__func__", None) in (fast_lora.fused_forward,
+                                                                      fast_lora.fused_forward_backward):
             del module.forward
 
 
@@ -196,7 +198,8 @@ def main() -> None:
         label = ("fused" if fused else "peft") + ("" if a.profile_gc else "_nogc")
         print(json.dumps({**profile(model, batches[0], label), **common}), flush=True)
     for variant in a.variants.split(","):
-        set_fused(model, variant.startswith("fused"))
+        set_fused(model, False)
+        set_fused(model, variant.startswith("fused"), backward=variant.startswith("fusedbw"))
         set_dropout(model, "dropout0" not in variant, saved)
         if "nogc" in variant:
             model.activation_checkpointing_disable()

@@ -67,7 +67,7 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" python3 bench/profile_levers.py --model-dir $M --ids $IDS --quantization $q --tokens $n ;;
     profile_nogc)  # the profile alone, without recompute (the presets' path on an 80 GB+ card), + the no-recompute levers
       step 240 "$run" python3 bench/profile_levers.py --model-dir $M --ids $IDS --tokens 8192 --no-profile-gc \
-        --variants fused_nogc,fused_nogc_dropout0,peft_nogc --repeats 1 ;;
+        --variants fused_nogc,fusedbw_nogc,fused_nogc_dropout0,fusedbw_nogc_dropout0,peft_nogc --repeats 1 ;;
     bins_ddp1|bins_ddp2)  # scaling with token-budget micro batches: 16384-token bins x GA 2 per GPU
       n=${run#bins_ddp}
       step 400 "$run" torchrun --standalone --nproc-per-node "$n" bench/gpu_train.py --model-dir $M --ids $IDS \
@@ -76,6 +76,10 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "$run" ;;
     bins_nogc)  # QLoRA, 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an H100)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
+    bins_nogc_fbw)  # bins_nogc with the fused LoRA backward (medtune.fast_lora.install(backward=True))
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --fused-backward --label "$run" ;;
+    bins_gc_fbw)  # bins_gc with the fused LoRA backward
+      step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --fused-backward --label "$run" ;;
     bins_nogc4k)  # QLoRA, 4096-token bins x GA 8, no recompute
       step 300 "$run" $GT --quantization 4bit --tokens 4096 --grad-accum 8 --steps 6 --warm 2 --no-gc --label "$run" ;;
     bins_partial2)  # QLoRA, 8,192-token bins x GA 4, recompute one layer in two (what `auto` picks on a 48 GB card)

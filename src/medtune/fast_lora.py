@@ -24,14 +24,18 @@ import torch
 import torch.nn.functional as F
 
 
-def install(model: torch.nn.Module) -> int:
-    """Give every LoRA linear layer of `model` the fused forward; returns how many layers took it."""
+def install(model: torch.nn.Module, backward: bool = False) -> int:
+    """Give every LoRA linear layer of `model` the fused forward (with `backward`, also the fused
+    backward of `LoraLinear`, where the base is a plain or bitsandbytes 4-bit linear); returns how
+    many layers took it."""
+    import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
 
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module) and _linear(module):
-            module.forward = types.MethodType(fused_forward, module)
+            whole = backward and type(module.get_base_layer()) in (torch.nn.Linear, bnb.nn.Linear4bit)
+            module.forward = types.MethodType(fused_forward_backward if whole else fused_forward, module)
             count += 1
     return count
 
@@ -61,3 +65,63 @@ def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
                        self.lora_B[name].weight.to(dtype).t(), alpha=self.scaling[name])
     return flat.view(result.shape)
+
+
+def fused_forward_backward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    name = _plain(self, kwargs)
+    if name is None or args or kwargs:
+        return type(self).forward(self, x, *args, **kwargs)
+    drop = self.lora_dropout[name]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+    return LoraLinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
+                            self.scaling[name], p)
+
+
+class LoraLinear(torch.autograd.Function):
+    """Base projection + LoRA update as one autograd node. The forward is `fused_forward`'s; the
+    backward writes the input's gradient once: the base's `g @ W` (bitsandbytes' own dequantize for a
+    4-bit base), then the LoRA branch added into it in place (`addmm_` without dropout, `addcmul_` with
+    the dropout mask), where autograd would materialise the branch's gradient, mask it and add it."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
+                scaling: float, p: float) -> torch.Tensor:
+        result = base(x)
+        dtype = result.dtype
+        dropped, mask = torch.ops.aten.native_dropout(x, p, True) if p > 0 else (x, None)
+        a16, b16 = a.to(dtype), b.to(dtype)
+        h = F.linear(dropped.to(dtype), a16)
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b16.t(), alpha=scaling)
+        ctx.save_for_backward(dropped.to(dtype), mask, h, a16, b16)
+        ctx.base, ctx.scaling, ctx.p, ctx.dtypes = base, scaling, p, (x.dtype, a.dtype, b.dtype)
+        return flat.view(result.shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        dropped, mask, h, a16, b16 = ctx.saved_tensors
+        x_dtype, a_dtype, b_dtype = ctx.dtypes
+        g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
+        h2 = h.reshape(-1, h.shape[-1])
+        # As autograd differentiates addmm(result, h, B.T, alpha=s) and linear(dropped, A):
+        dh = g.mm(b16).mul_(ctx.scaling)
+        grad_b = h2.t().mm(g).mul_(ctx.scaling).t().to(b_dtype)
+        grad_a = dh.t().mm(dropped.reshape(-1, dropped.shape[-1])).to(a_dtype)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g.mm(_base_weight(ctx.base, g.dtype))
+            if mask is None:
+                grad_x.addmm_(dh, a16)
+            else:
+                grad_x.addcmul_(dh.mm(a16), mask.reshape(grad_x.shape), value=1.0 / (1.0 - ctx.p))
+            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(x_dtype)
+        return grad_x, grad_a, grad_b, None, None, None
+
+
+def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The frozen base weight (out x in) as the input gradient's matmul uses it: bitsandbytes' 4-bit
+    backward dequantizes the same way (`MatMul4Bit.backward`)."""
+    import bitsandbytes as bnb
+
+    if isinstance(base, bnb.nn.Linear4bit):  # before nn.Linear: Linear4bit subclasses it
+        return bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+    return base.weight.to(dtype)

@@ -73,3 +73,73 @@ def test_other_states_take_peft_forward():
     model.merge_adapter()
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, tuned, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_fused_backward_matches_peft(dropout):
+    """`install(backward=True)`: one autograd node per projection; logits, loss and every adapter gradient
+    as PEFT's (float32; the dropout masks drawn from the same generator state)."""
+    peft_model = _lora_model(dropout)
+    fused = copy.deepcopy(peft_model)
+    assert fast_lora.install(fused, backward=True) == 7 * 2
+    q_proj = fused.get_base_model().model.layers[0].self_attn.q_proj
+    assert q_proj.forward.__func__ is fast_lora.fused_forward_backward
+    peft_model.train(), fused.train()
+    ids = torch.randint(0, 97, (2, 24))
+    logits_a, loss_a, grads_a = _loss_and_grads(peft_model, ids, seed=3)
+    logits_b, loss_b, grads_b = _loss_and_grads(fused, ids, seed=3)
+    torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * 2
+    for name in grads_a:
+        assert grads_a[name].abs().sum() > 0, name
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _four_bit_lora_model(dropout: float):
+    """The tiny model with its projections in bitsandbytes nf4 (double quant, bf16 compute), as QLoRA loads it."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, linear in list(parent.named_children()):
+                if isinstance(linear, torch.nn.Linear):
+                    quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=False,
+                                                  compute_dtype=torch.bfloat16, compress_statistics=True,
+                                                  quant_type="nf4")
+                    quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False,
+                                                         compress_statistics=True, quant_type="nf4").to("cpu")
+                    setattr(parent, name, quantized)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, task_type="CAUSAL_LM",
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "up_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def test_fused_backward_on_a_4bit_base_matches_peft():
+    """The same on an nf4 base in bfloat16 under autocast, as QLoRA trains: the base's input gradient goes
+    through bitsandbytes' dequantize, the LoRA branch is added in place (one rounding instead of two)."""
+    peft_model = _four_bit_lora_model(0.1)
+    fused = copy.deepcopy(peft_model)
+    fast_lora.install(fused, backward=True)
+    peft_model.train(), fused.train()
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_a, loss_a, grads_a = _loss_and_grads(peft_model, ids, seed=5)
+        logits_b, loss_b, grads_b = _loss_and_grads(fused, ids, seed=5)
+    torch.testing.assert_close(logits_b, logits_a, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-3, atol=0)
+    for name in grads_a:
+        assert grads_a[name].abs().sum() > 0, name
+        cos = torch.nn.functional.cosine_similarity(grads_b[name].flatten(), grads_a[name].flatten(), dim=0)
+        assert cos > 0.999, (name, float(cos))
