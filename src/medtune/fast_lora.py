@@ -28,16 +28,23 @@ def install(model: torch.nn.Module, backward: bool = False) -> int:
     """Give every LoRA linear layer of `model` the fused forward (with `backward`, also the fused
     backward of `LoraLinear`, where the base is a plain or bitsandbytes 4-bit linear); returns how
     many layers took it."""
-    import bitsandbytes as bnb
     from peft.tuners.lora import LoraLayer
 
     count = 0
     for module in model.modules():
         if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module) and _linear(module):
-            whole = backward and type(module.get_base_layer()) in (torch.nn.Linear, bnb.nn.Linear4bit)
+            whole = backward and _plain_or_4bit(module.get_base_layer())
             module.forward = types.MethodType(fused_forward_backward if whole else fused_forward, module)
             count += 1
     return count
+
+
+def _plain_or_4bit(base: torch.nn.Module) -> bool:
+    if type(base) is torch.nn.Linear:
+        return True
+    import bitsandbytes as bnb  # only here: importing it logs backend warnings on CPUs
+
+    return type(base) is bnb.nn.Linear4bit
 
 
 def _linear(layer: Any) -> bool:

@@ -262,8 +262,8 @@ def throughput(rec: Recipe, packing: bool, batch_tokens: int, device: str, card:
     same packing, a fused attention kernel (varlen, flash, flex) for a fused one, the same kernel
     family (FlexAttention 1.8x SDPA on packed batches), same
     quantization (8-bit, never measured, uses 4-bit; 4-bit vs bf16 1.1x), same gradient checkpointing
-    (1.2x) and the same share of layers recomputed, then the nearest tokens per micro batch (small micro batches leave the GPU idle: 2,103 vs
-    4,579 tok/s at 2.3k vs 6.8k tokens, same recipe).
+    (1.2x) and the same share of layers recomputed, then the nearest tokens per micro batch (small
+    micro batches leave the GPU idle: 2,103 vs 4,579 tok/s at 2.3k vs 6.8k tokens, same recipe).
     `exclude` drops the entry of that source (bench/plan_vs_measured.py estimates each run from the others).
     """
     pool = [a for a in THROUGHPUT if (a.card == "cpu-2core") == (device == "cpu") and a.source != exclude]
