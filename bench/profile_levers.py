@@ -9,6 +9,8 @@ batches of real-length rows (`--tokens` per micro batch) under variants switched
     fusedbw      medtune.fast_lora's forward and backward as one autograd node (`install(backward=True)`)
     *_dropout0   LoRA dropout modules replaced by identities
     *_nogc       gradient checkpointing off
+    *_compiled   each decoder layer under torch.compile (regional compilation; the first micro batch,
+                 untimed, compiles)
 
 all under bf16 autocast as the Trainer runs them, and profiles one micro batch of `peft` and of `fused`
 with torch.profiler: GPU busy time against wall time (a GPU
@@ -85,6 +87,16 @@ def set_dropout(model: torch.nn.Module, on: bool, saved: dict) -> None:
                     module[key] = torch.nn.Identity()
                 elif (name, key) in saved:
                     module[key] = saved[(name, key)]
+
+
+def set_compiled(model: torch.nn.Module, on: bool) -> None:
+    """Regional torch.compile: each decoder layer compiled (one graph shared by all layers, dynamic
+    token counts), the rest of the model eager; off drops the compiled call."""
+    for layer in model.get_base_model().model.layers:
+        if on:
+            layer.compile(dynamic=True)
+        else:
+            layer._compiled_call_impl = None
 
 
 def step(model: torch.nn.Module, batch: dict) -> float:
@@ -201,6 +213,7 @@ def main() -> None:
         set_fused(model, False)
         set_fused(model, variant.startswith("fused"), backward=variant.startswith("fusedbw"))
         set_dropout(model, "dropout0" not in variant, saved)
+        set_compiled(model, "compiled" in variant)
         if "nogc" in variant:
             model.activation_checkpointing_disable()
         else:

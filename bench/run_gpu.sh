@@ -68,6 +68,9 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
     profile_nogc)  # the profile alone, without recompute (the presets' path on an 80 GB+ card), + the no-recompute levers
       step 240 "$run" python3 bench/profile_levers.py --model-dir $M --ids $IDS --tokens 8192 --no-profile-gc \
         --variants fused_nogc,fusedbw_nogc,fused_nogc_dropout0,fusedbw_nogc_dropout0,peft_nogc --repeats 1 ;;
+    compile_nogc)  # bench/profile_levers.py: regional torch.compile against eager, no recompute
+      step 400 "$run" python3 bench/profile_levers.py --model-dir $M --ids $IDS --tokens 8192 --no-profile-gc \
+        --variants fused_nogc,fused_nogc_compiled,fusedbw_nogc_compiled --repeats 1 ;;
     bins_ddp1|bins_ddp2)  # scaling with token-budget micro batches: 16384-token bins x GA 2 per GPU
       n=${run#bins_ddp}
       step 400 "$run" torchrun --standalone --nproc-per-node "$n" bench/gpu_train.py --model-dir $M --ids $IDS \
