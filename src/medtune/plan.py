@@ -125,25 +125,27 @@ def fsdp_parts(s: Shape, counts: dict[str, int], weight_bytes: float, half: int,
     return {"weights": share + constants, "lora_and_optimizer": lora / shards, "gathered": 2 * layer + lm_head}
 
 
+def _run_gpus(cfg: MedtuneConfig) -> int:
+    """GPUs the run trains on, all nodes together (`num_gpus: auto` counts this machine's)."""
+    infra = cfg.infrastructure
+    return (infra.num_gpus if infra.num_gpus != "auto" else visible_gpu_count()) * infra.nodes
+
+
 def fsdp_shards(cfg: MedtuneConfig) -> int:
     """GPUs the base is sharded over: 1 unless infrastructure.distributed=fsdp."""
-    infra = cfg.infrastructure
-    if infra.distributed != "fsdp":
+    if cfg.infrastructure.distributed != "fsdp":
         return 1
-    per_node = infra.num_gpus if infra.num_gpus != "auto" else visible_gpu_count()
-    if per_node * infra.nodes < 2:
+    if (gpus := _run_gpus(cfg)) < 2:
         raise ConfigError("planning FSDP needs the GPU count: set infrastructure.num_gpus (per node) to the GPUs "
                           "the run will shard over")
-    return per_node * infra.nodes
+    return gpus
 
 
 def _ddp_world(cfg: MedtuneConfig, device: str) -> int:
     """Processes that share the micro batches (token bins only; the row plan counts steps per process)."""
     if device != "cuda" or not cfg.training.micro_batch_tokens:
         return 1
-    infra = cfg.infrastructure
-    per_node = infra.num_gpus if infra.num_gpus != "auto" else max(1, visible_gpu_count())
-    return per_node * infra.nodes
+    return max(cfg.infrastructure.nodes, _run_gpus(cfg))
 
 
 def pick_target(cfg: MedtuneConfig, gpu: str | None, total_params: int) -> tuple[str, Card | None, str]:
