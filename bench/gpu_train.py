@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from medtune.config_io import load_config
 from medtune.rundir import RunDir
-from medtune.train import build_trainer, resolve_recompute
+from medtune.train import build_trainer, resolve_recompute, use_compile
 
 MODEL_GFLOP_PER_TOKEN = 33.5
 PEAK_TFLOPS = 795.0
@@ -148,6 +148,12 @@ def main() -> None:
                     help="lora.recompute_every_n_layers: with checkpointing, recompute only every n-th layer")
     ap.add_argument("--fused-backward", action="store_true",
                     help="medtune.fast_lora.install(backward=True): each projection's LoRA forward and backward as one node")
+    ap.add_argument("--hf-loop", action="store_true",
+                    help="the Trainer's own loop settings medtune replaced: the NaN filter and the token count that read "
+                    "every micro batch's loss and length on the host")
+    ap.add_argument("--eager", action="store_true", help="training.torch_compile=false (the default `auto` compiles on a GPU)")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the first timed optimizer step through the Trainer (bench/trainer_profile.py)")
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=1)
@@ -180,6 +186,8 @@ def main() -> None:
                       f"training.micro_batch_size={a.micro_batch}", f"training.gradient_accumulation={a.grad_accum}"]
     if a.plain:
         overrides += ["training.liger_kernels=false", "training.fused_lora=false"]
+    if a.plain or a.eager:
+        overrides += ["training.torch_compile=false"]
     cfg = load_config(preset="llama3-8b-medical", overrides=overrides, env={})
     run = RunDir.for_run(work, "bench").create()
     cfg = resolve_recompute(cfg, a.model_dir)
@@ -191,6 +199,19 @@ def main() -> None:
         from medtune import fast_lora
 
         fast_lora.install(trainer.model, backward=True)
+    if a.hf_loop:
+        from transformers import Trainer
+
+        trainer.args.logging_nan_inf_filter = True
+        trainer._track_num_input_tokens = Trainer._track_num_input_tokens.__get__(trainer)
+    profiler = None
+    if a.profile:
+        from trainer_profile import TrainerProfile
+
+        # The last warm-up step, and ahead of the step timer: the profile is closed and summarised before
+        # the timed steps start.
+        profiler = TrainerProfile(trainer, max(0, a.warm - 1))
+        trainer.callback_handler.callbacks.insert(0, profiler)
     shapes = BatchShapes(trainer.data_collator)
     trainer.data_collator = shapes
     trainer.train()
@@ -209,11 +230,11 @@ def main() -> None:
         "gradient_checkpointing": cfg.lora.gradient_checkpointing,
         "recompute_every_n_layers": cfg.lora.recompute_every_n_layers, "lora_dropout": a.dropout,
         "liger": bool(trainer.args.use_liger_kernel), "attn": trainer.model.config._attn_implementation, "load_s": round(load_s, 1),
-        "timed_steps": a.steps, **timer.result,
+        "torch_compile": use_compile(cfg, "cuda"), "hf_loop": a.hf_loop, "timed_steps": a.steps, **timer.result,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "mfu_pct": round(100 * tps * MODEL_GFLOP_PER_TOKEN * 1e9 / (PEAK_TFLOPS * 1e12), 1),
         "losses": losses, "micro_batches": timed,
-        **merged,
+        **merged, **({"trainer_profile": profiler.result} if profiler else {}),
         "date": time.strftime("%Y-%m-%d"),
     }), flush=True)
 

@@ -73,7 +73,8 @@ class BinCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if features and BIN_ROWS in features[0]:
-            features = [self.rows[i] for b in features for i in b[BIN_ROWS]]
+            columns = self.rows[[i for b in features for i in b[BIN_ROWS]]]  # one Arrow read, not one per row
+            features = [dict(zip(columns, values)) for values in zip(*columns.values())]
         return self.packing_collator(features)
 
 
