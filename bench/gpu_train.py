@@ -29,7 +29,7 @@ from transformers import TrainerCallback
 
 from medtune.config_io import load_config
 from medtune.rundir import RunDir
-from medtune.train import build_trainer, resolve_recompute, use_compile
+from medtune.train import build_trainer, resolve_recompute
 
 MODEL_GFLOP_PER_TOKEN = 33.5
 PEAK_TFLOPS = 795.0
@@ -151,7 +151,6 @@ def main() -> None:
     ap.add_argument("--hf-loop", action="store_true",
                     help="the Trainer's own loop settings medtune replaced: the NaN filter and the token count that read "
                     "every micro batch's loss and length on the host")
-    ap.add_argument("--eager", action="store_true", help="training.torch_compile=false (the default `auto` compiles on a GPU)")
     ap.add_argument("--profile", action="store_true",
                     help="profile the first timed optimizer step through the Trainer (bench/trainer_profile.py)")
     ap.add_argument("--dropout", type=float, default=0.05)
@@ -186,8 +185,6 @@ def main() -> None:
                       f"training.micro_batch_size={a.micro_batch}", f"training.gradient_accumulation={a.grad_accum}"]
     if a.plain:
         overrides += ["training.liger_kernels=false", "training.fused_lora=false"]
-    if a.plain or a.eager:
-        overrides += ["training.torch_compile=false"]
     cfg = load_config(preset="llama3-8b-medical", overrides=overrides, env={})
     run = RunDir.for_run(work, "bench").create()
     cfg = resolve_recompute(cfg, a.model_dir)
@@ -230,7 +227,7 @@ def main() -> None:
         "gradient_checkpointing": cfg.lora.gradient_checkpointing,
         "recompute_every_n_layers": cfg.lora.recompute_every_n_layers, "lora_dropout": a.dropout,
         "liger": bool(trainer.args.use_liger_kernel), "attn": trainer.model.config._attn_implementation, "load_s": round(load_s, 1),
-        "torch_compile": use_compile(cfg, "cuda"), "hf_loop": a.hf_loop, "timed_steps": a.steps, **timer.result,
+        "hf_loop": a.hf_loop, "timed_steps": a.steps, **timer.result,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
         "mfu_pct": round(100 * tps * MODEL_GFLOP_PER_TOKEN * 1e9 / (PEAK_TFLOPS * 1e12), 1),
         "losses": losses, "micro_batches": timed,

@@ -79,9 +79,6 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "$run" ;;
     bins_nogc)  # QLoRA, 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an H100)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
-    bins_nogc_eager|bins_gc_eager)  # bins_nogc / bins_gc without torch.compile (training.torch_compile=false)
-      if [ $run = bins_nogc_eager ]; then f="--tokens 8192 --grad-accum 4 --no-gc"; else f="--tokens 16384 --grad-accum 2"; fi
-      step 300 "$run" $GT --quantization 4bit $f --steps 6 --warm 2 --eager --label "$run" ;;
     bins_nogc_hf)  # bins_nogc with the Trainer's own NaN filter and token count (host syncs every micro batch)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --hf-loop --label "$run" ;;
     bins_nogc_prof|bins_nogc_hf_prof)  # one optimizer step through the Trainer under torch.profiler (bench/trainer_profile.py)

@@ -240,14 +240,6 @@ class TrainingConfig(Section):
         "PEFT's own LoRA forward. The same numbers up to rounding: the update is rounded once instead of three "
         "times (tests/unit/test_fast_lora.py).",
     )
-    torch_compile: bool | Literal["auto"] = Field(
-        "auto",
-        description="Compile each decoder layer with torch.compile (one graph shared by all layers, any packed "
-        "length): fewer kernel launches, elementwise work fused. Compiled, each LoRA projection's forward and "
-        "backward run as one autograd node and Liger keeps only its fused linear + cross-entropy (inductor fuses "
-        "RMSNorm, SwiGLU and RoPE itself). The first micro batches pay the compilation. `auto`: on a CUDA GPU "
-        "without FSDP; off on CPUs.",
-    )
     attn_implementation: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
         "auto",
         description="Attention kernel. `auto`: on an Ampere or newer CUDA GPU with `lora.packing`, `varlen` "

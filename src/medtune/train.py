@@ -94,12 +94,8 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
     lora = LoraConfig(r=cfg.lora.lora_r, lora_alpha=cfg.lora.lora_alpha, lora_dropout=cfg.lora.lora_dropout,
                       target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
-    compiled = use_compile(cfg, device)
     if cfg.training.fused_lora:
-        log.info("finetune: fused LoRA %s on %d projections", "forward and backward" if compiled else "forward",
-                 fast_lora.install(model, backward=compiled))
-    if compiled:
-        log.info("finetune: torch.compile on %d decoder layers (the first micro batches compile)", compile_layers(model))
+        log.info("finetune: fused LoRA forward on %d projections", fast_lora.install(model))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("finetune: %s base on %s, quantization %s, LoRA r=%d alpha=%d: %.2fM trainable of %.0fM parameters",
              dtype, device, cfg.lora.quantization, cfg.lora.lora_r, cfg.lora.lora_alpha, trainable / 1e6, total / 1e6)
@@ -143,42 +139,16 @@ def training_args(cfg: MedtuneConfig, run: RunDir, device: str, has_eval: bool) 
         train_sampling_strategy="random" if bins else "group_by_length",
         length_column_name="length",
         disable_tqdm=True,
-        dataloader_num_workers=0,  # collation in worker processes measured no faster (call v, docs/benchmarks.md)
+        dataloader_num_workers=0,  # collation in worker processes: no gain measured (call w, docs/benchmarks.md)
         # The Trainer's NaN filter reads every micro batch's loss on the host (two syncs each); a
         # non-finite loss is StopOnDivergence's to catch, and the logged loss shows it as it is.
         logging_nan_inf_filter=False,
         use_liger_kernel=use_liger(cfg, device),
-        liger_kernel_config=liger_config(cfg, device) or None,
         # LoRA leaves every trainable parameter in the graph; skipping DDP's unused-parameter search
         # also keeps gradient checkpointing working under DDP.
         ddp_find_unused_parameters=False,
         **trainer_arguments(cfg),
     )
-
-
-def use_compile(cfg: MedtuneConfig, device: str) -> bool:
-    """`training.torch_compile`, `auto` decided: on for CUDA without FSDP (call x in docs/benchmarks.md)."""
-    setting = cfg.training.torch_compile
-    return setting if setting != "auto" else device == "cuda" and not uses_fsdp(cfg)
-
-
-def compile_layers(model: torch.nn.Module) -> int:
-    """Regional compilation: every decoder layer through torch.compile with symbolic token counts, so
-    the layers share one graph and a new packed length needs no new one; returns the layer count."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    for layer in layers:
-        layer.compile(dynamic=True)
-    return len(layers)
-
-
-def liger_config(cfg: MedtuneConfig, device: str) -> dict[str, bool]:
-    """Liger's kernels to apply: all, or with compiled layers only the fused linear + cross-entropy
-    (dynamo does not trace Liger's RMSNorm/SwiGLU/RoPE autograd Functions inside a layer)."""
-    if use_compile(cfg, device):
-        return {"rms_norm": False, "swiglu": False, "geglu": False, "rope": False, "fused_linear_cross_entropy": True}
-    return {}
 
 
 def use_liger(cfg: MedtuneConfig, device: str) -> bool:

@@ -19,7 +19,7 @@ from medtune.errors import ConfigError
 from medtune.oom import smaller_budget
 from medtune.rundir import RunDir
 from medtune.token_bins import BIN_ROWS, BinCollator, bins_dataset, pack
-from medtune.train import _with_length, training_args
+from medtune.train import _with_length, lean_trainer_class, training_args
 from tests_support import qa_examples
 
 MAX_LEN = 2048
@@ -194,3 +194,24 @@ def test_token_bins_train_the_same_loss_as_row_micro_batches(tiny_overrides):
         losses[name] = [h["loss"] for h in run.manifest()["training"]["history"] if "loss" in h]
     assert len(losses["bins"]) == len(losses["rows"]) == 3 and losses["bins"][0] != losses["bins"][2]  # it learns
     assert losses["bins"] == pytest.approx(losses["rows"], rel=1e-5)
+
+
+def test_packed_micro_batches_count_every_token_without_reading_the_gpu_and_padded_ones_skip_padding(
+        tmp_path, tiny_model_dir):
+    """medtune's Trainer counts a packed micro batch by its length (no host sync); transformers' count
+    compares with the pad id on the device and misses every end-of-turn token where pad = eos."""
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = tok.eos_token  # what build_trainer does for a tokenizer without a pad token
+    eos = tok.eos_token_id
+    cfg = load_config(preset="smollm2-135m-medical", overrides=["lora.packing=true"])
+    args = training_args(cfg, RunDir(tmp_path / "run"), "cpu", has_eval=False)
+    assert args.logging_nan_inf_filter is False  # no host read of every micro batch's loss either
+    trainer = lean_trainer_class()(model=torch.nn.Linear(1, 1), args=args, processing_class=tok)
+    packed = {"input_ids": torch.tensor([[5, 6, eos, 7, eos]]), "position_ids": torch.tensor([[0, 1, 2, 0, 1]])}
+    trainer._track_num_input_tokens(packed)
+    assert trainer.state.num_input_tokens_seen == 5
+    Trainer._track_num_input_tokens(trainer, packed)  # transformers' own count of the same batch
+    assert trainer.state.num_input_tokens_seen == 5 + 3
+    padded = {"input_ids": torch.tensor([[5, eos, eos]]), "attention_mask": torch.tensor([[1, 1, 0]])}
+    trainer._track_num_input_tokens(padded)
+    assert trainer.state.num_input_tokens_seen == 8 + 2
