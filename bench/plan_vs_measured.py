@@ -82,7 +82,7 @@ def replayed_batches(lengths: list[int], line: dict) -> list[MicroBatch] | None:
 
 
 def micro_batches(line: dict, lengths: list[int] | None) -> tuple[list[MicroBatch], str]:
-    if line.get("micro_batches"):  # empty where collation ran in dataloader workers (call w)
+    if "micro_batches" in line:
         layout = "packed" if line["packing"] else "padded"
         return [MicroBatch(tokens, rows, layout) for rows, tokens in line["micro_batches"]], "recorded"
     if "run" not in line:
@@ -130,11 +130,12 @@ def main() -> None:
     # a line with merge_s read its peak after bench_merge reset the counter: that peak is the merge's;
     # data-parallel lines count every rank's tokens and each rank draws its own share of the sampler;
     # `dequantized_base` and `torch_compile` lines measured levers that were not kept (docs/benchmarks.md,
-    # machines eight and ten); a `trainer_profile` line's steps ran under the profiler
+    # machines eight and ten); a `trainer_profile` line's steps ran under the profiler; an empty
+    # `micro_batches` was collated in dataloader workers (call w), so what its micro batches held is unknown
     lines = [(p, d) for p, d in lines
              if d.get("peak_mem_gib") and ("micro_batch" in d or d.get("mode") in ANCHORS) and "merge_s" not in d
              and d.get("world_size", 1) == 1 and not d.get("dequantized_base") and not d.get("torch_compile")
-             and "trainer_profile" not in d]
+             and "trainer_profile" not in d and d.get("micro_batches") != []]
     print("| run | recipe | largest timed micro batch, tokens | measured GiB | estimated GiB (peak at) | error "
           "| measured tok/s | estimated tok/s | error |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -7,7 +7,7 @@ generated from these models. Precedence when loading: schema defaults < preset <
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -203,7 +203,14 @@ class DatasetConfig(Section):
 class TrainingConfig(Section):
     num_epochs: float = Field(3.0, gt=0, description="Passes over the training data.")
     learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate of the LoRA parameters.")
-    micro_batch_size: int = Field(1, ge=1, description="Sequences per device per forward pass.")
+    micro_batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        1,
+        description="Sequences per device per forward pass. `auto`: the largest micro batch medtune's memory model "
+        "fits in 90% of the GPU's free memory, decided before loading: with `lora.packing` a token budget "
+        "(`micro_batch_tokens` = 4, 2 or 1 x `max_seq_length` without recompute, else up to 8 x with it), "
+        "without packing 16, 8, 4, 2 or 1 rows; the gradient accumulation stays as set; 1 row on CPUs and "
+        "under FSDP. The choice is logged and recorded in manifest.json.",
+    )
     gradient_accumulation: int = Field(16, ge=1, description="Micro batches accumulated per optimizer step.")
     micro_batch_tokens: int = Field(
         0, ge=0,

@@ -10,9 +10,9 @@ import difflib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, get_args, get_origin
+from typing import Annotated, Any, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, SecretStr, ValidationError
@@ -75,7 +75,8 @@ def validate(data: dict[str, Any]) -> MedtuneConfig:
     try:
         return MedtuneConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc.errors()[0])) from None
+        errors = exc.errors()
+        raise ConfigError(_explain(errors[0], errors[1:])) from None
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -116,9 +117,17 @@ def _read_token(token_file: str, env: Mapping[str, str]) -> str:
     return ""
 
 
-def _explain(err: Mapping[str, Any]) -> str:
-    loc = [str(p) for p in err["loc"]]
+UNION_BRANCH = re.compile(r"^(constrained-\w+|literal\[.*\]|bool|int|float|str)$")
+
+
+def _explain(err: Mapping[str, Any], others: Sequence[Mapping[str, Any]] = ()) -> str:
+    loc = [str(p) for p in err["loc"] if not UNION_BRANCH.match(str(p))]  # pydantic names a union's branches
     key = ".".join(loc)
+    if len(loc) < len(err["loc"]):  # a union, e.g. a number or `auto`: say what the other branches take
+        alternatives = [o.get("ctx", {}).get("expected") for o in others if o["type"] == "literal_error"
+                        and [str(p) for p in o["loc"] if not UNION_BRANCH.match(str(p))] == loc]
+        if alternatives:
+            err = {**err, "msg": f"{err['msg']}, or one of {', '.join(a for a in alternatives if a)}"}
     if err["type"] == "extra_forbidden":
         valid = _field_names(loc[:-1])
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
@@ -273,6 +282,8 @@ def _md_section(model: type[BaseModel], data: dict[str, Any], prefix: str, out: 
 
 
 def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Annotated:  # a constrained member of a union, e.g. `Annotated[int, Field(ge=1)]`
+        annotation = get_args(annotation)[0]
     origin = get_origin(annotation)
     if origin is not None and str(origin).endswith("Literal"):
         return " \\| ".join(f"`{a}`" for a in get_args(annotation))

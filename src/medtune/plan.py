@@ -314,7 +314,11 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
     shape, shape_source = model_shape(cfg)
     counts = parameter_counts(shape, cfg.lora.lora_r, cfg.lora.target_modules)
     device, card, why = pick_target(cfg, gpu, counts["total"])
-    recompute_why = "set in the config"
+    recompute_why, batch_why = "set in the config", "set in the config"
+    if cfg.training.micro_batch_size == "auto":
+        from medtune.batch_auto import resolve as resolve_batch  # builds on this module's memory estimate
+
+        cfg, batch_why = resolve_batch(cfg, shape, device, card.memory_gib if card else None)
     if cfg.lora.gradient_checkpointing == "auto":
         from medtune.recompute import resolve  # recompute.py builds on this module's memory estimate
 
@@ -345,7 +349,9 @@ def make_plan(cfg: MedtuneConfig, gpu: str | None = None, rows: int | None = Non
         "target": {"device": device, "card": card.name if card else "cpu", "card_memory_gib": card.memory_gib if card
                    else None, "why": why},
         "memory_gib": {k: round(v, 2) if isinstance(v, float) else v for k, v in memory.items()},
-        "micro_batch": {"tokens": batch.tokens, "rows": batch.rows, "layout": batch.layout}, "fsdp": fsdp,
+        "micro_batch": {"tokens": batch.tokens, "rows": batch.rows, "layout": batch.layout, "why": batch_why,
+                        "micro_batch_size": t.micro_batch_size, "micro_batch_tokens": t.micro_batch_tokens},
+        "fsdp": fsdp,
         "fits": fits, "data": data,
         "recompute": {"on": cfg.lora.gradient_checkpointing, "why": recompute_why},
         "throughput": {**speed, "tokens_per_second": round(speed["tokens_per_second"], 1)},
@@ -384,6 +390,9 @@ def render_plan(p: dict[str, Any]) -> str:
         f"(at the {mem['peak_moment']}) + runtime {mem['overhead']:.1f}{gathered}, at the epoch's largest micro "
         f"batch: {mb['rows']} rows, {mb['tokens']:,} tokens {mb['layout']} {verdict}",
         *_fsdp_lines(p["fsdp"]),
+        *([(f"micro batch {mb['micro_batch_tokens']:,}-token bins" if mb["micro_batch_tokens"] else
+            f"micro batch {mb['micro_batch_size']} rows") + f" (training.micro_batch_size {mb['why']})"]
+          if mb["why"].startswith("auto") else []),
         f"recompute   {'on' if p['recompute']['on'] else 'off'} ({p['recompute']['why']})",
         f"data        {d['rows']:,} training rows, {d['tokens']:,} tokens ({d['source']})",
         f"throughput  {p['throughput']['tokens_per_second']:,.0f} tok/s — {p['throughput']['note']}; anchor: "

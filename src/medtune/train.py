@@ -25,7 +25,7 @@ import torch
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
-from medtune import attention, base_eval_cache, fast_lora, recompute, token_bins
+from medtune import attention, base_eval_cache, batch_auto, fast_lora, recompute, token_bins
 from medtune.config import MedtuneConfig
 from medtune.divergence import StopOnDivergence, diverged_error
 from medtune.errors import EnvironmentProblem
@@ -225,14 +225,29 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
 
 
 def resolve_recompute(cfg: MedtuneConfig, model_path: str) -> MedtuneConfig:
-    """`cfg` with `lora.gradient_checkpointing: auto` decided for this machine's GPU (logged)."""
+    """`cfg` with `training.micro_batch_size: auto` and `lora.gradient_checkpointing: auto` decided for
+    this machine's GPU (logged)."""
     device = pick_device(cfg)
     config_json = Path(model_path) / "config.json"
     shape = shape_from_config(json.loads(config_json.read_text())) if config_json.is_file() else None
+    if cfg.training.micro_batch_size == "auto":
+        cfg, why = batch_auto.resolve(cfg, shape, device, batch_memory_gib() if device == "cuda" else None)
+        t = cfg.training
+        log.info("finetune: micro batch (training.micro_batch_size) %s: %s",
+                 f"{t.micro_batch_tokens} tokens" if t.micro_batch_tokens else f"{t.micro_batch_size} rows", why)
     resolved, why = recompute.resolve(cfg, shape, device, free_gpu_gib() if device == "cuda" else None)
     log.info("finetune: activation recompute (lora.gradient_checkpointing) %s: %s",
              "on" if resolved.lora.gradient_checkpointing else "off", why)
     return resolved
+
+
+def batch_memory_gib() -> float:
+    """What `micro_batch_size: auto` sizes against: this GPU's free memory; under torchrun the card's
+    total less 1 GiB (CUDA context, NCCL), the same figure on every rank of identical cards, so every
+    rank picks the same micro batch (free memory differs by a little from rank to rank)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory / 2**30 - 1
+    return free_gpu_gib()
 
 
 def free_gpu_gib() -> float:

@@ -195,6 +195,8 @@ CASES: dict[str, Bad] = {
         ("`training.max_seq_length` = 10", "greater than or equal to 32", "set training.max_seq_length")),
     "micro-batch-zero": Bad("config", sets("training.micro_batch_size=0"),
         ("`training.micro_batch_size` = 0", "set training.micro_batch_size")),
+    "micro-batch-word": Bad("config", sets("training.micro_batch_size=big"),
+        ("`training.micro_batch_size` = 'big'", "valid integer", "or one of 'auto'", "set training.micro_batch_size")),
     "micro-batch-tokens-without-packing": Bad("config", sets("training.micro_batch_tokens=4096"),
         ("training.micro_batch_tokens=4096", "needs lora.packing=true", "or training.micro_batch_tokens=0")),
     "micro-batch-tokens-below-max-seq-length": Bad("config", sets("lora.packing=true", "training.micro_batch_tokens=300",

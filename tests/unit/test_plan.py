@@ -100,7 +100,8 @@ def test_token_bins_plan_the_budget_as_the_micro_batch_and_steps_from_tokens():
                                                              "infrastructure.num_gpus=2"])
     plan = make_plan(two, gpu="H100", rows=10_000)
     mean = round(plan["data"]["tokens"] / plan["data"]["rows"])
-    assert plan["micro_batch"] == {"tokens": 16384, "rows": round(16384 / mean), "layout": "packed"}
+    assert plan["micro_batch"] == {"tokens": 16384, "rows": round(16384 / mean), "layout": "packed",
+                                   "why": "set in the config", "micro_batch_size": 16, "micro_batch_tokens": 16384}
     per_step = 16384 * MEASURED_FILL * 2 * 2
     assert plan["time"]["steps_per_epoch"] == math.ceil(math.ceil(plan["data"]["tokens"] / (16384 * MEASURED_FILL)) / 4)
     assert plan["time"]["steps_per_epoch"] == pytest.approx(plan["data"]["tokens"] / per_step, abs=1)
