@@ -153,6 +153,7 @@ def main() -> None:
                     "every micro batch's loss and length on the host")
     ap.add_argument("--profile", action="store_true",
                     help="profile the first timed optimizer step through the Trainer (bench/trainer_profile.py)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a further config override")
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=1)
@@ -185,7 +186,7 @@ def main() -> None:
                       f"training.micro_batch_size={a.micro_batch}", f"training.gradient_accumulation={a.grad_accum}"]
     if a.plain:
         overrides += ["training.liger_kernels=false", "training.fused_lora=false"]
-    cfg = load_config(preset="llama3-8b-medical", overrides=overrides, env={})
+    cfg = load_config(preset="llama3-8b-medical", overrides=overrides + a.set, env={})
     run = RunDir.for_run(work, "bench").create()
     cfg = resolve_recompute(cfg, a.model_dir)
     timer = StepTimer(a.warm)

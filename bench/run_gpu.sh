@@ -56,6 +56,8 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization none --packing --micro-batch 26 --grad-accum 4 --no-gc --label "$run" ;;
     medtune_preset)  # the llama3-8b-medical preset's own batch: 8,192-token bins, GA 1, recompute `auto`
       step 300 "$run" $GT --quantization 4bit --preset-batch --steps 12 --warm 2 --label "$run" ;;
+    preset_auto)  # the preset's batch with training.micro_batch_size: auto (sized to this card before loading)
+      step 300 "$run" $GT --quantization 4bit --preset-batch --steps 6 --warm 2 --set training.micro_batch_size=auto --label "$run" ;;
     medtune_seedbatch)  # the seed's batch without medtune's levers: 1 padded row x GA 16, fp16 -> bf16 only
       step 300 "$run" $GT --quantization 4bit --micro-batch 1 --grad-accum 16 --plain --label "$run" ;;
     ddp1|ddp2)  # data-parallel scaling: the same per-GPU work (52 packed rows x GA 2) on 1 and on 2 GPUs
