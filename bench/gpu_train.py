@@ -148,6 +148,8 @@ def main() -> None:
                     help="lora.recompute_every_n_layers: with checkpointing, recompute only every n-th layer")
     ap.add_argument("--fused-backward", action="store_true",
                     help="medtune.fast_lora.install(backward=True): each projection's LoRA forward and backward as one node")
+    ap.add_argument("--fp8-base", action="store_true",
+                    help="medtune.fast_lora.install(fp8_base=True): each nf4 projection's two GEMMs in float8 (Fp8Base)")
     ap.add_argument("--hf-loop", action="store_true",
                     help="the Trainer's own loop settings medtune replaced: the NaN filter and the token count that read "
                     "every micro batch's loss and length on the host")
@@ -193,10 +195,10 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer,))
     load_s = time.perf_counter() - t0
-    if a.fused_backward:
+    if a.fused_backward or a.fp8_base:
         from medtune import fast_lora
 
-        fast_lora.install(trainer.model, backward=True)
+        fast_lora.install(trainer.model, backward=a.fused_backward, fp8_base=a.fp8_base)
     if a.hf_loop:
         from transformers import Trainer
 
@@ -223,7 +225,7 @@ def main() -> None:
     print(json.dumps({
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
-        "fused_lora": cfg.training.fused_lora, "fused_backward": a.fused_backward, "grad_accum": cfg.training.gradient_accumulation,
+        "fused_lora": cfg.training.fused_lora, "fused_backward": a.fused_backward, "fp8_base": a.fp8_base, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,
         "gradient_checkpointing": cfg.lora.gradient_checkpointing,
         "recompute_every_n_layers": cfg.lora.recompute_every_n_layers, "lora_dropout": a.dropout,

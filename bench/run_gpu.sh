@@ -81,6 +81,9 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "$run" ;;
     bins_nogc)  # QLoRA, 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an H100)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
+    bins_nogc_fp8|bins_nogc_short)  # A/B of float8 base GEMMs (medtune.fast_lora.Fp8Base), 3 timed steps after 1
+      f=""; [ $run = bins_nogc_fp8 ] && f=--fp8-base
+      step 200 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 3 --warm 1 --no-gc $f --label "$run" ;;
     bins_nogc_hf)  # bins_nogc with the Trainer's own NaN filter and token count (host syncs every micro batch)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --hf-loop --label "$run" ;;
     bins_nogc_prof|bins_nogc_hf_prof)  # one optimizer step through the Trainer under torch.profiler (bench/trainer_profile.py)

@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 
-def install(model: torch.nn.Module, backward: bool = False) -> int:
+def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool = False) -> int:
     """Give every LoRA linear layer of `model` the fused forward (with `backward`, also the fused
-    backward of `LoraLinear`, where the base is a plain or bitsandbytes 4-bit linear); returns how
-    many layers took it."""
+    backward of `LoraLinear`, where the base is a plain or bitsandbytes 4-bit linear; with `fp8_base`,
+    a bitsandbytes 4-bit base's two GEMMs in float8, see `Fp8Base`); returns how many layers took it."""
     from peft.tuners.lora import LoraLayer
 
     count = 0
@@ -35,8 +35,15 @@ def install(model: torch.nn.Module, backward: bool = False) -> int:
         if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module) and _linear(module):
             whole = backward and _plain_or_4bit(module.get_base_layer())
             module.forward = types.MethodType(fused_forward_backward if whole else fused_forward, module)
+            module.fp8_base = fp8_base and _four_bit(module.get_base_layer())
             count += 1
     return count
+
+
+def _four_bit(base: torch.nn.Module) -> bool:
+    import bitsandbytes as bnb
+
+    return type(base) is bnb.nn.Linear4bit and base.bias is None
 
 
 def _plain_or_4bit(base: torch.nn.Module) -> bool:
@@ -66,7 +73,8 @@ def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     name = _plain(self, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
+    result = Fp8Base.apply(x, self.base_layer) if getattr(self, "fp8_base", False) and not (args or kwargs) \
+        else self.base_layer(x, *args, **kwargs)
     dtype = result.dtype
     h = F.linear(self.lora_dropout[name](x).to(dtype), self.lora_A[name].weight.to(dtype))
     flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]),
@@ -132,3 +140,38 @@ def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     if isinstance(base, bnb.nn.Linear4bit):  # before nn.Linear: Linear4bit subclasses it
         return bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
     return base.weight.to(dtype)
+
+
+FP8_MAX = 448.0  # the largest float8 e4m3 value
+
+
+def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` (rows x cols) as float8 e4m3 with one float32 scale per row: t ~= q * scale."""
+    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
+class Fp8Base(torch.autograd.Function):
+    """`x @ W.T` for a frozen bitsandbytes nf4 weight with both of its GEMMs in float8 (a lever under
+    measurement, bench/gpu_train.py --fp8-base; not a config option). The weight stays nf4 in memory: each
+    call dequantizes it as bitsandbytes does, then quantizes weight and activations to e4m3 with one scale
+    per row of each operand (per token, per output channel; in the backward per token of the gradient and
+    per input channel of the weight), and `torch._scaled_mm` multiplies them at float8 rate (Hopper and
+    newer) with a bf16 result. Nothing of the input is kept for the backward: the weight is frozen."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
+        w = _base_weight(base, torch.bfloat16)  # (out, in)
+        xq, xs = _rowwise_fp8(x.reshape(-1, x.shape[-1]))
+        wq, ws = _rowwise_fp8(w)
+        y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16)
+        ctx.base, ctx.shape, ctx.dtype = base, x.shape, x.dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        w = _base_weight(ctx.base, torch.bfloat16)
+        gq, gs = _rowwise_fp8(grad.reshape(-1, grad.shape[-1]))
+        wtq, wts = _rowwise_fp8(w.t().contiguous())  # (in, out): one scale per input channel
+        dx = torch._scaled_mm(gq, wtq.t(), scale_a=gs, scale_b=wts.t(), out_dtype=torch.bfloat16)
+        return dx.view(ctx.shape).to(ctx.dtype), None

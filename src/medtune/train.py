@@ -219,22 +219,30 @@ def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:
 
 
 def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
-    resolved = resolve_recompute(cfg, model_path)
+    resolved = resolve_recompute(cfg, model_path, pin=run.checkpoints / BATCH_PIN)
     return train_fitting_memory(resolved, run, lambda fitted: _train_once(fitted, run, model_path, data_path),
                                 recompute_auto=cfg.lora.gradient_checkpointing == "auto")
 
 
-def resolve_recompute(cfg: MedtuneConfig, model_path: str) -> MedtuneConfig:
+def resolve_recompute(cfg: MedtuneConfig, model_path: str, pin: Path | None = None) -> MedtuneConfig:
     """`cfg` with `training.micro_batch_size: auto` and `lora.gradient_checkpointing: auto` decided for
-    this machine's GPU (logged)."""
+    this machine's GPU (logged). A resumed run keeps the micro batch its checkpoints were trained with
+    (`pin`, written by each training attempt): another budget would make other bins, and the Trainer's
+    skip over the batches already trained would no longer line up with them."""
     device = pick_device(cfg)
     config_json = Path(model_path) / "config.json"
     shape = shape_from_config(json.loads(config_json.read_text())) if config_json.is_file() else None
     if cfg.training.micro_batch_size == "auto":
-        cfg, why = batch_auto.resolve(cfg, shape, device, batch_memory_gib() if device == "cuda" else None)
+        if pin is not None and pin.is_file():
+            kept = json.loads(pin.read_text())
+            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update=kept)})
+            why = "auto: as this run's checkpoints were trained (resumed)"
+        else:
+            cfg, why = batch_auto.resolve(cfg, shape, device, batch_memory_gib() if device == "cuda" else None)
         t = cfg.training
         log.info("finetune: micro batch (training.micro_batch_size) %s: %s",
-                 f"{t.micro_batch_tokens} tokens" if t.micro_batch_tokens else f"{t.micro_batch_size} rows", why)
+                 f"{t.micro_batch_tokens} tokens" if t.micro_batch_tokens else
+                 f"{t.micro_batch_size} row{'s' if t.micro_batch_size > 1 else ''}", why)
     resolved, why = recompute.resolve(cfg, shape, device, free_gpu_gib() if device == "cuda" else None)
     log.info("finetune: activation recompute (lora.gradient_checkpointing) %s: %s",
              "on" if resolved.lora.gradient_checkpointing else "off", why)
@@ -255,7 +263,21 @@ def free_gpu_gib() -> float:
     return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))[0] / 2**30
 
 
+BATCH_PIN = "micro_batch.json"  # in the checkpoints folder: the micro batch the checkpoints were trained with
+
+
+def pin_batch(cfg: MedtuneConfig, folder: Path) -> None:
+    """Record the micro batch this attempt trains with (after `auto` and any out-of-memory halving)."""
+    t = cfg.training
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{BATCH_PIN}.{os.environ.get('RANK', '0')}.{os.getpid()}"  # every rank writes the same, each its own temp
+    tmp.write_text(json.dumps({"micro_batch_size": t.micro_batch_size, "micro_batch_tokens": t.micro_batch_tokens,
+                               "gradient_accumulation": t.gradient_accumulation}))
+    os.replace(tmp, folder / BATCH_PIN)
+
+
 def _train_once(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
+    pin_batch(cfg, run.checkpoints)
     stopper = StopOnSignal().install()
     try:
         trainer = build_trainer(cfg, run, model_path, data_path, callbacks=(stopper, StopOnDivergence()))

@@ -102,4 +102,26 @@ def test_the_training_path_decides_it_before_loading_and_logs_it(tiny_model_dir,
     with caplog.at_level(logging.INFO, logger="medtune.train"):
         resolved = resolve_recompute(cfg, str(tiny_model_dir))
     assert resolved.training.micro_batch_size == 1
-    assert "micro batch (training.micro_batch_size) 1 rows: auto: 1 row" in caplog.text
+    assert "micro batch (training.micro_batch_size) 1 row: auto: 1 row" in caplog.text
+
+
+def test_a_resumed_run_keeps_the_micro_batch_its_checkpoints_were_trained_with(tiny_model_dir, tmp_path, caplog):
+    from medtune.train import BATCH_PIN, pin_batch, resolve_recompute
+
+    cfg = load_config(preset="smollm2-135m-medical", overrides=[
+        "training.micro_batch_size=auto", "training.device=cpu", "lora.packing=true"], env={})
+    first = resolve_recompute(cfg, str(tiny_model_dir), pin=tmp_path / BATCH_PIN)
+    assert not (tmp_path / BATCH_PIN).exists()  # the training attempt writes it, with what it trains with
+    trained = first.model_copy(update={"training": first.training.model_copy(
+        update={"micro_batch_size": 3, "micro_batch_tokens": 2048, "gradient_accumulation": 5})})  # e.g. auto_fit
+    pin_batch(trained, tmp_path)
+    with caplog.at_level(logging.INFO, logger="medtune.train"):
+        resumed = resolve_recompute(cfg, str(tiny_model_dir), pin=tmp_path / BATCH_PIN)
+    t = resumed.training
+    assert (t.micro_batch_size, t.micro_batch_tokens, t.gradient_accumulation) == (3, 2048, 5)
+    assert "2048 tokens: auto: as this run's checkpoints were trained (resumed)" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == [BATCH_PIN]  # no temp file left behind
+    # a number in the config is never overridden by the pin
+    fixed = load_config(preset="smollm2-135m-medical", overrides=["training.micro_batch_size=2", "training.device=cpu"],
+                        env={})
+    assert resolve_recompute(fixed, str(tiny_model_dir), pin=tmp_path / BATCH_PIN).training.micro_batch_size == 2
