@@ -96,24 +96,38 @@ class LoraLinear(torch.autograd.Function):
     """Base projection + LoRA update as one autograd node. The forward is `fused_forward`'s; the
     backward writes the input's gradient once: the base's `g @ W` (bitsandbytes' own dequantize for a
     4-bit base), then the LoRA branch added into it in place (`addmm_` without dropout, `addcmul_` with
-    the dropout mask), where autograd would materialise the branch's gradient, mask it and add it."""
+    the dropout mask), where autograd would materialise the branch's gradient, mask it and add it.
+
+    With dropout nothing per projection is kept of the input: PEFT keeps each projection's dropped copy
+    and its mask (q, k and v: three copies of one input), here the input itself is kept (one tensor,
+    shared by the projections that read it) with the random-number state the mask was drawn from, and
+    the backward draws the same mask again (as activation checkpointing replays dropout)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
                 scaling: float, p: float) -> torch.Tensor:
         result = base(x)
         dtype = result.dtype
-        dropped, mask = torch.ops.aten.native_dropout(x, p, True) if p > 0 else (x, None)
+        ctx.rng = _rng_state(x.device) if p > 0 else None
+        dropped = torch.ops.aten.native_dropout(x, p, True)[0] if p > 0 else x
         a16, b16 = a.to(dtype), b.to(dtype)
         h = F.linear(dropped.to(dtype), a16)
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b16.t(), alpha=scaling)
-        ctx.save_for_backward(dropped.to(dtype), mask, h, a16, b16)
+        ctx.save_for_backward(x, h, a16, b16)
         ctx.base, ctx.scaling, ctx.p, ctx.dtypes = base, scaling, p, (x.dtype, a.dtype, b.dtype)
         return flat.view(result.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        dropped, mask, h, a16, b16 = ctx.saved_tensors
+        x, h, a16, b16 = ctx.saved_tensors
+        if ctx.p > 0:
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [],
+                                       device_type=x.device.type):
+                _set_rng_state(x.device, ctx.rng)
+                dropped, mask = torch.ops.aten.native_dropout(x, ctx.p, True)
+            dropped = dropped.to(h.dtype)
+        else:
+            dropped, mask = x.to(h.dtype), None
         x_dtype, a_dtype, b_dtype = ctx.dtypes
         g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
         h2 = h.reshape(-1, h.shape[-1])
@@ -130,6 +144,17 @@ class LoraLinear(torch.autograd.Function):
                 grad_x.addcmul_(dh.mm(a16), mask.reshape(grad_x.shape), value=1.0 / (1.0 - ctx.p))
             grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(x_dtype)
         return grad_x, grad_a, grad_b, None, None, None
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:

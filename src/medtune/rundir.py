@@ -2,7 +2,8 @@
 
     <output_root>/medical-finetune-<RUN_ID>/
       adapters/  merged/  logs/finetune.log  training.env  manifest.json  summary.md
-      config.yaml (the resolved config, secrets removed)   data/  checkpoints/ (working state)
+      config.yaml (the resolved config, secrets removed)   data/  checkpoints/ (working state; micro_batch.json:
+      the micro batch they are trained with, which a resumed `micro_batch_size: auto` run keeps)
 
 Every stage writes through a temporary sibling and an atomic rename, so a killed stage leaves the
 previous complete state and a rerun of the same command picks up where it stopped. Stages hand off

@@ -186,7 +186,7 @@ def test_nan_weights_stop_training_and_keep_the_checkpoint_before(tiny_overrides
     assert "checkpoint-4, is kept" in message
     checkpoints = root / "checkpoints"
     assert last_complete_checkpoint(checkpoints).name == "checkpoint-4"
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["checkpoint-2", "checkpoint-4", "micro_batch.json"]
     state = json.loads((checkpoints / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     weights = load_file(checkpoints / "checkpoint-4" / "adapter_model.safetensors")

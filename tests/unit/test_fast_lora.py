@@ -165,3 +165,29 @@ def test_fp8_base_matches_a_float64_reference_within_float8_rounding():
     assert (y.double() - want_y).norm() / want_y.norm() < 0.05
     assert (x.grad.double() - want_dx.reshape(x.shape)).norm() / want_dx.norm() < 0.05
     assert y.dtype == x.grad.dtype == torch.bfloat16
+
+
+def _saved_bytes(model, ids) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of one forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return sum(storages.values())
+
+
+def test_the_fused_backward_keeps_no_dropped_copy_per_projection():
+    """With dropout PEFT keeps every projection's dropped copy of its input and the mask; the fused backward
+    keeps the shared input once and redraws the mask: what it keeps is what PEFT keeps without dropout."""
+    peft_drop, peft_plain = _lora_model(0.1), _lora_model(0.0)
+    fused = copy.deepcopy(peft_drop)
+    fast_lora.install(fused, backward=True)
+    ids = torch.randint(0, 97, (2, 24))
+    for m in (peft_drop, peft_plain, fused):
+        m.train()
+    dropped, plain, lean = _saved_bytes(peft_drop, ids), _saved_bytes(peft_plain, ids), _saved_bytes(fused, ids)
+    assert lean < plain < dropped, (lean, plain, dropped)
