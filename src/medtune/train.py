@@ -300,6 +300,7 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
     metrics: dict[str, Any] = dict(run.manifest().get("training", {}))
     for stale in ("micro_batch_tokens", "effective_batch_tokens"):  # from an earlier attempt with token bins
         metrics.pop(stale, None)
+    metrics["micro_batch_size"] = cfg.training.micro_batch_size  # as trained: `auto` resolved, after any halving
     metrics["gradient_checkpointing"] = cfg.lora.gradient_checkpointing
     metrics["recompute_every_n_layers"] = cfg.lora.recompute_every_n_layers
     metrics.update(_batch_metrics(cfg, world, trainer.train_dataset))

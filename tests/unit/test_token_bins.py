@@ -154,6 +154,7 @@ def test_a_tiny_cpu_run_trains_one_optimizer_step_per_accumulated_bins(tiny_over
     training = manifest["training"]
     assert manifest["status"] == "succeeded" and training["steps"] == math.ceil(len(bins) / 2)
     assert training["micro_batch_tokens"] == 256 and training["effective_batch_tokens"] == 512
+    assert training["micro_batch_size"] == 2  # the configured evaluation batch (tiny_overrides)
     assert training["effective_batch_size"] == round(len(lengths) / len(bins) * 2)
     assert training["tokens"] == sum(lengths)  # every row once in the epoch
     lora_b = [t for k, t in load_file(run.adapters / "adapter_model.safetensors").items() if "lora_B" in k]
