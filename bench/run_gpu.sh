@@ -81,9 +81,10 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "$run" ;;
     bins_nogc)  # QLoRA, 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an H100)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
-    bins_nogc_fp8|bins_nogc_fbw_short|bins_nogc_short)  # A/B, 3 timed steps after 1: float8 base GEMMs
-      # (medtune.fast_lora.Fp8Base), the fused LoRA backward (LoraLinear), the default path
-      f=""; [ $run = bins_nogc_fp8 ] && f=--fp8-base; [ $run = bins_nogc_fbw_short ] && f=--fused-backward
+    bins_nogc_fp8|bins_nogc_fbw_short|bins_nogc_fbw_fp8|bins_nogc_short)  # A/B, 3 timed steps after 1: float8
+      # base GEMMs (medtune.fast_lora.Fp8Base), the fused LoRA backward (LoraLinear), both, the default path
+      case $run in bins_nogc_fp8) f=--fp8-base ;; bins_nogc_fbw_short) f=--fused-backward ;;
+        bins_nogc_fbw_fp8) f="--fused-backward --fp8-base" ;; *) f="" ;; esac
       step 200 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 3 --warm 1 --no-gc $f --label "$run" ;;
     bins_nogc_hf)  # bins_nogc with the Trainer's own NaN filter and token count (host syncs every micro batch)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --hf-loop --label "$run" ;;

@@ -89,7 +89,7 @@ def fused_forward_backward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
     return LoraLinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                            self.scaling[name], p)
+                            self.scaling[name], p, getattr(self, "fp8_base", False))
 
 
 class LoraLinear(torch.autograd.Function):
@@ -105,8 +105,8 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
-                scaling: float, p: float) -> torch.Tensor:
-        result = base(x)
+                scaling: float, p: float, fp8: bool = False) -> torch.Tensor:
+        result = fp8_linear(x, base) if fp8 else base(x)
         dtype = result.dtype
         ctx.rng = _rng_state(x.device) if p > 0 else None
         dropped = torch.ops.aten.native_dropout(x, p, True)[0] if p > 0 else x
@@ -114,7 +114,7 @@ class LoraLinear(torch.autograd.Function):
         h = F.linear(dropped.to(dtype), a16)
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b16.t(), alpha=scaling)
         ctx.save_for_backward(x, h, a16, b16)
-        ctx.base, ctx.scaling, ctx.p, ctx.dtypes = base, scaling, p, (x.dtype, a.dtype, b.dtype)
+        ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.dtypes = base, scaling, p, fp8, (x.dtype, a.dtype, b.dtype)
         return flat.view(result.shape)
 
     @staticmethod
@@ -137,13 +137,13 @@ class LoraLinear(torch.autograd.Function):
         grad_a = dh.t().mm(dropped.reshape(-1, dropped.shape[-1])).to(a_dtype)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = g.mm(_base_weight(ctx.base, g.dtype))
+            grad_x = fp8_input_grad(g, ctx.base) if ctx.fp8 else g.mm(_base_weight(ctx.base, g.dtype))
             if mask is None:
                 grad_x.addmm_(dh, a16)
             else:
                 grad_x.addcmul_(dh.mm(a16), mask.reshape(grad_x.shape), value=1.0 / (1.0 - ctx.p))
             grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:
@@ -186,17 +186,27 @@ class Fp8Base(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
-        w = _base_weight(base, torch.bfloat16)  # (out, in)
-        xq, xs = _rowwise_fp8(x.reshape(-1, x.shape[-1]))
-        wq, ws = _rowwise_fp8(w)
-        y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16)
         ctx.base, ctx.shape, ctx.dtype = base, x.shape, x.dtype
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return fp8_linear(x, base)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        w = _base_weight(ctx.base, torch.bfloat16)
-        gq, gs = _rowwise_fp8(grad.reshape(-1, grad.shape[-1]))
-        wtq, wts = _rowwise_fp8(w.t().contiguous())  # (in, out): one scale per input channel
-        dx = torch._scaled_mm(gq, wtq.t(), scale_a=gs, scale_b=wts.t(), out_dtype=torch.bfloat16)
+        dx = fp8_input_grad(grad.reshape(-1, grad.shape[-1]), ctx.base)
         return dx.view(ctx.shape).to(ctx.dtype), None
+
+
+def fp8_linear(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
+    """`x @ W.T` in float8, one scale per token and per output channel; bf16 out."""
+    w = _base_weight(base, torch.bfloat16)  # (out, in)
+    xq, xs = _rowwise_fp8(x.reshape(-1, x.shape[-1]))
+    wq, ws = _rowwise_fp8(w)
+    y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def fp8_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
+    """`grad @ W` (tokens x out times out x in) in float8, one scale per token and per input channel."""
+    w = _base_weight(base, torch.bfloat16)
+    gq, gs = _rowwise_fp8(grad)
+    wtq, wts = _rowwise_fp8(w.t().contiguous())  # (in, out): one scale per input channel
+    return torch._scaled_mm(gq, wtq.t(), scale_a=gs, scale_b=wts.t(), out_dtype=torch.bfloat16)

@@ -127,13 +127,15 @@ def test_fused_backward_on_a_4bit_base_matches_peft():
         assert cos > 0.999, (name, float(cos))
 
 
-def test_fp8_base_gemms_stay_close_to_the_bf16_path_on_an_nf4_base():
-    """The float8 lever (`install(fp8_base=True)`): both GEMMs of each nf4 projection in e4m3 with row-wise
-    scales. Not bit-equal, but the loss within 1 % and every adapter gradient pointing the same way."""
+@pytest.mark.parametrize("backward", [False, True])
+def test_fp8_base_gemms_stay_close_to_the_bf16_path_on_an_nf4_base(backward):
+    """The float8 lever (`install(fp8_base=True)`, in the fused forward and in the fused backward): both
+    GEMMs of each nf4 projection in e4m3 with row-wise scales. Not bit-equal, but the loss within 1 % and
+    every adapter gradient pointing the same way."""
     bf16 = _four_bit_lora_model(0.0)
     fp8 = copy.deepcopy(bf16)
-    fast_lora.install(bf16)
-    fast_lora.install(fp8, fp8_base=True)
+    fast_lora.install(bf16, backward=backward)
+    fast_lora.install(fp8, backward=backward, fp8_base=True)
     q_proj = fp8.get_base_model().model.layers[0].self_attn.q_proj
     assert q_proj.fp8_base and not bf16.get_base_model().model.layers[0].self_attn.q_proj.fp8_base
     bf16.train(), fp8.train()
