@@ -35,23 +35,20 @@ def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool = Fal
         if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module) and _linear(module):
             whole = backward and _plain_or_4bit(module.get_base_layer())
             module.forward = types.MethodType(fused_forward_backward if whole else fused_forward, module)
-            module.fp8_base = fp8_base and _four_bit(module.get_base_layer())
+            module.fp8_base = fp8_base and _four_bit(module.get_base_layer(), bias=False)
             count += 1
     return count
 
 
-def _four_bit(base: torch.nn.Module) -> bool:
-    import bitsandbytes as bnb
+def _four_bit(base: torch.nn.Module, bias: bool = True) -> bool:
+    """A bitsandbytes 4-bit linear layer (`bias=False`: one without a bias)."""
+    import bitsandbytes as bnb  # only here: importing it logs backend warnings on CPUs
 
-    return type(base) is bnb.nn.Linear4bit and base.bias is None
+    return type(base) is bnb.nn.Linear4bit and (bias or base.bias is None)
 
 
 def _plain_or_4bit(base: torch.nn.Module) -> bool:
-    if type(base) is torch.nn.Linear:
-        return True
-    import bitsandbytes as bnb  # only here: importing it logs backend warnings on CPUs
-
-    return type(base) is bnb.nn.Linear4bit
+    return type(base) is torch.nn.Linear or _four_bit(base)
 
 
 def _linear(layer: Any) -> bool:
@@ -173,7 +170,7 @@ FP8_MAX = 448.0  # the largest float8 e4m3 value
 def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`t` (rows x cols) as float8 e4m3 with one float32 scale per row: t ~= q * scale."""
     scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+    return t.float().div_(scale).to(torch.float8_e4m3fn), scale  # one float32 temporary, divided in place
 
 
 class Fp8Base(torch.autograd.Function):

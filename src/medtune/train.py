@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
@@ -177,14 +178,13 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
     if cfg.training.micro_batch_tokens:
         rows, train_ds = train_ds, token_bins.bins_dataset(train_ds, cfg.training.micro_batch_tokens)
         collator = token_bins.BinCollator(rows, collator)
-    trainer = lean_trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                                   data_collator=collator,
-                                   callbacks=[ProgressLog(run.logs, device), _tensorboard(run), *callbacks])
+    trainer = LeanTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+                          callbacks=[ProgressLog(run.logs, device), _tensorboard(run), *callbacks])
     trainer.remove_callback(PrinterCallback)  # ProgressLog writes the log lines
     return trainer
 
 
-def lean_trainer_class() -> type:
+class LeanTrainer(Trainer):
     """transformers' Trainer, counting the tokens of a padding-free micro batch from its shape.
 
     The Trainer counts "non-padding" tokens with a comparison on the GPU and `.item()`: one host sync
@@ -192,16 +192,12 @@ def lean_trainer_class() -> type:
     micro batch (no attention mask) has no padding, so its token count is its length, known on the
     host; padded batches and multi-process runs (whose count is gathered over ranks) keep the
     Trainer's own count."""
-    from transformers import Trainer
 
-    class LeanTrainer(Trainer):
-        def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
-            if self.args.world_size == 1 and "attention_mask" not in inputs and "position_ids" in inputs:
-                self.state.num_input_tokens_seen += int(inputs["input_ids"].numel())
-                return
-            super()._track_num_input_tokens(inputs)
-
-    return LeanTrainer
+    def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        if self.args.world_size == 1 and "attention_mask" not in inputs and "position_ids" in inputs:
+            self.state.num_input_tokens_seen += int(inputs["input_ids"].numel())
+            return
+        super()._track_num_input_tokens(inputs)
 
 
 def make_collator(cfg: MedtuneConfig, tokenizer: Any, device: str) -> Any:

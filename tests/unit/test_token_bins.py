@@ -19,7 +19,7 @@ from medtune.errors import ConfigError
 from medtune.oom import smaller_budget
 from medtune.rundir import RunDir
 from medtune.token_bins import BIN_ROWS, BinCollator, bins_dataset, pack
-from medtune.train import _with_length, lean_trainer_class, training_args
+from medtune.train import LeanTrainer, _with_length, training_args
 from tests_support import qa_examples
 
 MAX_LEN = 2048
@@ -207,7 +207,7 @@ def test_packed_micro_batches_count_every_token_without_reading_the_gpu_and_padd
     cfg = load_config(preset="smollm2-135m-medical", overrides=["lora.packing=true"])
     args = training_args(cfg, RunDir(tmp_path / "run"), "cpu", has_eval=False)
     assert args.logging_nan_inf_filter is False  # no host read of every micro batch's loss either
-    trainer = lean_trainer_class()(model=torch.nn.Linear(1, 1), args=args, processing_class=tok)
+    trainer = LeanTrainer(model=torch.nn.Linear(1, 1), args=args, processing_class=tok)
     packed = {"input_ids": torch.tensor([[5, 6, eos, 7, eos]]), "position_ids": torch.tensor([[0, 1, 2, 0, 1]])}
     trainer._track_num_input_tokens(packed)
     assert trainer.state.num_input_tokens_seen == 5
