@@ -198,7 +198,9 @@ def main() -> None:
     if a.fused_backward or a.fp8_base:
         from medtune import fast_lora
 
-        fast_lora.install(trainer.model, backward=a.fused_backward, fp8_base=a.fp8_base)
+        # under CUDA graphs the fused backward keeps its dropout masks (a graph cannot replay the generator state)
+        fast_lora.install(trainer.model, backward=a.fused_backward, fp8_base=a.fp8_base,
+                          keep_mask=bool(cfg.training.cuda_graphs))
     if a.hf_loop:
         from transformers import Trainer
 
@@ -225,13 +227,15 @@ def main() -> None:
     print(json.dumps({
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
-        "fused_lora": cfg.training.fused_lora, "fused_backward": a.fused_backward, "fp8_base": a.fp8_base, "grad_accum": cfg.training.gradient_accumulation,
+        "fused_lora": cfg.training.fused_lora, "fused_backward": a.fused_backward, "fp8_base": a.fp8_base,
+        "cuda_graphs": cfg.training.cuda_graphs, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,
         "gradient_checkpointing": cfg.lora.gradient_checkpointing,
         "recompute_every_n_layers": cfg.lora.recompute_every_n_layers, "lora_dropout": a.dropout,
         "liger": bool(trainer.args.use_liger_kernel), "attn": trainer.model.config._attn_implementation, "load_s": round(load_s, 1),
         "hf_loop": a.hf_loop, "timed_steps": a.steps, **timer.result,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
         "mfu_pct": round(100 * tps * MODEL_GFLOP_PER_TOKEN * 1e9 / (PEAK_TFLOPS * 1e12), 1),
         "losses": losses, "micro_batches": timed,
         **merged, **({"trainer_profile": profiler.result} if profiler else {}),

@@ -129,12 +129,13 @@ def main() -> None:
              if x.strip()]
     # a line with merge_s read its peak after bench_merge reset the counter: that peak is the merge's;
     # data-parallel lines count every rank's tokens and each rank draws its own share of the sampler;
-    # `dequantized_base` and `torch_compile` lines measured levers that were not kept (docs/benchmarks.md,
-    # machines eight and ten); a `trainer_profile` line's steps ran under the profiler; an empty
+    # `dequantized_base`, `torch_compile`, `fp8_base`, `cuda_graphs` and `fused_backward` lines measured levers
+    # that are not the default (docs/benchmarks.md, machines eight, ten and fourteen to sixteen); a `trainer_profile` line's steps ran under the profiler; an empty
     # `micro_batches` was collated in dataloader workers (call w), so what its micro batches held is unknown
     lines = [(p, d) for p, d in lines
              if d.get("peak_mem_gib") and ("micro_batch" in d or d.get("mode") in ANCHORS) and "merge_s" not in d
              and d.get("world_size", 1) == 1 and not d.get("dequantized_base") and not d.get("torch_compile")
+             and not d.get("fp8_base") and not d.get("cuda_graphs") and not d.get("fused_backward")
              and "trainer_profile" not in d and d.get("micro_batches") != []]
     print("| run | recipe | largest timed micro batch, tokens | measured GiB | estimated GiB (peak at) | error "
           "| measured tok/s | estimated tok/s | error |")

@@ -11,6 +11,10 @@ batches of real-length rows (`--tokens` per micro batch) under variants switched
     *_nogc       gradient checkpointing off
     *_compiled   each decoder layer under torch.compile (regional compilation; the first micro batch,
                  untimed, compiles)
+    *_graphed    each decoder layer replayed as CUDA graphs (medtune.layer_graphs: captured once for
+                 `--tokens`-token micro batches; with `--pad`, which graphed variants imply, every
+                 micro batch is padded to exactly `--tokens` for every variant; tokens/s counts real
+                 tokens); the fused backward keeps its dropout masks there (`keep_mask`)
 
 all under bf16 autocast as the Trainer runs them, and profiles one micro batch of `peft` and of `fused`
 with torch.profiler: GPU busy time against wall time (a GPU
@@ -31,7 +35,7 @@ from pathlib import Path
 import torch
 
 from gpu_train import ensure_tokenizer, load_ids, write_data
-from medtune import fast_lora
+from medtune import fast_lora, layer_graphs
 from medtune.config_io import load_config
 from medtune.rundir import RunDir
 from medtune.train import build_trainer
@@ -124,32 +128,53 @@ def step(model: torch.nn.Module, batch: dict) -> float:
     return loss
 
 
-def time_variant(model, batches, label: str, repeats: int) -> dict:
+def time_variant(model, batches, label: str, repeats: int, real: list[int]) -> dict:
     # warm-up: kernels tuned for this variant; compiled layers see every micro batch once, so the
     # timed passes find their graphs compiled (one per new token count until dynamo generalises it)
     for b in batches if "compiled" in label else batches[:1]:
         step(model, b)
     sync()
     if DEVICE == "cuda":
+        torch.cuda.empty_cache()  # the reserved peak then starts from what this variant holds
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     tokens = 0
     for _ in range(repeats):
-        for b in batches:
+        for b, n in zip(batches, real):
             loss = step(model, b)
-            tokens += b["input_ids"].numel()
+            tokens += n
     cpu_s = time.perf_counter() - t0  # Python has launched everything; the GPU may still be behind
     sync()
     wall = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     return {"variant": label, "tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall),
             "launch_s": round(cpu_s, 3), "peak_mem_gib": peak_gib(),
+            # CUDA graphs keep their memory in a private pool, which the allocated figure may not show
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if DEVICE == "cuda" else 0.0,
             "loss": round(float(loss.detach()), 4)}
 
 
-def set_fused(model: torch.nn.Module, on: bool, backward: bool = False) -> None:
+def accumulate(model: torch.nn.Module, batches: list[dict]) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Losses and the adapter gradients accumulated over `batches` (what one optimizer step sees)."""
+    model.zero_grad(set_to_none=True)
+    losses = [float(step(model, b).detach()) for b in batches]
+    # named as in the eager model: a GraphedLayer holds its layer as `.layer`
+    grads = {n.replace(".layer.", "."): p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return losses, grads
+
+
+def agreement(eager: tuple, graphed: tuple) -> dict:
+    """How far the graphed replay's losses and accumulated gradients are from the eager run's."""
+    (la, ga), (lb, gb) = eager, graphed
+    rel = [float((gb[n] - ga[n]).norm() / ga[n].norm().clamp(min=1e-30)) for n in ga if n in gb]
+    return {"check_losses_eager": [round(x, 5) for x in la], "check_losses_graphed": [round(x, 5) for x in lb],
+            "check_grads": f"{len(rel)} of {len(ga)}", "check_grad_rel_max": max(rel) if rel else None}
+
+
+def set_fused(model: torch.nn.Module, on: bool, backward: bool = False, keep_mask: bool = False) -> None:
     if on:
-        fast_lora.install(model, backward=backward)
+        fast_lora.install(model, backward=backward, keep_mask=keep_mask)
         return
     # Only fast_lora's own swaps: Liger binds RMSNorm, SwiGLU and the fused-loss forward on instances too
     # (deleting every instance forward, as this script did before 2026-11-28 15:40, removed those as well).
@@ -197,6 +222,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--variants", default="peft,fused,fused_dropout0,peft_nogc,fused_nogc,fused_nogc_dropout0")
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the two profiles")
+    ap.add_argument("--pad", action="store_true", help="pad every micro batch to exactly --tokens")
     ap.add_argument("--no-profile-gc", dest="profile_gc", action="store_false",
                     help="profile without recompute (the GPU presets' path on an 80 GB+ card)")
     a = ap.parse_args()
@@ -223,18 +250,23 @@ def main() -> None:
         apply_liger_kernel(model, trainer.args.liger_kernel_config)
     model.train()
     batches = packed_batches(ids, a.tokens, a.batches, 2048)
+    real = [b["input_ids"].numel() for b in batches]
+    if a.pad or "graphed" in a.variants:
+        batches = [layer_graphs.pad_packed(b, a.tokens, 2048, pad_id=0) for b in batches]
+    slots = 64 * -(-max(b["cu_seq_lens_q"].numel() for b in batches) // 64)
     saved: dict = {}
     common = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "quantization": a.quantization, "micro_batch_tokens": a.tokens,
               "date": time.strftime("%Y-%m-%d")}
     if not a.profile_gc:
         model.activation_checkpointing_disable()
-    for fused in (False, True):
+    for fused in (False, True) if a.profile else ():
         set_fused(model, fused)
         label = ("fused" if fused else "peft") + ("" if a.profile_gc else "_nogc")
         print(json.dumps({**profile(model, batches[0], label), **common}), flush=True)
     for variant in a.variants.split(","):
         set_fused(model, False)
-        set_fused(model, variant.startswith("fused"), backward=variant.startswith("fusedbw"))
+        graphed = "graphed" in variant
+        set_fused(model, variant.startswith("fused"), backward=variant.startswith("fusedbw"), keep_mask=graphed)
         set_dropout(model, "dropout0" not in variant, saved)
         set_compiled(model, "compiled" in variant)
         torch._dynamo.config.recompile_limit = 64
@@ -242,12 +274,38 @@ def main() -> None:
             model.activation_checkpointing_disable()
         else:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        extra = {}
         try:
-            result = time_variant(model, batches, variant, a.repeats)
+            if graphed:
+                # without dropout both runs compute the same thing: gradients over 2 accumulated micro batches
+                eager = accumulate(model, batches[:2]) if "dropout0" in variant else None
+                t0 = time.perf_counter()
+                layer_graphs.capture(model, a.tokens, 2048, slots)
+                extra = {"capture_s": round(time.perf_counter() - t0, 1), "slots": slots}
+                if eager is not None:
+                    extra.update(agreement(eager, accumulate(model, batches[:2])))
+            result = time_variant(model, batches, variant, a.repeats, real)
+            if graphed:
+                print(json.dumps({**profile(model, batches[0], variant), **common}), flush=True)
         except torch.cuda.OutOfMemoryError:
             result = {"variant": variant, "oom": True}
             model.zero_grad(set_to_none=True)
-        print(json.dumps({"run": "levers", **result, **common}), flush=True)
+        except Exception as e:  # a capture that fails must not cost the variants after it
+            if not graphed:
+                raise
+            import traceback
+            traceback.print_exc()
+            result = {"variant": variant, "failed": f"{type(e).__name__}: {str(e)[:300]}"}
+            model.zero_grad(set_to_none=True)
+        finally:
+            if graphed:
+                import gc
+
+                layer_graphs.release(model)
+                gc.collect()  # the graphs' memory pool goes only with the last reference to them
+                torch.cuda.empty_cache()
+        print(json.dumps({"run": "levers", **result, **extra, "padded": a.pad or "graphed" in a.variants,
+                          **common}), flush=True)
 
 
 if __name__ == "__main__":

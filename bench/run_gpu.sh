@@ -70,6 +70,10 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
     profile_nogc)  # the profile alone, without recompute (the presets' path on an 80 GB+ card), + the no-recompute levers
       step 240 "$run" python3 bench/profile_levers.py --model-dir $M --ids $IDS --tokens 8192 --no-profile-gc \
         --variants fused_nogc,fusedbw_nogc,fused_nogc_dropout0,fusedbw_nogc_dropout0,peft_nogc --repeats 1 ;;
+    graphs_nogc)  # bench/profile_levers.py: decoder layers replayed as CUDA graphs (medtune.layer_graphs) against
+      # eager, no recompute, every micro batch padded to 8,192 tokens; the dropout-0 pair also checks agreement
+      step 500 "$run" python3 bench/profile_levers.py --model-dir $M --ids $IDS --tokens 8192 --no-profile-gc --no-profile \
+        --variants fused_nogc,fused_nogc_graphed,fusedbw_nogc,fusedbw_nogc_graphed,fusedbw_nogc_dropout0,fusedbw_nogc_dropout0_graphed --repeats 2 ;;
     compile_nogc)  # bench/profile_levers.py: regional torch.compile against eager, no recompute
       step 400 "$run" python3 bench/profile_levers.py --model-dir $M --ids $IDS --tokens 8192 --no-profile-gc \
         --variants fused_nogc,fused_nogc_compiled,fusedbw_nogc_compiled --repeats 1 ;;
@@ -81,10 +85,13 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "$run" ;;
     bins_nogc)  # QLoRA, 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an H100)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
-    bins_nogc_fp8|bins_nogc_fbw_short|bins_nogc_fbw_fp8|bins_nogc_short)  # A/B, 3 timed steps after 1: float8
-      # base GEMMs (medtune.fast_lora.Fp8Base), the fused LoRA backward (LoraLinear), both, the default path
+    bins_nogc_fp8|bins_nogc_fbw_short|bins_nogc_fbw_fp8|bins_nogc_short|bins_nogc_graphs|bins_nogc_fbw_graphs)
+      # A/B, 3 timed steps after 1: float8 base GEMMs (medtune.fast_lora.Fp8Base), the fused LoRA backward
+      # (LoraLinear), both, the default path; decoder layers as CUDA graphs (training.cuda_graphs), alone and
+      # with the fused backward
       case $run in bins_nogc_fp8) f=--fp8-base ;; bins_nogc_fbw_short) f=--fused-backward ;;
-        bins_nogc_fbw_fp8) f="--fused-backward --fp8-base" ;; *) f="" ;; esac
+        bins_nogc_fbw_fp8) f="--fused-backward --fp8-base" ;; bins_nogc_graphs) f="--set training.cuda_graphs=true" ;;
+        bins_nogc_fbw_graphs) f="--fused-backward --set training.cuda_graphs=true" ;; *) f="" ;; esac
       step 200 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 3 --warm 1 --no-gc $f --label "$run" ;;
     bins_nogc_hf)  # bins_nogc with the Trainer's own NaN filter and token count (host syncs every micro batch)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --hf-loop --label "$run" ;;

@@ -247,6 +247,14 @@ class TrainingConfig(Section):
         "PEFT's own LoRA forward. The same numbers up to rounding: the update is rounded once instead of three "
         "times (tests/unit/test_fast_lora.py).",
     )
+    cuda_graphs: bool | Literal["auto"] = Field(
+        False,
+        description="Replay each decoder layer's forward and backward as CUDA graphs (one launch each, where "
+        "eager PyTorch launches ~240 kernels per layer), captured once when training starts for the token-bin "
+        "micro batch; every bin is padded to exactly `micro_batch_tokens` tokens (label-free padding: no loss, "
+        "not counted as tokens seen). Needs a CUDA GPU, one process, `micro_batch_tokens` and no recompute. "
+        "`auto`: on exactly there. Evaluation runs eagerly.",
+    )
     attn_implementation: Literal["auto", "varlen", "sdpa", "flex_attention", "eager"] = Field(
         "auto",
         description="Attention kernel. `auto`: on an Ampere or newer CUDA GPU with `lora.packing`, `varlen` "
@@ -381,6 +389,11 @@ class MedtuneConfig(Section):
             raise ValueError(f"training.micro_batch_tokens={t.micro_batch_tokens} is below training.max_seq_length="
                              f"{t.max_seq_length}, so the longest rows fit no micro batch; set it to at least "
                              f"{t.max_seq_length}")
+        if t.cuda_graphs is True and (not t.micro_batch_tokens or t.device == "cpu" or self.lora.gradient_checkpointing is True
+                                      or self.infrastructure.distributed == "fsdp"):
+            raise ValueError("training.cuda_graphs=true needs a CUDA GPU, training.micro_batch_tokens above 0, "
+                             "lora.gradient_checkpointing false or auto and no FSDP; set training.cuda_graphs=auto to "
+                             "use graphs only where they apply")
         return self
 
     @model_validator(mode="after")

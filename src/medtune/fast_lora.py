@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 
 
-def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool = False) -> int:
+def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool = False, keep_mask: bool = False) -> int:
     """Give every LoRA linear layer of `model` the fused forward (with `backward`, also the fused
     backward of `LoraLinear`, where the base is a plain or bitsandbytes 4-bit linear; with `fp8_base`,
-    a bitsandbytes 4-bit base's two GEMMs in float8, see `Fp8Base`); returns how many layers took it."""
+    a bitsandbytes 4-bit base's two GEMMs in float8, see `Fp8Base`); returns how many layers took it.
+    `keep_mask`: the fused backward keeps each dropout mask (one byte per element) instead of replaying
+    it from the saved random-number state, which a CUDA graph cannot do (medtune.layer_graphs)."""
     from peft.tuners.lora import LoraLayer
 
     count = 0
@@ -36,6 +38,7 @@ def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool = Fal
             whole = backward and _plain_or_4bit(module.get_base_layer())
             module.forward = types.MethodType(fused_forward_backward if whole else fused_forward, module)
             module.fp8_base = fp8_base and _four_bit(module.get_base_layer(), bias=False)
+            module.keep_mask = keep_mask
             count += 1
     return count
 
@@ -86,7 +89,7 @@ def fused_forward_backward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
     return LoraLinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                            self.scaling[name], p, getattr(self, "fp8_base", False))
+                            self.scaling[name], p, getattr(self, "fp8_base", False), getattr(self, "keep_mask", False))
 
 
 class LoraLinear(torch.autograd.Function):
@@ -102,22 +105,24 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
-                scaling: float, p: float, fp8: bool = False) -> torch.Tensor:
+                scaling: float, p: float, fp8: bool = False, keep_mask: bool = False) -> torch.Tensor:
         result = fp8_linear(x, base) if fp8 else base(x)
         dtype = result.dtype
-        ctx.rng = _rng_state(x.device) if p > 0 else None
-        dropped = torch.ops.aten.native_dropout(x, p, True)[0] if p > 0 else x
+        ctx.rng = _rng_state(x.device) if p > 0 and not keep_mask else None
+        dropped, mask = torch.ops.aten.native_dropout(x, p, True) if p > 0 else (x, None)
         a16, b16 = a.to(dtype), b.to(dtype)
         h = F.linear(dropped.to(dtype), a16)
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b16.t(), alpha=scaling)
-        ctx.save_for_backward(x, h, a16, b16)
+        ctx.save_for_backward(x, h, a16, b16, mask if keep_mask else None)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.dtypes = base, scaling, p, fp8, (x.dtype, a.dtype, b.dtype)
         return flat.view(result.shape)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, h, a16, b16 = ctx.saved_tensors
-        if ctx.p > 0:
+        x, h, a16, b16, mask = ctx.saved_tensors
+        if mask is not None:
+            dropped = torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1.0 - ctx.p)).to(h.dtype)
+        elif ctx.p > 0:
             with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [],
                                        device_type=x.device.type):
                 _set_rng_state(x.device, ctx.rng)
@@ -140,7 +145,7 @@ class LoraLinear(torch.autograd.Function):
             else:
                 grad_x.addcmul_(dh.mm(a16), mask.reshape(grad_x.shape), value=1.0 / (1.0 - ctx.p))
             grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(x_dtype)
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:

@@ -68,14 +68,24 @@ class BinCollator:
     exactly the padding-free micro batch those rows would have made (position ids, `cu_seq_lens`,
     first-label masking per example). Evaluation batches are rows, not bins: they pass straight through."""
 
-    def __init__(self, rows: Any, packing_collator: Any) -> None:
-        self.rows, self.packing_collator = rows, packing_collator
+    def __init__(self, rows: Any, packing_collator: Any, pad_to: tuple[int, int, int] | None = None) -> None:
+        """`pad_to` = (tokens, max_len, pad_id): every bin grows to exactly `tokens` (CUDA graphs replay one
+        shape), its real token count under `layer_graphs.REAL_TOKENS`."""
+        self.rows, self.packing_collator, self.pad_to = rows, packing_collator, pad_to
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        if features and BIN_ROWS in features[0]:
-            columns = self.rows[[i for b in features for i in b[BIN_ROWS]]]  # one Arrow read, not one per row
-            features = [dict(zip(columns, values)) for values in zip(*columns.values())]
-        return self.packing_collator(features)
+        if not (features and BIN_ROWS in features[0]):
+            return self.packing_collator(features)
+        columns = self.rows[[i for b in features for i in b[BIN_ROWS]]]  # one Arrow read, not one per row
+        batch = self.packing_collator([dict(zip(columns, values)) for values in zip(*columns.values())])
+        if self.pad_to is None:
+            return batch
+        from medtune import layer_graphs
+
+        real = int(batch["input_ids"].numel())
+        batch = layer_graphs.pad_packed(batch, *self.pad_to)
+        batch[layer_graphs.REAL_TOKENS] = real
+        return batch
 
 
 def mean_rows(bins: Any) -> float:

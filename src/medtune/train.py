@@ -26,7 +26,7 @@ from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
-from medtune import attention, base_eval_cache, batch_auto, fast_lora, recompute, token_bins
+from medtune import attention, base_eval_cache, batch_auto, fast_lora, layer_graphs, recompute, token_bins
 from medtune.config import MedtuneConfig
 from medtune.divergence import StopOnDivergence, diverged_error
 from medtune.errors import EnvironmentProblem
@@ -175,11 +175,17 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
     args = training_args(cfg, run, device, eval_ds is not None)
     model = load_for_training(cfg, model_path, device, place=args.device)  # under torchrun: this rank's GPU
     collator = make_collator(cfg, tokenizer, device)
-    if cfg.training.micro_batch_tokens:
-        rows, train_ds = train_ds, token_bins.bins_dataset(train_ds, cfg.training.micro_batch_tokens)
-        collator = token_bins.BinCollator(rows, collator)
+    t, extra = cfg.training, []
+    if t.micro_batch_tokens:
+        rows, train_ds = train_ds, token_bins.bins_dataset(train_ds, t.micro_batch_tokens)
+        pad_to = None
+        if layer_graphs.wanted(t.cuda_graphs, device, args.world_size, bool(cfg.lora.gradient_checkpointing)):
+            pad_to = (t.micro_batch_tokens, t.max_seq_length, tokenizer.pad_token_id)
+            slots = layer_graphs.slots_for(max(map(len, train_ds[token_bins.BIN_ROWS])), *pad_to[:2])
+            extra.append(layer_graphs.CaptureAtStart(*pad_to[:2], slots, compute_dtype(cfg, device)))
+        collator = token_bins.BinCollator(rows, collator, pad_to)
     trainer = LeanTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
-                          callbacks=[ProgressLog(run.logs, device), _tensorboard(run), *callbacks])
+                          callbacks=[ProgressLog(run.logs, device), _tensorboard(run), *extra, *callbacks])
     trainer.remove_callback(PrinterCallback)  # ProgressLog writes the log lines
     return trainer
 
@@ -193,7 +199,16 @@ class LeanTrainer(Trainer):
     host; padded batches and multi-process runs (whose count is gathered over ranks) keep the
     Trainer's own count."""
 
+    real_tokens: int | None = None  # the last padded micro batch's real tokens (layer_graphs.REAL_TOKENS)
+
+    def training_step(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        self.real_tokens = inputs.pop(layer_graphs.REAL_TOKENS, None)
+        return super().training_step(model, inputs, *args, **kwargs)
+
     def _track_num_input_tokens(self, inputs: dict[str, Any]) -> None:
+        if self.real_tokens is not None:  # bins padded for CUDA graphs: the padding is not tokens seen
+            self.state.num_input_tokens_seen += self.real_tokens
+            return
         if self.args.world_size == 1 and "attention_mask" not in inputs and "position_ids" in inputs:
             self.state.num_input_tokens_seen += int(inputs["input_ids"].numel())
             return

@@ -36,14 +36,15 @@ def _loss_and_grads(model, ids, seed: int):
     return out.logits.detach(), out.loss.detach(), grads
 
 
-@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("backward,keep_mask", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_fused_paths_match_peft(dropout, backward):
-    """The fused forward, and with `install(backward=True)` one autograd node per projection: logits, loss
-    and every adapter gradient as PEFT's (float32; the dropout masks drawn from the same generator state)."""
+def test_fused_paths_match_peft(dropout, backward, keep_mask):
+    """The fused forward, and with `install(backward=True)` one autograd node per projection (its dropout
+    mask replayed, or with `keep_mask` kept): logits, loss and every adapter gradient as PEFT's (float32;
+    the dropout masks drawn from the same generator state)."""
     peft_model = _lora_model(dropout)
     fused = copy.deepcopy(peft_model)
-    assert fast_lora.install(fused, backward=backward) == 7 * 2
+    assert fast_lora.install(fused, backward=backward, keep_mask=keep_mask) == 7 * 2
     q_proj = fused.get_base_model().model.layers[0].self_attn.q_proj
     assert q_proj.forward.__func__ is (fast_lora.fused_forward_backward if backward else fast_lora.fused_forward)
     peft_model.train(), fused.train()
