@@ -85,14 +85,18 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "$run" ;;
     bins_nogc)  # QLoRA, 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an H100)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
-    bins_nogc_fp8|bins_nogc_fbw_short|bins_nogc_fbw_fp8|bins_nogc_short|bins_nogc_graphs|bins_nogc_fbw_graphs)
+    bins_nogc_fp8|bins_nogc_fbw_short|bins_nogc_fbw_fp8|bins_nogc_short|bins_nogc_graphs|bins_nogc_fbw_graphs|bins_nogc_fp8_graphs)
       # A/B, 3 timed steps after 1: float8 base GEMMs (medtune.fast_lora.Fp8Base), the fused LoRA backward
       # (LoraLinear), both, the default path; decoder layers as CUDA graphs (training.cuda_graphs), alone and
       # with the fused backward
       case $run in bins_nogc_fp8) f=--fp8-base ;; bins_nogc_fbw_short) f=--fused-backward ;;
         bins_nogc_fbw_fp8) f="--fused-backward --fp8-base" ;; bins_nogc_graphs) f="--set training.cuda_graphs=true" ;;
-        bins_nogc_fbw_graphs) f="--fused-backward --set training.cuda_graphs=true" ;; *) f="" ;; esac
-      step 200 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 3 --warm 1 --no-gc $f --label "$run" ;;
+        bins_nogc_fbw_graphs) f="--fused-backward --set training.cuda_graphs=true" ;;
+        bins_nogc_fp8_graphs) f="--fp8-base --set training.cuda_graphs=true" ;; *) f="" ;; esac
+      st="--steps 3 --warm 1"; [ -n "${LONG:-}" ] && st="--steps 6 --warm 2"  # LONG=1: as bins_nogc
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 $st --no-gc $f --label "$run" ;;
+    fp8check)  # bench/fp8_rows_check.py: the float8 row kernel against its reference, float8 against bf16 GEMMs
+      step 200 "$run" python3 bench/fp8_rows_check.py ;;
     bins_nogc_hf)  # bins_nogc with the Trainer's own NaN filter and token count (host syncs every micro batch)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --hf-loop --label "$run" ;;
     bins_nogc_prof|bins_nogc_hf_prof)  # one optimizer step through the Trainer under torch.profiler (bench/trainer_profile.py)
@@ -102,8 +106,9 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --fused-backward --label "$run" ;;
     bins_gc_fbw)  # bins_gc with the fused LoRA backward
       step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --fused-backward --label "$run" ;;
-    bins_nogc4k)  # QLoRA, 4096-token bins x GA 8, no recompute
-      step 300 "$run" $GT --quantization 4bit --tokens 4096 --grad-accum 8 --steps 6 --warm 2 --no-gc --label "$run" ;;
+    bins_nogc4k|bins_nogc4k_fbw)  # QLoRA, 4096-token bins x GA 8, no recompute (_fbw: the fused LoRA backward)
+      f=""; [ $run = bins_nogc4k_fbw ] && f=--fused-backward
+      step 300 "$run" $GT --quantization 4bit --tokens 4096 --grad-accum 8 --steps 6 --warm 2 --no-gc $f --label "$run" ;;
     bins_partial2)  # QLoRA, 8,192-token bins x GA 4, recompute one layer in two (what `auto` picks on a 48 GB card)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --recompute-every 2 --label "$run" ;;
     bins_bf16_nogc)  # bf16 LoRA, 8192-token bins x GA 4, no recompute

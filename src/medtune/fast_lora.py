@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from medtune import fp8_rows
+
 
 def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool = False, keep_mask: bool = False) -> int:
     """Give every LoRA linear layer of `model` the fused forward (with `backward`, also the fused
@@ -169,21 +171,12 @@ def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return base.weight.to(dtype)
 
 
-FP8_MAX = 448.0  # the largest float8 e4m3 value
-
-
-def _rowwise_fp8(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`t` (rows x cols) as float8 e4m3 with one float32 scale per row: t ~= q * scale."""
-    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
-    return t.float().div_(scale).to(torch.float8_e4m3fn), scale  # one float32 temporary, divided in place
-
-
 class Fp8Base(torch.autograd.Function):
     """`x @ W.T` for a frozen bitsandbytes nf4 weight with both of its GEMMs in float8 (a lever under
     measurement, bench/gpu_train.py --fp8-base; not a config option). The weight stays nf4 in memory: each
     call dequantizes it as bitsandbytes does, then quantizes weight and activations to e4m3 with one scale
-    per row of each operand (per token, per output channel; in the backward per token of the gradient and
-    per input channel of the weight), and `torch._scaled_mm` multiplies them at float8 rate (Hopper and
+    per row of each operand (per token, per output channel; the backward reuses the weight's quantization,
+    its scales moved onto the gradient's columns; `medtune.fp8_rows`), and `torch._scaled_mm` multiplies them at float8 rate (Hopper and
     newer) with a bf16 result. Nothing of the input is kept for the backward: the weight is frozen."""
 
     @staticmethod
@@ -199,16 +192,26 @@ class Fp8Base(torch.autograd.Function):
 
 def fp8_linear(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
     """`x @ W.T` in float8, one scale per token and per output channel; bf16 out."""
-    w = _base_weight(base, torch.bfloat16)  # (out, in)
-    xq, xs = _rowwise_fp8(x.reshape(-1, x.shape[-1]))
-    wq, ws = _rowwise_fp8(w)
+    wq, ws = _fp8_weight(base)
+    xq, xs = fp8_rows.rowwise_fp8(x.reshape(-1, x.shape[-1]))
     y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def fp8_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
-    """`grad @ W` (tokens x out times out x in) in float8, one scale per token and per input channel."""
+    """`grad @ W` (tokens x out times out x in) in float8 with the forward's quantized weight: for
+    W = diag(s) Wq, `grad @ W = (grad * s) @ Wq`, the column scaling done inside the gradient's quantization."""
+    wq, ws = _fp8_weight(base)
+    gq, gs = fp8_rows.rowwise_fp8(grad, col_scale=ws.reshape(-1))
+    ones = torch.ones(1, wq.shape[1], dtype=torch.float32, device=wq.device)
+    # the float8 GEMM wants its second operand column-major: (out, in) with unit stride along `out`
+    return torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=gs, scale_b=ones, out_dtype=torch.bfloat16)
+
+
+def _fp8_weight(base: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen base weight dequantized (as bitsandbytes does) and quantized to float8 rows, one scale per
+    output channel; the scales are computed on the first call and kept, the weight being frozen."""
     w = _base_weight(base, torch.bfloat16)
-    gq, gs = _rowwise_fp8(grad)
-    wtq, wts = _rowwise_fp8(w.t().contiguous())  # (in, out): one scale per input channel
-    return torch._scaled_mm(gq, wtq.t(), scale_a=gs, scale_b=wts.t(), out_dtype=torch.bfloat16)
+    if getattr(base, "fp8_row_scale", None) is None:
+        base.fp8_row_scale = fp8_rows.row_amax_scale(w)
+    return fp8_rows.rowwise_fp8(w, row_scale=base.fp8_row_scale)

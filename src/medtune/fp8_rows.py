@@ -1,0 +1,91 @@
+"""Row-wise float8 (e4m3) quantization in one kernel: `t ~= q * scale`, one float32 scale per row.
+
+`fast_lora.Fp8Base` multiplies an nf4 base projection in float8 on Hopper. In PyTorch ops each
+quantization is five passes over the tensor (abs, amax, a float32 copy, a division, the cast); measured on an
+H200 (docs/benchmarks.md, call z) they cost more than the float8 GEMMs saved (-19 %). The Triton kernel
+here reads each row twice (amax, then scale and cast; the second read mostly from L2) and writes the
+float8 row once. It can also multiply each column by a given factor first (`col_scale`), which moves a
+weight's per-output-channel scale onto the gradient in the backward: `g @ W = (g * s) @ Wq` for
+`W = diag(s) Wq`, so the backward reuses the forward's quantized weight.
+
+Without Triton or off CUDA the same arithmetic runs in PyTorch ops (`rowwise_reference`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+FP8_MAX = 448.0  # the largest float8 e4m3 value
+
+
+def rowwise_fp8(t: torch.Tensor, col_scale: torch.Tensor | None = None,
+                row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` (rows x cols, contiguous rows), times `col_scale` (cols,) if given, as float8 e4m3 with one
+    float32 scale per row, shaped (rows, 1). `row_scale` (rows, 1): use these scales instead of the amax
+    (a frozen weight's, computed once)."""
+    kernel = _kernel()
+    if kernel is None or t.device.type != "cuda" or t.stride(-1) != 1:
+        return rowwise_reference(t, col_scale, row_scale)
+    rows, cols = t.shape
+    q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=t.device)
+    scale = row_scale if row_scale is not None else torch.empty((rows, 1), dtype=torch.float32, device=t.device)
+    block = min(4096, 1 << (cols - 1).bit_length())
+    kernel[(rows,)](t, q, scale, col_scale if col_scale is not None else scale, t.stride(0), COLS=cols,
+                    HAS_COL=col_scale is not None, GIVEN=row_scale is not None, BLOCK=block,
+                    num_warps=8 if block >= 2048 else 4)
+    return q, scale
+
+
+def rowwise_reference(t: torch.Tensor, col_scale: torch.Tensor | None = None,
+                      row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's arithmetic in PyTorch ops (CPUs, and the tests' reference)."""
+    x = t.to(torch.float32, copy=True) if col_scale is None else t.float() * col_scale.float()
+    scale = row_scale if row_scale is not None else \
+        x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    return x.mul_(1.0 / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def row_amax_scale(t: torch.Tensor) -> torch.Tensor:
+    """The per-row scale `rowwise_fp8` would compute for `t`: a frozen weight's, to compute once."""
+    return t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
+
+
+@functools.cache
+def _kernel():
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return None
+
+    @triton.jit
+    def rowwise(x_ptr, q_ptr, s_ptr, c_ptr, stride, COLS: tl.constexpr, HAS_COL: tl.constexpr,
+                GIVEN: tl.constexpr, BLOCK: tl.constexpr):  # COLS a constant: one compiled kernel per width
+        row = tl.program_id(0).to(tl.int64)
+        x_row, q_row = x_ptr + row * stride, q_ptr + row * COLS
+        if GIVEN:
+            scale = tl.load(s_ptr + row)
+        else:
+            amax = tl.zeros((BLOCK,), dtype=tl.float32)
+            for start in range(0, COLS, BLOCK):
+                offs = start + tl.arange(0, BLOCK)
+                keep = offs < COLS
+                v = tl.load(x_row + offs, mask=keep, other=0.0).to(tl.float32)
+                if HAS_COL:
+                    v = v * tl.load(c_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(v))
+            scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+            tl.store(s_ptr + row, scale)
+        inv = 1.0 / scale
+        for start in range(0, COLS, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            keep = offs < COLS
+            v = tl.load(x_row + offs, mask=keep, other=0.0).to(tl.float32)
+            if HAS_COL:
+                v = v * tl.load(c_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+            v = tl.minimum(tl.maximum(v * inv, -448.0), 448.0)
+            tl.store(q_row + offs, v.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=keep)
+
+    return rowwise

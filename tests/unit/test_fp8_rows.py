@@ -1,0 +1,85 @@
+"""Row-wise float8 quantization: the PyTorch reference, and the Triton kernel's scales against it (under
+Triton's CPU interpreter where Triton is installed; its float8 values on a GPU: bench/fp8_rows_check.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from medtune import fp8_rows
+
+
+def test_rows_come_back_within_e4m3_rounding_and_the_input_is_left_alone():
+    torch.manual_seed(0)
+    t = torch.randn(6, 40) * torch.logspace(-3, 2, 6).unsqueeze(1)  # rows of very different magnitude
+    before = t.clone()
+    q, scale = fp8_rows.rowwise_reference(t)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (6, 1)
+    assert torch.equal(t, before)
+    back = q.float() * scale
+    assert ((back - t).abs() <= t.abs() * 2**-4 + scale * 2**-9).all()  # 3 mantissa bits: half a step
+    assert torch.allclose(q.float().abs().amax(dim=1), torch.full((6,), fp8_rows.FP8_MAX))
+
+
+def test_column_factors_and_given_row_scales():
+    torch.manual_seed(1)
+    t, cols = torch.randn(4, 16), torch.rand(16) + 0.5
+    q, scale = fp8_rows.rowwise_reference(t, col_scale=cols)
+    want_q, want_scale = fp8_rows.rowwise_reference(t * cols)
+    assert torch.equal(q.float(), want_q.float()) and torch.equal(scale, want_scale)
+    given = fp8_rows.row_amax_scale(t) * 2
+    q2, scale2 = fp8_rows.rowwise_reference(t, row_scale=given)
+    assert scale2 is given and q2.float().abs().max() <= fp8_rows.FP8_MAX / 2
+
+
+def test_off_cuda_the_reference_runs():
+    t = torch.randn(3, 32, dtype=torch.bfloat16)
+    q, scale = fp8_rows.rowwise_fp8(t)
+    want_q, want_scale = fp8_rows.rowwise_reference(t)
+    assert torch.equal(q.float(), want_q.float()) and torch.equal(scale, want_scale)
+
+
+KERNEL_CHECK = """
+import torch
+from medtune import fp8_rows
+torch.manual_seed(0)
+kernel = fp8_rows._kernel()
+
+
+def run(t, c, given):
+    rows, cols = t.shape
+    q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+    s = given if given is not None else torch.empty(rows, 1)
+    block = min(4096, 1 << (cols - 1).bit_length())
+    kernel[(rows,)](t, q, s, c if c is not None else s, t.stride(0), COLS=cols, HAS_COL=c is not None,
+                    GIVEN=given is not None, BLOCK=block)
+    return q, s
+
+
+for rows, cols, col in [(5, 100, False), (3, 9000, True), (4, 64, False)]:
+    t = (torch.randn(rows, cols) * 3).to(torch.bfloat16)
+    c = torch.rand(cols) + 0.5 if col else None
+    want_q, want_s = fp8_rows.rowwise_reference(t, c)
+    q, s = run(t, c, None)
+    assert torch.allclose(s, want_s, rtol=1e-6), ("scales", rows, cols)
+    given = want_s * 2
+    q, s = run(t, c, given)
+    assert s is given and torch.equal(given, want_s * 2), ("given scales", rows, cols)
+    # Triton's CPU interpreter rounds float8 casts its own way (1.94 -> 1.0): the values are compared on a
+    # GPU, where the cast is the hardware's (bench/fp8_rows_check.py); here only that they are float8 of the
+    # right magnitude
+    assert q.float().abs().max() <= fp8_rows.FP8_MAX / 2, ("range", rows, cols)
+print("ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (GPU installs have it)")
+def test_the_triton_kernel_computes_the_reference():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
