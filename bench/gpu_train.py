@@ -147,7 +147,11 @@ def main() -> None:
     ap.add_argument("--recompute-every", type=int, default=1,
                     help="lora.recompute_every_n_layers: with checkpointing, recompute only every n-th layer")
     ap.add_argument("--fused-backward", action="store_true",
-                    help="medtune.fast_lora.install(backward=True): each projection's LoRA forward and backward as one node")
+                    help="each projection's LoRA forward and backward as one node: the default since 2026-11-28 19:40 "
+                         "(kept for the older run_gpu.sh cases)")
+    ap.add_argument("--forward-only", action="store_true",
+                    help="medtune.fast_lora.install(backward=False): the fused forward only (the default before "
+                         "2026-11-28 19:40), PEFT's autograd for the LoRA backward")
     ap.add_argument("--fp8-base", action="store_true",
                     help="medtune.fast_lora.install(fp8_base=True): each nf4 projection's two GEMMs in float8 (Fp8Base)")
     ap.add_argument("--hf-loop", action="store_true",
@@ -195,11 +199,11 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer,))
     load_s = time.perf_counter() - t0
-    if a.fused_backward or a.fp8_base:
+    if a.forward_only or a.fp8_base:  # medtune.train installed the fused forward and backward already
         from medtune import fast_lora
 
         # under CUDA graphs the fused backward keeps its dropout masks (a graph cannot replay the generator state)
-        fast_lora.install(trainer.model, backward=a.fused_backward, fp8_base=a.fp8_base,
+        fast_lora.install(trainer.model, backward=not a.forward_only, fp8_base=a.fp8_base,
                           keep_mask=bool(cfg.training.cuda_graphs))
     if a.hf_loop:
         from transformers import Trainer
@@ -227,7 +231,7 @@ def main() -> None:
     print(json.dumps({
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
-        "fused_lora": cfg.training.fused_lora, "fused_backward": a.fused_backward, "fp8_base": a.fp8_base,
+        "fused_lora": cfg.training.fused_lora, "fused_backward": fused_backward(trainer.model), "fp8_base": a.fp8_base,
         "cuda_graphs": cfg.training.cuda_graphs, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,
         "gradient_checkpointing": cfg.lora.gradient_checkpointing,
@@ -241,6 +245,14 @@ def main() -> None:
         **merged, **({"trainer_profile": profiler.result} if profiler else {}),
         "date": time.strftime("%Y-%m-%d"),
     }), flush=True)
+
+
+def fused_backward(model) -> bool:
+    """Whether the LoRA layers run medtune.fast_lora's fused backward (what this line measured)."""
+    from medtune import fast_lora
+
+    return any(getattr(vars(m).get("forward"), "__func__", None) is fast_lora.fused_forward_backward
+               for m in model.modules())
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
     bins_nogc_fp8|bins_nogc_fbw_short|bins_nogc_fbw_fp8|bins_nogc_short|bins_nogc_graphs|bins_nogc_fbw_graphs|bins_nogc_fp8_graphs)
       # A/B, 3 timed steps after 1: float8 base GEMMs (medtune.fast_lora.Fp8Base), the fused LoRA backward
       # (LoraLinear), both, the default path; decoder layers as CUDA graphs (training.cuda_graphs), alone and
-      # with the fused backward
+      # with the fused backward. Since 2026-11-28 19:40 the fused backward is the default path: these
+      # commands then measure it throughout (bins_nogc_fwd: the fused forward alone, the former default)
       case $run in bins_nogc_fp8) f=--fp8-base ;; bins_nogc_fbw_short) f=--fused-backward ;;
         bins_nogc_fbw_fp8) f="--fused-backward --fp8-base" ;; bins_nogc_graphs) f="--set training.cuda_graphs=true" ;;
         bins_nogc_fbw_graphs) f="--fused-backward --set training.cuda_graphs=true" ;;
@@ -102,6 +103,8 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
     bins_nogc_prof|bins_nogc_hf_prof)  # one optimizer step through the Trainer under torch.profiler (bench/trainer_profile.py)
       f=""; [ $run = bins_nogc_hf_prof ] && f=--hf-loop
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 2 --warm 2 --no-gc --profile $f --label "$run" ;;
+    bins_nogc_fwd)  # bins_nogc with the fused LoRA forward alone (the default before 2026-11-28 19:40)
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --forward-only --label "$run" ;;
     bins_nogc_fbw)  # bins_nogc with the fused LoRA backward (medtune.fast_lora.install(backward=True))
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --fused-backward --label "$run" ;;
     bins_gc_fbw)  # bins_gc with the fused LoRA backward

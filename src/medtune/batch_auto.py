@@ -5,11 +5,13 @@ the estimate `medtune plan` prints and `lora.gradient_checkpointing: auto` uses)
 headroom: the estimated peak may take 90 % of the memory.
 
 With `lora.packing` the micro batch becomes a token budget (`training.micro_batch_tokens`, bins of
-whole rows): the largest of 4, 2 and 1 × `max_seq_length` that fits **without** recompute, else the
+whole rows): the larger of 4 and 2 × `max_seq_length` that fits **without** recompute, else the
 largest of 8, 4, 2, 1 × that fits with it (`gradient_checkpointing: auto` may then still recompute
-only some layers). That order is what was measured on one H200 (docs/benchmarks.md): 8,192-token bins
-without recompute trained at 12,038-12,590 tok/s, 4,096-token ones at 10,511, 16,384-token bins with
-recompute at 8,891-9,525. Without packing it is a row count (16, 8, 4, 2 or 1 rows of `max_seq_length`
+only some layers). That order is what was measured on H200s (docs/benchmarks.md): 8,192-token bins
+without recompute trained at 12,038-12,590 tok/s, 4,096-token ones at 8,608-10,511 (9,479 with the
+fused LoRA backward), 16,384-token bins with recompute at 8,891-9,525. A single `max_seq_length`
+without recompute is not offered: half the GEMM rows of the 4,096-token bins, which were only at par
+with recompute. Without packing it is a row count (16, 8, 4, 2 or 1 rows of `max_seq_length`
 tokens, the worst case a draw can make). The gradient accumulation stays as configured, so the tokens
 per optimizer step grow with the card; the choice and the estimate are logged and recorded in the
 manifest. Without a CUDA GPU per process to size against (CPUs, FSDP, no config.json to read the
@@ -24,7 +26,7 @@ from medtune.plan_memory import MicroBatch, Shape
 from medtune.recompute import HEADROOM, with_recompute
 from medtune.sharding import uses_fsdp
 
-BUDGETS = (4, 2, 1)                # packed budgets without recompute, in max_seq_length
+BUDGETS = (4, 2)                   # packed budgets without recompute, in max_seq_length
 BUDGETS_RECOMPUTE = (8, 4, 2, 1)   # with recompute
 ROWS = (16, 8, 4, 2, 1)            # padded rows
 

@@ -10,6 +10,9 @@ happen in the GEMM's epilogue (accumulated in float32, rounded once, where PEFT 
 and nothing is copied. The adapter weights stay in float32 for the optimizer; the small (r x in,
 out x r) matrices are cast to the activations' dtype, never the large activations to float32.
 
+`medtune.train` installs the fused backward too (`LoraLinear`) wherever the base is a plain or 4-bit
+linear and the run is not sharded with FSDP.
+
 Only plain LoRA takes this path (one active adapter, a linear lora_A/lora_B without bias, no DoRA or
 other variant, not merged, adapters enabled, no per-row adapter names); anything else calls PEFT's
 own forward, so the swap can never change what a configuration means.

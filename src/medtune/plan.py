@@ -93,6 +93,8 @@ def recipe(cfg: MedtuneConfig, device: str, attention: str | None = None, liger:
                   recompute_every=lo.recompute_every_n_layers,
                   liger=(device == "cuda" and t.liger_kernels) if liger is None else liger, attention=attention,
                   fused_loss=not uses_fsdp(cfg),  # sharding.trainer_arguments: no Liger fused loss under FSDP
+                  # train.load_for_training: the fused LoRA backward on plain and 4-bit bases, not under FSDP
+                  fused_backward=t.fused_lora and not uses_fsdp(cfg) and lo.quantization != "8bit",
                   compute_bytes=2 if device == "cuda" or lo.bf16 else 4)  # CPUs without bf16 train in fp32
 
 

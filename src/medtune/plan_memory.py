@@ -62,6 +62,7 @@ class Recipe:
     attention: str = "varlen"
     compute_bytes: int = 2         # bf16/fp16; 4 for float32 training on CPUs without bf16
     upcast_frozen: bool = False    # PEFT's prepare_model_for_kbit_training: norms, embeddings, lm_head in fp32
+    fused_backward: bool = False   # medtune.fast_lora's LoraLinear: the input kept once, dropout masks replayed
 
 
 def attention_family(name: str) -> str:
@@ -104,7 +105,8 @@ def layer_saved_bytes(s: Shape, r: Recipe, b: MicroBatch) -> float:
     The frozen base projections keep no input (autograd saves a matmul's input only to compute the
     weight's gradient; bitsandbytes' 4/8-bit matmuls keep only the quantized weight), so the inputs
     kept are the adapters': with dropout each adapter's own dropped copy plus its bool mask, without
-    dropout the shared input once per distinct input.
+    dropout (or with medtune's fused LoRA backward, which draws the masks again) the shared input once per
+    distinct input.
     """
     c, h, kv, i, t = r.compute_bytes, s.hidden, s.kv_heads * s.head_size, s.intermediate, b.tokens
     q = s.heads * s.head_size
@@ -117,7 +119,7 @@ def layer_saved_bytes(s: Shape, r: Recipe, b: MicroBatch) -> float:
     keys = 2 * q if attention_family(r.attention) == "varlen" else 2 * kv
     per_token = norms + (q + keys + q + (2 if r.liger else 3) * i) * c
     proj = projections(s)
-    if r.lora_dropout > 0:
+    if r.lora_dropout > 0 and not r.fused_backward:
         per_token += sum(proj[m][0] * (c + 1) for m in r.targets)
     else:
         shared = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
@@ -150,9 +152,11 @@ def _attention_matrices(s: Shape, r: Recipe, b: MicroBatch, fam: str) -> tuple[f
 def layer_backward_bytes(s: Shape, r: Recipe, b: MicroBatch) -> float:
     """Gradient buffers alive while back-propagating one layer's MLP: the down-projection input's
     gradient (Liger's SwiGLU writes the gate/up gradients in place of its saved inputs; unfused, two
-    more), the residual stream's gradient and the input gradient being accumulated."""
+    more), the residual stream's gradient and the input gradient being accumulated; with the fused LoRA
+    backward and dropout, the down projection's dropped input and mask drawn again."""
     i = s.intermediate * (1 if r.liger else 3)
-    return (i + 2 * s.hidden) * b.tokens * r.compute_bytes
+    redrawn = s.intermediate * (r.compute_bytes + 1) if r.fused_backward and r.lora_dropout > 0 else 0
+    return ((i + 2 * s.hidden) * r.compute_bytes + redrawn) * b.tokens
 
 
 def loss_bytes(s: Shape, r: Recipe, b: MicroBatch) -> tuple[float, float]:

@@ -70,8 +70,9 @@ def attention_kernel(cfg: MedtuneConfig, device: str) -> str:
     return attention.register() if choice == "varlen" else choice
 
 
-def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: Any = None) -> Any:
-    """The base model with LoRA adapters attached, ready for the Trainer; `place` is this rank's device."""
+def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: Any = None, graphs: bool = False) -> Any:
+    """The base model with LoRA adapters attached, ready for the Trainer; `place` is this rank's device;
+    `graphs`: its layers will be captured as CUDA graphs (the fused backward then keeps dropout masks)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -96,7 +97,10 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
                       target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     if cfg.training.fused_lora:
-        log.info("finetune: fused LoRA forward on %d projections", fast_lora.install(model))
+        # The fused backward is left out under FSDP, where it has not been measured on sharded parameters.
+        whole = not uses_fsdp(cfg)
+        count = fast_lora.install(model, backward=whole, keep_mask=graphs)
+        log.info("finetune: fused LoRA %s on %d projections", "forward and backward" if whole else "forward", count)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("finetune: %s base on %s, quantization %s, LoRA r=%d alpha=%d: %.2fM trainable of %.0fM parameters",
              dtype, device, cfg.lora.quantization, cfg.lora.lora_r, cfg.lora.lora_alpha, trainable / 1e6, total / 1e6)
@@ -173,13 +177,15 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
     eval_ds = load_from_disk(str(eval_path)) if eval_path.exists() else None
 
     args = training_args(cfg, run, device, eval_ds is not None)
-    model = load_for_training(cfg, model_path, device, place=args.device)  # under torchrun: this rank's GPU
-    collator = make_collator(cfg, tokenizer, device)
     t, extra = cfg.training, []
+    graphs = bool(t.micro_batch_tokens) and layer_graphs.wanted(t.cuda_graphs, device, args.world_size,
+                                                                 bool(cfg.lora.gradient_checkpointing))
+    model = load_for_training(cfg, model_path, device, place=args.device, graphs=graphs)  # torchrun: this rank's GPU
+    collator = make_collator(cfg, tokenizer, device)
     if t.micro_batch_tokens:
         rows, train_ds = train_ds, token_bins.bins_dataset(train_ds, t.micro_batch_tokens)
         pad_to = None
-        if layer_graphs.wanted(t.cuda_graphs, device, args.world_size, bool(cfg.lora.gradient_checkpointing)):
+        if graphs:
             pad_to = (t.micro_batch_tokens, t.max_seq_length, tokenizer.pad_token_id)
             slots = layer_graphs.slots_for(max(map(len, train_ds[token_bins.BIN_ROWS])), *pad_to[:2])
             extra.append(layer_graphs.CaptureAtStart(*pad_to[:2], slots, compute_dtype(cfg, device)))

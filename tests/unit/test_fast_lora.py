@@ -194,3 +194,34 @@ def test_the_fused_backward_keeps_no_dropped_copy_per_projection():
         m.train()
     dropped, plain, lean = _saved_bytes(peft_drop, ids), _saved_bytes(peft_plain, ids), _saved_bytes(fused, ids)
     assert lean < plain < dropped, (lean, plain, dropped)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_training_loads_the_fused_backward_and_it_matches_peft_under_recompute(tiny_model_dir, tmp_path, recompute):
+    """medtune.train installs the fused forward and backward; with dropout, and with activation checkpointing
+    replaying the forward (and with it the saved generator state), loss and adapter gradients are PEFT's."""
+    from medtune.config_io import load_config
+    from medtune.train import load_for_training
+
+    cfg = load_config(preset="smollm2-135m-medical", env={}, overrides=[
+        "model.model_source=local", f"model.local_model_path={tiny_model_dir}", f"output.output_root={tmp_path}",
+        "lora.quantization=none", "lora.bf16=false", "lora.lora_dropout=0.1",
+        f"lora.gradient_checkpointing={str(recompute).lower()}"])
+    torch.manual_seed(0)
+    fused = load_for_training(cfg, str(tiny_model_dir), "cpu").train()
+    q_proj = fused.get_base_model().model.layers[0].self_attn.q_proj
+    assert q_proj.forward.__func__ is fast_lora.fused_forward_backward
+    with torch.no_grad():  # lora_B starts at zero: give the update a value so the gradients differ
+        for name, p in fused.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    plain = copy.deepcopy(fused)
+    for module in plain.modules():
+        vars(module).pop("forward", None)  # PEFT's own forward again
+    ids = torch.randint(0, fused.config.vocab_size, (2, 20))
+    _, loss_a, grads_a = _loss_and_grads(plain, ids, seed=7)
+    _, loss_b, grads_b = _loss_and_grads(fused, ids, seed=7)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
+    assert grads_a.keys() == grads_b.keys() and grads_a
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
