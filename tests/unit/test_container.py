@@ -78,7 +78,9 @@ def test_build_command_root_fakeroot_sudo(tmp_path, monkeypatch):
 def test_definition_installs_the_makefile_pins():
     makefile = (ROOT / "Makefile").read_text()
     definition = (ROOT / "containers" / "finetune.def").read_text()
-    pins = re.findall(r"pip install -q (?:--no-deps )?([\w.-]+==[\w.]+)", makefile)
+    # the install recipe's pins; `make test` adds test-only tools (Triton's CPU interpreter) the image does not need
+    install = makefile[makefile.index("$(STAMP):"):makefile.index("\ninstall:")]
+    pins = re.findall(r"pip install -q (?:--no-deps )?([\w.-]+==[\w.]+)", install)
     assert "torch==2.13.0" in pins and len(pins) >= 2
     for pin in pins:
         assert pin in definition, pin
