@@ -158,8 +158,7 @@ def accumulate(model: torch.nn.Module, batches: list[dict]) -> tuple[list[float]
     """Losses and the adapter gradients accumulated over `batches` (what one optimizer step sees)."""
     model.zero_grad(set_to_none=True)
     losses = [float(step(model, b).detach()) for b in batches]
-    # named as in the eager model: a GraphedLayer holds its layer as `.layer`
-    grads = {n.replace(".layer.", "."): p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return losses, grads
 

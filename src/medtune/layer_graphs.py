@@ -18,6 +18,7 @@ varlen kernel skips).
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -26,6 +27,7 @@ from transformers import TrainerCallback
 
 from medtune.errors import ConfigError
 
+log = logging.getLogger("medtune")
 REAL_TOKENS = "medtune_real_tokens"  # the padded batch's real token count, taken off before the model sees it
 
 
@@ -37,23 +39,26 @@ class _Call(torch.nn.Module):
         self.layer, self.max_len = layer, max_len
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu: torch.Tensor) -> torch.Tensor:
-        return self.layer(hidden, attention_mask=None, position_ids=None, position_embeddings=(cos, sin),
-                          cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=self.max_len, max_length_k=self.max_len)
+        # the class's forward: the instance's may already be a GraphedLayer (whose eager path calls this one)
+        return type(self.layer).forward(
+            self.layer, hidden, attention_mask=None, position_ids=None, position_embeddings=(cos, sin),
+            cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=self.max_len, max_length_k=self.max_len)
 
 
-class GraphedLayer(torch.nn.Module):
-    """Stands in for a decoder layer: replays its graphs on the captured shape, else runs it."""
+class GraphedLayer:
+    """A decoder layer's forward (set as its instance attribute, so the module tree, the parameter names and
+    with them every checkpoint and adapter file stay as they are): replays the layer's graphs on the
+    captured shape, else runs the layer's own forward."""
 
     def __init__(self, layer: torch.nn.Module, graphed: Any, tokens: int, slots: int, max_len: int):
-        super().__init__()
         self.layer, self.graphed = layer, graphed
         self.tokens, self.slots, self.max_len = tokens, slots, max_len
         self.trained = [p for p in layer.parameters() if p.requires_grad]
 
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         cu = kwargs.get("cu_seq_lens_q")
         if args or not self.replays(hidden_states, cu, kwargs):
-            return self.layer(hidden_states, *args, **kwargs)
+            return type(self.layer).forward(self.layer, hidden_states, *args, **kwargs)
         # The graph hands back its parameter gradients in static buffers, which the next replay rewrites.
         # Into an empty .grad autograd would move the buffer itself (no copy), and the next micro batch
         # of a gradient accumulation would overwrite it: with .grad already there it adds into it.
@@ -63,9 +68,8 @@ class GraphedLayer(torch.nn.Module):
         cos, sin = kwargs["position_embeddings"]
         return self.graphed(hidden_states, cos, sin, pad_boundaries(cu, self.slots))
 
-
     def replays(self, hidden: torch.Tensor, cu: torch.Tensor | None, kwargs: dict[str, Any]) -> bool:
-        return (torch.is_grad_enabled() and self.training and cu is not None
+        return (torch.is_grad_enabled() and self.layer.training and cu is not None
                 and kwargs.get("attention_mask") is None and kwargs.get("position_embeddings") is not None
                 and tuple(hidden.shape[:2]) == (1, self.tokens) and cu.numel() <= self.slots
                 and int(kwargs.get("max_length_q") or 0) <= self.max_len)
@@ -98,18 +102,18 @@ def capture(model: torch.nn.Module, tokens: int, max_len: int, slots: int,
             samples.append((hidden.requires_grad_(i > 0 or first.requires_grad), cos, sin, cu))
         calls = tuple(_Call(layer, max_len) for layer in layers)
         graphed = torch.cuda.make_graphed_callables(calls, tuple(samples), num_warmup_iters=2)
-    for i, layer in enumerate(list(layers)):
-        layers[i] = GraphedLayer(layer, graphed[i], tokens, slots, max_len)
+    for layer, call in zip(layers, graphed):
+        layer.forward = GraphedLayer(layer, call, tokens, slots, max_len)
     return len(layers)
 
 
 def release(model: torch.nn.Module) -> int:
-    """Put the eager layers back (the graphs and their memory go with the wrappers)."""
+    """Give the layers their own forward back (the graphs and their memory go with the last reference)."""
     inner = model.get_base_model().model if hasattr(model, "get_base_model") else model.model
     count = 0
-    for i, layer in enumerate(list(inner.layers)):
-        if isinstance(layer, GraphedLayer):
-            inner.layers[i] = layer.layer
+    for layer in inner.layers:
+        if isinstance(vars(layer).get("forward"), GraphedLayer):
+            del layer.forward
             count += 1
     return count
 
@@ -158,9 +162,10 @@ class CaptureAtStart(TrainerCallback):
         self.tokens, self.max_len, self.slots, self.dtype = tokens, max_len, slots, dtype
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        import logging
-
         model.train()
         count = capture(model, self.tokens, self.max_len, self.slots, self.dtype)
-        logging.getLogger("medtune").info("finetune: %d decoder layers captured as CUDA graphs for %d-token micro "
-                                          "batches (%d example slots)", count, self.tokens, self.slots)
+        log.info("finetune: %d decoder layers captured as CUDA graphs for %d-token micro "
+                 "batches (%d example slots)", count, self.tokens, self.slots)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        release(model)  # evaluation, merging and a later attempt run the layers' own forward

@@ -50,7 +50,9 @@ class _Layer(torch.nn.Module):
 
 def _wrapper():
     graphed = lambda *a: ("graph", a)  # noqa: E731 - stands in for the captured callable
-    return layer_graphs.GraphedLayer(_Layer(), graphed, tokens=8, slots=4, max_len=6).train()
+    layer = _Layer().train()
+    layer.forward = layer_graphs.GraphedLayer(layer, graphed, tokens=8, slots=4, max_len=6)
+    return layer
 
 
 @pytest.mark.parametrize("change", ["shape", "no_grad", "eval", "too_many_examples", "longer", "mask", "no_cu"])
@@ -63,7 +65,7 @@ def test_anything_but_the_captured_shape_runs_the_layer_eagerly(change):
     if change == "shape":
         hidden = torch.zeros(1, 7, 4, requires_grad=True)
     elif change == "eval":
-        layer.eval()
+        layer.eval()  # the module's own mode decides
     elif change == "too_many_examples":
         kwargs["cu_seq_lens_q"] = torch.tensor([0, 1, 2, 3, 8])
     elif change == "longer":
@@ -92,8 +94,8 @@ def test_a_replay_gives_trained_parameters_a_gradient_to_add_into():
     layer = _wrapper()
     hidden = torch.zeros(1, 8, 4, requires_grad=True)
     layer(hidden, position_embeddings=(hidden, hidden), cu_seq_lens_q=torch.tensor([0, 8]), max_length_q=6)
-    assert layer.layer.lora.grad is not None and layer.layer.lora.grad.eq(0).all()
-    assert layer.layer.frozen.grad is None
+    assert layer.lora.grad is not None and layer.lora.grad.eq(0).all()
+    assert layer.frozen.grad is None
 
 
 def test_the_captured_function_computes_what_the_layer_computes():
@@ -117,18 +119,21 @@ def test_the_captured_function_computes_what_the_layer_computes():
     grads = [p.grad.clone() for p in model.model.layers.parameters()]
     model.zero_grad(set_to_none=True)
     layers = model.model.layers
+    names = [n for n, _ in model.named_parameters()]
     replays = []
-    for i, layer in enumerate(list(layers)):
+    for layer in layers:
         call = layer_graphs._Call(layer, 8)
-        layers[i] = layer_graphs.GraphedLayer(layer, lambda *a, call=call: replays.append(a[3]) or call(*a),
-                                              tokens=16, slots=8, max_len=8)
+        layer.forward = layer_graphs.GraphedLayer(layer, lambda *a, call=call: replays.append(a[3]) or call(*a),
+                                                  tokens=16, slots=8, max_len=8)
     got = model(**batch).logits
     assert len(replays) == 2 and replays[0].tolist() == [0, 5, 12, 16, 16, 16, 16, 16]
     got.sum().backward()
     torch.testing.assert_close(got, expected)
-    for g, p in zip(grads, [p for m in layers for p in m.layer.parameters()]):
+    for g, p in zip(grads, layers.parameters()):
         torch.testing.assert_close(p.grad, g)
-    assert layer_graphs.release(model) == 2 and not isinstance(model.model.layers[0], layer_graphs.GraphedLayer)
+    # the module tree is untouched: checkpoints and adapter files keep their parameter names
+    assert [n for n, _ in model.named_parameters()] == names
+    assert layer_graphs.release(model) == 2 and "forward" not in vars(layers[0])
 
 
 def test_graphs_run_where_they_apply_and_true_elsewhere_is_one_clear_error():
