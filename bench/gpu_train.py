@@ -154,6 +154,9 @@ def main() -> None:
                          "2026-11-28 19:40), PEFT's autograd for the LoRA backward")
     ap.add_argument("--fp8-base", action="store_true",
                     help="medtune.fast_lora.install(fp8_base=True): each nf4 projection's two GEMMs in float8 (Fp8Base)")
+    ap.add_argument("--before-lean", action="store_true",
+                    help="the default path before 2026-11-28 22:30: the down projection's input kept (no "
+                         "medtune.lean_mlp) and grouped k/v kept repeated to every query head (no keep_unrepeated)")
     ap.add_argument("--hf-loop", action="store_true",
                     help="the Trainer's own loop settings medtune replaced: the NaN filter and the token count that read "
                     "every micro batch's loss and length on the host")
@@ -205,6 +208,11 @@ def main() -> None:
         # under CUDA graphs the fused backward keeps its dropout masks (a graph cannot replay the generator state)
         fast_lora.install(trainer.model, backward=not a.forward_only, fp8_base=a.fp8_base,
                           keep_mask=bool(cfg.training.cuda_graphs))
+    if a.before_lean:
+        from medtune import attention, lean_mlp
+
+        trainer.remove_callback(lean_mlp.AtTrainStart)
+        attention._outer_hooks = lambda: True  # as under recompute: keep_unrepeated steps aside
     if a.hf_loop:
         from transformers import Trainer
 
@@ -232,6 +240,7 @@ def main() -> None:
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
         "fused_lora": cfg.training.fused_lora, "fused_backward": fused_backward(trainer.model), "fp8_base": a.fp8_base,
+        "lean_mlp": lean_mlps(trainer.model), "keys_repeated": keys_repeated(trainer.model, cfg, a.before_lean),
         "cuda_graphs": cfg.training.cuda_graphs, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,
         "gradient_checkpointing": cfg.lora.gradient_checkpointing,
@@ -253,6 +262,22 @@ def fused_backward(model) -> bool:
 
     return any(getattr(vars(m).get("forward"), "__func__", None) is fast_lora.fused_forward_backward
                for m in model.modules())
+
+
+def lean_mlps(model) -> int:
+    """How many MLPs trained with medtune.lean_mlp's forward."""
+    from medtune import lean_mlp
+
+    return sum(getattr(vars(m).get("forward"), "__func__", None) is lean_mlp.forward for m in model.modules())
+
+
+def keys_repeated(model, cfg, before_lean: bool) -> bool:
+    """Whether the varlen attention's backward kept k and v repeated to every query head."""
+    from medtune import attention
+
+    c = model.config
+    return (c._attn_implementation == attention.VARLEN and c.num_key_value_heads != c.num_attention_heads
+            and "enable_gqa" not in attention._supported() and (before_lean or bool(cfg.lora.gradient_checkpointing)))
 
 
 if __name__ == "__main__":

@@ -66,8 +66,10 @@ def medtune_recipe(line: dict, path: Path | None = None) -> Recipe:
         f"training.micro_batch_tokens={line.get('micro_batch_tokens', 0)}"])
     # lines before 2026-11-28 19:40 trained without the fused LoRA backward, unless they name it
     lean = bool(line.get("fused_backward")) and (path is None or path.name not in FUSED_BACKWARD_WITH_COPIES)
+    # lines before 2026-11-28 22:30 kept the down projection's input and k/v repeated (PyTorch 2.11, varlen)
     return dataclasses.replace(recipe(cfg, "cuda", attention=line.get("attn", "sdpa"), liger=line["liger"]),
-                               fused_backward=lean)
+                               fused_backward=lean, lean_mlp=bool(line.get("lean_mlp")),
+                               keys_repeated=line.get("keys_repeated", True))
 
 
 def replayed_batches(lengths: list[int], line: dict) -> list[MicroBatch] | None:

@@ -103,6 +103,9 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
     bins_nogc_prof|bins_nogc_hf_prof)  # one optimizer step through the Trainer under torch.profiler (bench/trainer_profile.py)
       f=""; [ $run = bins_nogc_hf_prof ] && f=--hf-loop
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 2 --warm 2 --no-gc --profile $f --label "$run" ;;
+    bins_nogc_before)  # bins_nogc as the default path was before 2026-11-28 22:30: the down projection's input
+      # kept (no medtune.lean_mlp) and k/v kept repeated to every query head (no attention.keep_unrepeated)
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --before-lean --label "$run" ;;
     bins_nogc_fwd)  # bins_nogc with the fused LoRA forward alone (the default before 2026-11-28 19:40)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --forward-only --label "$run" ;;
     bins_nogc_fbw)  # bins_nogc with the fused LoRA backward (medtune.fast_lora.install(backward=True))

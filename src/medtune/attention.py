@@ -10,6 +10,7 @@ attends causally to itself only. It is registered with transformers' AttentionIn
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from typing import Any
@@ -75,16 +76,50 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
             scale: float | None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    params, extra = _supported(), {}
+    params, extra, keep = _supported(), {}, contextlib.nullcontext()
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
             extra["enable_gqa"] = True
         else:  # PyTorch 2.10/2.11: expand the shared key/value heads (grouped-query attention)
-            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+            groups, shared = q.shape[1] // k.shape[1], (k, v)
+            k, v = (t.repeat_interleave(groups, dim=1) for t in shared)
+            if not _outer_hooks():  # under activation recompute nothing of the layer is kept anyway
+                keep = keep_unrepeated(dict(zip((k, v), shared)), groups)
     if "scale" in params:
         extra["scale"] = scale
     elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-9:
         raise ValueError("this PyTorch's varlen_attn has no `scale`; use attn_implementation=sdpa for this model")
     # PyTorch 2.10 spells causality `is_causal`; later versions a (left, right) window.
     extra.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
-    return varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
+    with keep:
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
+
+
+def keep_unrepeated(expanded: dict[torch.Tensor, torch.Tensor], groups: int) -> Any:
+    """Saved-tensor hooks under which the attention's backward keeps the shared key/value heads
+    (`expanded` maps each repeated tensor to its source), not their copies repeated to every query
+    head (Llama-3.1-8B: 8 heads instead of 32, 3 GiB of an 8,192-token micro batch); the backward
+    repeats them again. A saved tensor is matched by storage and shape; the repeated tensors
+    themselves are not held."""
+    sources = {(t.data_ptr(), tuple(t.shape)): source for t, source in expanded.items()}
+
+    def pack(t: torch.Tensor) -> Any:
+        source = sources.get((t.data_ptr(), tuple(t.shape)))
+        return (_REPEATED, source) if source is not None else t
+
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, tuple) and packed[0] is _REPEATED:
+            return packed[1].repeat_interleave(groups, dim=1)
+        return packed
+
+    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+_REPEATED = object()
+
+
+def _outer_hooks() -> bool:
+    """Saved-tensor hooks are already active (non-reentrant activation checkpointing, offloading):
+    the innermost hooks alone apply, so ours would keep what those drop."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None

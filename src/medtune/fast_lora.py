@@ -111,46 +111,64 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
                 scaling: float, p: float, fp8: bool = False, keep_mask: bool = False) -> torch.Tensor:
-        result = fp8_linear(x, base) if fp8 else base(x)
-        dtype = result.dtype
-        ctx.rng = _rng_state(x.device) if p > 0 and not keep_mask else None
-        dropped, mask = torch.ops.aten.native_dropout(x, p, True) if p > 0 else (x, None)
-        a16, b16 = a.to(dtype), b.to(dtype)
-        h = F.linear(dropped.to(dtype), a16)
-        flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b16.t(), alpha=scaling)
-        ctx.save_for_backward(x, h, a16, b16, mask if keep_mask else None)
+        out, (h, a16, b16, mask), ctx.rng = lora_forward(x, a, b, base, scaling, p, fp8, keep_mask)
+        ctx.save_for_backward(x, h, a16, b16, mask)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.dtypes = base, scaling, p, fp8, (x.dtype, a.dtype, b.dtype)
-        return flat.view(result.shape)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, h, a16, b16, mask = ctx.saved_tensors
-        if mask is not None:
-            dropped = torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1.0 - ctx.p)).to(h.dtype)
-        elif ctx.p > 0:
-            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [],
-                                       device_type=x.device.type):
-                _set_rng_state(x.device, ctx.rng)
-                dropped, mask = torch.ops.aten.native_dropout(x, ctx.p, True)
-            dropped = dropped.to(h.dtype)
-        else:
-            dropped, mask = x.to(h.dtype), None
-        x_dtype, a_dtype, b_dtype = ctx.dtypes
-        g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
-        h2 = h.reshape(-1, h.shape[-1])
-        # As autograd differentiates addmm(result, h, B.T, alpha=s) and linear(dropped, A):
-        dh = g.mm(b16).mul_(ctx.scaling)
-        grad_b = h2.t().mm(g).mul_(ctx.scaling).t().to(b_dtype)
-        grad_a = dh.t().mm(dropped.reshape(-1, dropped.shape[-1])).to(a_dtype)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = fp8_input_grad(g, ctx.base) if ctx.fp8 else g.mm(_base_weight(ctx.base, g.dtype))
-            if mask is None:
-                grad_x.addmm_(dh, a16)
-            else:
-                grad_x.addcmul_(dh.mm(a16), mask.reshape(grad_x.shape), value=1.0 / (1.0 - ctx.p))
-            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(x_dtype)
+        x, *kept = ctx.saved_tensors
+        grad_x, grad_a, grad_b = lora_backward(ctx, grad, x, *kept, ctx.needs_input_grad[0])
         return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module, scaling: float, p: float,
+                 fp8: bool, keep_mask: bool) -> tuple[torch.Tensor, tuple[Any, ...], torch.Tensor | None]:
+    """`LoraLinear`'s forward: (output, what the backward keeps besides the input, the random-number
+    state the dropout mask is drawn again from)."""
+    result = fp8_linear(x, base) if fp8 else base(x)
+    dtype = result.dtype
+    rng = _rng_state(x.device) if p > 0 and not keep_mask else None
+    dropped, mask = torch.ops.aten.native_dropout(x, p, True) if p > 0 else (x, None)
+    a16, b16 = a.to(dtype), b.to(dtype)
+    h = F.linear(dropped.to(dtype), a16)
+    flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b16.t(), alpha=scaling)
+    return flat.view(result.shape), (h, a16, b16, mask if keep_mask else None), rng
+
+
+def lora_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, h: torch.Tensor, a16: torch.Tensor,
+                  b16: torch.Tensor, mask: torch.Tensor | None,
+                  need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """`LoraLinear`'s backward from its input `x` and what `lora_forward` kept (`ctx` carries base,
+    scaling, p, fp8, rng and the dtypes): the gradients of x (when `need_x`), A and B."""
+    if mask is not None:
+        dropped = torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1.0 - ctx.p)).to(h.dtype)
+    elif ctx.p > 0:
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [],
+                                   device_type=x.device.type):
+            _set_rng_state(x.device, ctx.rng)
+            dropped, mask = torch.ops.aten.native_dropout(x, ctx.p, True)
+        dropped = dropped.to(h.dtype)
+    else:
+        dropped, mask = x.to(h.dtype), None
+    x_dtype, a_dtype, b_dtype = ctx.dtypes
+    g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
+    h2 = h.reshape(-1, h.shape[-1])
+    # As autograd differentiates addmm(result, h, B.T, alpha=s) and linear(dropped, A):
+    dh = g.mm(b16).mul_(ctx.scaling)
+    grad_b = h2.t().mm(g).mul_(ctx.scaling).t().to(b_dtype)
+    grad_a = dh.t().mm(dropped.reshape(-1, dropped.shape[-1])).to(a_dtype)
+    del dropped
+    grad_x = None
+    if need_x:
+        grad_x = fp8_input_grad(g, ctx.base) if ctx.fp8 else g.mm(_base_weight(ctx.base, g.dtype))
+        if mask is None:
+            grad_x.addmm_(dh, a16)
+        else:
+            grad_x.addcmul_(dh.mm(a16), mask.reshape(grad_x.shape), value=1.0 / (1.0 - ctx.p))
+        grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(x_dtype)
+    return grad_x, grad_a, grad_b
 
 
 def _rng_state(device: torch.device) -> torch.Tensor:

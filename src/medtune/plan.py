@@ -87,14 +87,16 @@ def recipe(cfg: MedtuneConfig, device: str, attention: str | None = None, liger:
     if attention is None:  # mirrors medtune.train.attention_kernel (importing it would import torch: slow)
         attention = t.attn_implementation if t.attn_implementation != "auto" else \
             ("varlen" if device == "cuda" and lo.packing else "sdpa")
+    # train.load_for_training: the fused LoRA backward on plain and 4-bit bases, not under FSDP; with it
+    # the lean MLP (medtune.lean_mlp)
+    fused = t.fused_lora and not uses_fsdp(cfg) and lo.quantization != "8bit"
     return Recipe(quantization=lo.quantization if device == "cuda" else "none", lora_r=lo.lora_r,
                   targets=tuple(lo.target_modules), lora_dropout=lo.lora_dropout, optimizer=t.optimizer,
                   gradient_checkpointing=lo.gradient_checkpointing is not False,  # `auto` unresolved: on
                   recompute_every=lo.recompute_every_n_layers,
                   liger=(device == "cuda" and t.liger_kernels) if liger is None else liger, attention=attention,
                   fused_loss=not uses_fsdp(cfg),  # sharding.trainer_arguments: no Liger fused loss under FSDP
-                  # train.load_for_training: the fused LoRA backward on plain and 4-bit bases, not under FSDP
-                  fused_backward=t.fused_lora and not uses_fsdp(cfg) and lo.quantization != "8bit",
+                  fused_backward=fused, lean_mlp=fused,
                   compute_bytes=2 if device == "cuda" or lo.bf16 else 4)  # CPUs without bf16 train in fp32
 
 

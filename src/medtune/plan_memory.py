@@ -21,6 +21,7 @@ What a micro batch holds is an input (`MicroBatch`): packed, the sum of its rows
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +64,10 @@ class Recipe:
     compute_bytes: int = 2         # bf16/fp16; 4 for float32 training on CPUs without bf16
     upcast_frozen: bool = False    # PEFT's prepare_model_for_kbit_training: norms, embeddings, lm_head in fp32
     fused_backward: bool = False   # medtune.fast_lora's LoraLinear: the input kept once, dropout masks replayed
+    lean_mlp: bool = False         # medtune.lean_mlp: the down projection's input computed again, not kept
+    keys_repeated: bool = False    # varlen on PyTorch <= 2.11 keeping k and v repeated to every query head in
+    #                                every layer (before medtune.attention.keep_unrepeated; now only in the
+    #                                layer being recomputed, where the checkpoint's hooks apply instead)
 
 
 def attention_family(name: str) -> str:
@@ -114,9 +119,10 @@ def layer_saved_bytes(s: Shape, r: Recipe, b: MicroBatch) -> float:
     # q and k after RoPE and v (the attention keeps them) and the attention output;
     # SwiGLU's gate and up (unfused: also silu(gate))
     norms = 2 * h * (c if r.liger else 4)
-    # medtune_varlen hands the kernel contiguous (tokens, heads, dim) copies of q, k, v, and on PyTorch
-    # <= 2.11 (no enable_gqa in varlen_attn) k and v repeated to every query head: counted that way
-    keys = 2 * q if attention_family(r.attention) == "varlen" else 2 * kv
+    # medtune_varlen hands the kernel contiguous (tokens, heads, dim) copies of q, k, v; on PyTorch
+    # <= 2.11 (no enable_gqa in varlen_attn) k and v repeated to every query head, which the attention
+    # keeps unrepeated (medtune.attention.keep_unrepeated) except under activation recompute
+    keys = 2 * q if attention_family(r.attention) == "varlen" and r.keys_repeated else 2 * kv
     per_token = norms + (q + keys + q + (2 if r.liger else 3) * i) * c
     proj = projections(s)
     if r.lora_dropout > 0 and not r.fused_backward:
@@ -124,7 +130,10 @@ def layer_saved_bytes(s: Shape, r: Recipe, b: MicroBatch) -> float:
     else:
         shared = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "gate_proj": "mlp_in",
                   "up_proj": "mlp_in", "o_proj": "o_in", "down_proj": "down_in"}
-        per_token += sum(proj[m][0] * c for m in {shared.get(m, m): m for m in r.targets}.values())
+        kept = {shared.get(m, m): m for m in r.targets}
+        if r.lean_mlp:  # computed again from gate and up, which SwiGLU keeps anyway
+            kept.pop("down_in", None)
+        per_token += sum(proj[m][0] * c for m in kept.values())
     per_token += len(r.targets) * r.lora_r * c  # lora_A output, saved by lora_B
     saved = per_token * t + t * s.heads * 4  # + the attention's fp32 log-sum-exp
     saved += _attention_matrices(s, r, b, attention_family(r.attention))[0]
@@ -153,10 +162,12 @@ def layer_backward_bytes(s: Shape, r: Recipe, b: MicroBatch) -> float:
     """Gradient buffers alive while back-propagating one layer's MLP: the down-projection input's
     gradient (Liger's SwiGLU writes the gate/up gradients in place of its saved inputs; unfused, two
     more), the residual stream's gradient and the input gradient being accumulated; with the fused LoRA
-    backward and dropout, the down projection's dropped input and mask drawn again."""
+    backward and dropout, the down projection's dropped input and mask drawn again; with the lean MLP,
+    that input computed again."""
     i = s.intermediate * (1 if r.liger else 3)
     redrawn = s.intermediate * (r.compute_bytes + 1) if r.fused_backward and r.lora_dropout > 0 else 0
-    return ((i + 2 * s.hidden) * r.compute_bytes + redrawn) * b.tokens
+    recomputed = s.intermediate * r.compute_bytes if r.lean_mlp else 0
+    return ((i + 2 * s.hidden) * r.compute_bytes + redrawn + recomputed) * b.tokens
 
 
 def loss_bytes(s: Shape, r: Recipe, b: MicroBatch) -> tuple[float, float]:
@@ -193,7 +204,8 @@ def estimate(s: Shape, r: Recipe, b: MicroBatch) -> dict[str, Any]:
         keeping = s.layers - checkpointed
         kept = (checkpointed + 1) * b.tokens * s.hidden * resid + keeping * saved_layer \
             + st["lora_params"] * c * keeping / s.layers
-        recompute = saved_layer
+        # the layer being recomputed saves under the checkpoint's hooks: k and v repeated (varlen, PyTorch <= 2.11)
+        recompute = layer_saved_bytes(s, dataclasses.replace(r, keys_repeated=True), b)
     else:
         kept = s.layers * saved_layer + st["lora_params"] * c  # + autocast's cached 16-bit LoRA weights
         recompute = 0.0

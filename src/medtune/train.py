@@ -26,7 +26,7 @@ from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
-from medtune import attention, base_eval_cache, batch_auto, fast_lora, layer_graphs, recompute, token_bins
+from medtune import attention, base_eval_cache, batch_auto, fast_lora, layer_graphs, lean_mlp, recompute, token_bins
 from medtune.config import MedtuneConfig
 from medtune.divergence import StopOnDivergence, diverged_error
 from medtune.errors import EnvironmentProblem
@@ -177,7 +177,7 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
     eval_ds = load_from_disk(str(eval_path)) if eval_path.exists() else None
 
     args = training_args(cfg, run, device, eval_ds is not None)
-    t, extra = cfg.training, []
+    t, extra = cfg.training, [lean_mlp.AtTrainStart()]  # before any graph capture
     graphs = bool(t.micro_batch_tokens) and layer_graphs.wanted(t.cuda_graphs, device, args.world_size,
                                                                  bool(cfg.lora.gradient_checkpointing))
     model = load_for_training(cfg, model_path, device, place=args.device, graphs=graphs)  # torchrun: this rank's GPU

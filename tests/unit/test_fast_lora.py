@@ -48,9 +48,13 @@ def test_fused_paths_match_peft(dropout, backward, keep_mask):
     q_proj = fused.get_base_model().model.layers[0].self_attn.q_proj
     assert q_proj.forward.__func__ is (fast_lora.fused_forward_backward if backward else fast_lora.fused_forward)
     peft_model.train(), fused.train()
-    ids = torch.randint(0, 97, (2, 24))
-    logits_a, loss_a, grads_a = _loss_and_grads(peft_model, ids, seed=3)
-    logits_b, loss_b, grads_b = _loss_and_grads(fused, ids, seed=3)
+    _assert_same_training_step(peft_model, fused, torch.randint(0, 97, (2, 24)), seed=3)
+
+
+def _assert_same_training_step(reference, model, ids, seed: int) -> None:
+    """Logits, loss and every adapter gradient (all nonzero) as the reference's, the same dropout masks."""
+    logits_a, loss_a, grads_a = _loss_and_grads(reference, ids, seed=seed)
+    logits_b, loss_b, grads_b = _loss_and_grads(model, ids, seed=seed)
     torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
     assert grads_a.keys() == grads_b.keys() and len(grads_a) == 2 * 7 * 2
@@ -170,8 +174,9 @@ def test_fp8_base_matches_a_float64_reference_within_float8_rounding():
     assert y.dtype == x.grad.dtype == torch.bfloat16
 
 
-def _saved_bytes(model, ids) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward of one forward."""
+def _saved_bytes(model, ids, forward_only: bool = False) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward of one forward (and whatever the
+    backward itself saves, unless `forward_only`)."""
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -179,7 +184,11 @@ def _saved_bytes(model, ids) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids).loss.backward()
+        loss = model(input_ids=ids, labels=ids).loss
+        if not forward_only:
+            loss.backward()
+    if forward_only:
+        loss.backward()
     return sum(storages.values())
 
 
@@ -225,3 +234,63 @@ def test_training_loads_the_fused_backward_and_it_matches_peft_under_recompute(t
     assert grads_a.keys() == grads_b.keys() and grads_a
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("keep_mask", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lean_mlp_matches_peft_and_keeps_gate_and_up_only(dropout, keep_mask):
+    """medtune.lean_mlp: the activation and the down projection as one node that keeps gate and up and
+    computes their product again: logits, loss and adapter gradients as PEFT's, and what autograd keeps
+    is exactly the down projections' inputs less than with the fused backward alone."""
+    from medtune import lean_mlp
+
+    peft_model = _lora_model(dropout)
+    fused = copy.deepcopy(peft_model)
+    fast_lora.install(fused, backward=True, keep_mask=keep_mask)
+    lean = copy.deepcopy(fused)
+    assert lean_mlp.install(lean) == 2 and lean_mlp.install(lean) == 2  # idempotent
+    for m in (peft_model, fused, lean):
+        m.train()
+    ids = torch.randint(0, 97, (2, 24))
+    _assert_same_training_step(peft_model, lean, ids, seed=5)
+    # per layer: the product (the down projection's input) and, kept by autograd's multiplication on
+    # this CPU path (Liger's kernel keeps gate and up only), silu(gate); two layers, float32
+    wide = ids.numel() * 64 * 4
+    assert _saved_bytes(fused, ids, forward_only=True) - _saved_bytes(lean, ids, forward_only=True) == 2 * 2 * wide
+
+
+def test_lean_mlp_needs_the_fused_backward_and_steps_aside_for_peft_states():
+    from medtune import lean_mlp
+
+    forward_only = _lora_model(0.1)
+    fast_lora.install(forward_only, backward=False)
+    assert lean_mlp.install(forward_only) == 0  # the fused forward alone keeps PEFT's dropped copies anyway
+    lean = _lora_model(0.1)
+    fast_lora.install(lean, backward=True)
+    lean_mlp.install(lean)
+    plain = copy.deepcopy(lean)
+    ids = torch.randint(0, 97, (2, 16))
+    with lean.disable_adapter():  # PEFT's own forward inside the lean MLP: the base model's output
+        base_logits = lean(input_ids=ids).logits
+    for module in plain.modules():
+        vars(module).pop("forward", None)
+    with plain.disable_adapter():
+        torch.testing.assert_close(base_logits, plain(input_ids=ids).logits)
+    lean.eval()
+    with torch.no_grad():  # no autograd: the product and the projection, nothing kept
+        torch.testing.assert_close(lean(input_ids=ids).logits, plain.eval()(input_ids=ids).logits)
+
+
+def test_training_installs_the_lean_mlp_when_it_starts(tiny_model_dir, tmp_path):
+    """Through the Trainer (after its Liger patches, where it has them): the callback swaps the MLPs."""
+    from medtune import lean_mlp
+    from medtune.config_io import load_config
+    from medtune.train import load_for_training
+
+    cfg = load_config(preset="smollm2-135m-medical", env={}, overrides=[
+        "model.model_source=local", f"model.local_model_path={tiny_model_dir}", f"output.output_root={tmp_path}",
+        "lora.quantization=none", "lora.bf16=false"])
+    model = load_for_training(cfg, str(tiny_model_dir), "cpu")
+    lean_mlp.AtTrainStart().on_train_begin(None, None, None, model=model)
+    mlp = model.get_base_model().model.layers[0].mlp
+    assert mlp.forward.__func__ is lean_mlp.forward and mlp.liger_swiglu is False

@@ -86,6 +86,72 @@ def test_packed_varlen_loss_and_grads_equal_padded_sdpa(tiny_model_dir, fake_ker
     torch.testing.assert_close(grad_fast, grad_plain, atol=1e-6, rtol=1e-4)
 
 
+class SavingKernel(torch.autograd.Function):
+    """Like torch's varlen custom op: keeps q, k and v themselves for its backward."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu, longest):
+        ctx.save_for_backward(q, k, v, cu)
+        ctx.longest = longest
+        HOOKED.append(attention._outer_hooks())  # keep_unrepeated's hooks are on around the kernel
+        return reference_varlen(q, k, v, cu, cu, longest, longest, is_causal=True)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, cu = ctx.saved_tensors
+        KEPT.append(k.shape[1])
+        with torch.enable_grad():
+            q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+            out = reference_varlen(q, k, v, cu, cu, ctx.longest, ctx.longest, is_causal=True)
+        return (*torch.autograd.grad(out, (q, k, v), grad), None, None)
+
+
+KEPT: list[int] = []
+HOOKED: list[bool] = []
+
+
+def saving_legacy(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
+    return SavingKernel.apply(q, k, v, cu_q, max_q)
+
+
+def test_grouped_heads_are_kept_unrepeated_and_repeated_again_for_the_backward(tiny_model_dir, fake_kernel):
+    """PyTorch 2.10/2.11 (no enable_gqa): the kernel gets k and v repeated to every query head, but
+    its backward keeps the shared heads only; the gradients are those of padded SDPA."""
+    fake_kernel(saving_legacy)
+    KEPT.clear(), HOOKED.clear()
+    packed, padded = packed_and_padded(tiny_model_dir)
+    loss_fast, grad_fast = loss_and_grads(tiny_model_dir, attention.register(), packed)
+    loss_plain, grad_plain = loss_and_grads(tiny_model_dir, "sdpa", padded)
+    assert HOOKED == [True, True]
+    assert KEPT == [4, 4]  # the backward saw the repeated heads (4 query heads, 2 shared key/value heads)
+    assert abs(loss_fast - loss_plain) < TOLERANCE
+    torch.testing.assert_close(grad_fast, grad_plain, atol=1e-6, rtol=1e-4)
+
+
+def test_keep_unrepeated_drops_the_repeated_copy():
+    import gc
+    import weakref
+
+    k = torch.randn(6, 2, 8, requires_grad=True)
+    w = torch.randn(6, 4, 8, requires_grad=True)
+    repeated = k.repeat_interleave(2, dim=1)
+    with attention.keep_unrepeated({repeated: k.detach()}, 2):
+        y = (repeated * w).sum()  # mul keeps both operands for its backward
+    alive = weakref.ref(repeated)
+    del repeated
+    gc.collect()
+    assert alive() is None  # the graph holds k (2 heads), not the 4-head copy
+    y.backward()
+    torch.testing.assert_close(w.grad, k.detach().repeat_interleave(2, dim=1))
+    torch.testing.assert_close(k.grad, w.detach().reshape(6, 2, 2, 8).sum(2))
+
+
+def test_under_activation_recompute_no_hooks_of_ours_apply():
+    assert not attention._outer_hooks()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert attention._outer_hooks()
+
+
 def test_boundaries_without_flash_kwargs_come_from_position_ids():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
     cu, longest = attention.boundaries({"position_ids": pos}, 1, 9, torch.device("cpu"))
