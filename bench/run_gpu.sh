@@ -103,6 +103,8 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
     bins_nogc_prof|bins_nogc_hf_prof)  # one optimizer step through the Trainer under torch.profiler (bench/trainer_profile.py)
       f=""; [ $run = bins_nogc_hf_prof ] && f=--hf-loop
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 2 --warm 2 --no-gc --profile $f --label "$run" ;;
+    bins_nogc_dropout0)  # bins_nogc with LoRA dropout 0, as Unsloth's best (unsloth0) runs
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --dropout 0 --label "$run" ;;
     bins_nogc_before)  # bins_nogc as the default path was before 2026-11-28 22:30: the down projection's input
       # kept (no medtune.lean_mlp) and k/v kept repeated to every query head (no attention.keep_unrepeated)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --before-lean --label "$run" ;;
@@ -124,8 +126,10 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
         -o addopts="" --rootdir . ;
       tail -1 /tmp/fsdp_test.out | python3 -c 'import json, sys; print(json.dumps({"run": "fsdp_test", "pytest": sys.stdin.read().strip()}))' \
         | tee -a "$OUT/results.jsonl" ;;
-    losscheck)  # the fast path vs the plain PEFT path, 20 steps, same rows and seed
-      step 300 fast20 $GT --quantization 4bit --packing --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --label fast20
+    losscheck|losscheck_nogc)  # the fast path vs the plain PEFT path, 20 steps, same rows and seed (_nogc: the fast
+      # path without recompute, as the presets train on an 80 GB+ card; recompute does not change the loss)
+      f=""; [ $run = losscheck_nogc ] && f=--no-gc
+      step 300 fast20 $GT --quantization 4bit --packing --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 $f --label fast20
       step 400 plain20 $GT --quantization 4bit --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --plain --label plain20
       python3 bench/loss_agreement.py /tmp/fast20.out /tmp/plain20.out | tee -a "$OUT/results.jsonl" ;;
     e2e)  # `medtune run --preset llama3-8b-medical-quick` on the random 8B folder and 500 real rows
