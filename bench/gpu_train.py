@@ -154,6 +154,9 @@ def main() -> None:
                          "2026-11-28 19:40), PEFT's autograd for the LoRA backward")
     ap.add_argument("--fp8-base", action="store_true",
                     help="medtune.fast_lora.install(fp8_base=True): each nf4 projection's two GEMMs in float8 (Fp8Base)")
+    ap.add_argument("--torch-dropout", action="store_true",
+                    help="PyTorch's dropout in the fused LoRA backward instead of medtune.lora_dropout's kernels (the "
+                         "default before 2026-11-28 23:00)")
     ap.add_argument("--before-lean", action="store_true",
                     help="the default path before 2026-11-28 22:30: the down projection's input kept (no "
                          "medtune.lean_mlp) and grouped k/v kept repeated to every query head (no keep_unrepeated)")
@@ -202,12 +205,12 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer,))
     load_s = time.perf_counter() - t0
-    if a.forward_only or a.fp8_base:  # medtune.train installed the fused forward and backward already
+    if a.forward_only or a.fp8_base or a.torch_dropout:  # medtune.train installed the fused forward and backward
         from medtune import fast_lora
 
         # under CUDA graphs the fused backward keeps its dropout masks (a graph cannot replay the generator state)
         fast_lora.install(trainer.model, backward=not a.forward_only, fp8_base=a.fp8_base,
-                          keep_mask=bool(cfg.training.cuda_graphs))
+                          keep_mask=bool(cfg.training.cuda_graphs), dropout_kernels=not a.torch_dropout)
     if a.before_lean:
         from medtune import attention, lean_mlp
 
@@ -240,7 +243,7 @@ def main() -> None:
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
         "fused_lora": cfg.training.fused_lora, "fused_backward": fused_backward(trainer.model), "fp8_base": a.fp8_base,
-        "lean_mlp": lean_mlps(trainer.model), "keys_repeated": keys_repeated(trainer.model, cfg, a.before_lean),
+        "lean_mlp": lean_mlps(trainer.model), "dropout_kernels": dropout_kernels(trainer.model), "keys_repeated": keys_repeated(trainer.model, cfg, a.before_lean),
         "cuda_graphs": cfg.training.cuda_graphs, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,
         "gradient_checkpointing": cfg.lora.gradient_checkpointing,
@@ -262,6 +265,14 @@ def fused_backward(model) -> bool:
 
     return any(getattr(vars(m).get("forward"), "__func__", None) is fast_lora.fused_forward_backward
                for m in model.modules())
+
+
+def dropout_kernels(model) -> bool:
+    """Whether the LoRA dropout masks were drawn inside medtune.lora_dropout's kernels."""
+    from medtune import fast_lora, lora_dropout
+
+    return lora_dropout._kernels() is not None and any(
+        fast_lora.dropout_mode(m) == "kernel" for m in model.modules() if hasattr(m, "dropout_kernels"))
 
 
 def lean_mlps(model) -> int:

@@ -69,6 +69,7 @@ def medtune_recipe(line: dict, path: Path | None = None) -> Recipe:
     # lines before 2026-11-28 22:30 kept the down projection's input and k/v repeated (PyTorch 2.11, varlen)
     return dataclasses.replace(recipe(cfg, "cuda", attention=line.get("attn", "sdpa"), liger=line["liger"]),
                                fused_backward=lean, lean_mlp=bool(line.get("lean_mlp")),
+                               dropout_kernels=bool(line.get("dropout_kernels")),
                                keys_repeated=line.get("keys_repeated", True))
 
 

@@ -96,6 +96,10 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
         bins_nogc_fp8_graphs) f="--fp8-base --set training.cuda_graphs=true" ;; *) f="" ;; esac
       st="--steps 3 --warm 1"; [ -n "${LONG:-}" ] && st="--steps 6 --warm 2"  # LONG=1: as bins_nogc
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 $st --no-gc $f --label "$run" ;;
+    dropcheck)  # bench/lora_dropout_check.py: the dropout kernels against PyTorch ops, values and time
+      step 200 "$run" python3 bench/lora_dropout_check.py ;;
+    bins_nogc_torchdrop)  # bins_nogc with PyTorch's dropout in the fused backward (the default before 2026-11-28 23:00)
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --torch-dropout --label "$run" ;;
     fp8check)  # bench/fp8_rows_check.py: the float8 row kernel against its reference, float8 against bf16 GEMMs
       step 200 "$run" python3 bench/fp8_rows_check.py ;;
     bins_nogc_hf)  # bins_nogc with the Trainer's own NaN filter and token count (host syncs every micro batch)

@@ -1,11 +1,15 @@
 """Paths and helpers the tests share (importable from test modules; conftest holds the fixtures)."""
 
 import functools
+import importlib.util
 import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 SHARED_DATASET = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "medical_mistral_instruct_dataset_short"
 
@@ -54,3 +58,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def run_under_triton_interpreter(code: str) -> None:
+    """Run `code` (which prints "ok" when its checks pass) in a fresh interpreter with Triton's CPU
+    interpreter switched on: the kernels' arithmetic is checked without a GPU."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="Triton is not installed (GPU installs have it)")

@@ -26,15 +26,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medtune import fp8_rows
+from medtune import fp8_rows, lora_dropout
 
 
-def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool = False, keep_mask: bool = False) -> int:
+def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool = False, keep_mask: bool = False,
+            dropout_kernels: bool = True) -> int:
     """Give every LoRA linear layer of `model` the fused forward (with `backward`, also the fused
     backward of `LoraLinear`, where the base is a plain or bitsandbytes 4-bit linear; with `fp8_base`,
     a bitsandbytes 4-bit base's two GEMMs in float8, see `Fp8Base`); returns how many layers took it.
     `keep_mask`: the fused backward keeps each dropout mask (one byte per element) instead of replaying
-    it from the saved random-number state, which a CUDA graph cannot do (medtune.layer_graphs)."""
+    it from the saved random-number state, which a CUDA graph cannot do (medtune.layer_graphs).
+    `dropout_kernels`: with the fused backward on a GPU, the dropout mask is drawn inside the adapter's
+    GEMMs (`medtune.lora_dropout`) instead of by PyTorch's dropout (not with `keep_mask`)."""
     from peft.tuners.lora import LoraLayer
 
     count = 0
@@ -44,6 +47,7 @@ def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool = Fal
             module.forward = types.MethodType(fused_forward_backward if whole else fused_forward, module)
             module.fp8_base = fp8_base and _four_bit(module.get_base_layer(), bias=False)
             module.keep_mask = keep_mask
+            module.dropout_kernels = dropout_kernels
             count += 1
     return count
 
@@ -94,7 +98,7 @@ def fused_forward_backward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
     return LoraLinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                            self.scaling[name], p, getattr(self, "fp8_base", False), getattr(self, "keep_mask", False))
+                            self.scaling[name], p, getattr(self, "fp8_base", False), dropout_mode(self))
 
 
 class LoraLinear(torch.autograd.Function):
@@ -110,8 +114,8 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
-                scaling: float, p: float, fp8: bool = False, keep_mask: bool = False) -> torch.Tensor:
-        out, (h, a16, b16, mask), ctx.rng = lora_forward(x, a, b, base, scaling, p, fp8, keep_mask)
+                scaling: float, p: float, fp8: bool = False, mode: str = "replay") -> torch.Tensor:
+        out, (h, a16, b16, mask), ctx.draw = lora_forward(x, a, b, base, scaling, p, fp8, mode)
         ctx.save_for_backward(x, h, a16, b16, mask)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.dtypes = base, scaling, p, fp8, (x.dtype, a.dtype, b.dtype)
         return out
@@ -123,50 +127,69 @@ class LoraLinear(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
+def dropout_mode(layer: Any) -> str:
+    """How `lora_forward` draws a layer's dropout mask (`install`'s keep_mask and dropout_kernels)."""
+    if getattr(layer, "keep_mask", False):
+        return "keep"
+    return "kernel" if getattr(layer, "dropout_kernels", False) else "replay"
+
+
 def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module, scaling: float, p: float,
-                 fp8: bool, keep_mask: bool) -> tuple[torch.Tensor, tuple[Any, ...], torch.Tensor | None]:
-    """`LoraLinear`'s forward: (output, what the backward keeps besides the input, the random-number
-    state the dropout mask is drawn again from)."""
+                 fp8: bool, mode: str) -> tuple[torch.Tensor, tuple[Any, ...], torch.Tensor | int | None]:
+    """`LoraLinear`'s forward: (output, what the backward keeps besides the input, how the dropout mask is
+    drawn again: a generator state, or the seed of `medtune.lora_dropout`'s kernels). `mode`: "kernel"
+    (those kernels where they apply, else as "replay"), "replay" (PyTorch's dropout, drawn again from the
+    saved generator state) or "keep" (PyTorch's dropout, the mask kept: for CUDA graphs)."""
     result = fp8_linear(x, base) if fp8 else base(x)
     dtype = result.dtype
-    rng = _rng_state(x.device) if p > 0 and not keep_mask else None
-    dropped, mask = torch.ops.aten.native_dropout(x, p, True) if p > 0 else (x, None)
     a16, b16 = a.to(dtype), b.to(dtype)
-    h = F.linear(dropped.to(dtype), a16)
-    flat = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b16.t(), alpha=scaling)
-    return flat.view(result.shape), (h, a16, b16, mask if keep_mask else None), rng
+    x2, mask = x.reshape(-1, x.shape[-1]), None
+    if p > 0 and mode == "kernel" and lora_dropout.usable(x2, a16, p):
+        draw: torch.Tensor | int | None = lora_dropout.new_seed()
+        h = lora_dropout.forward(x2, a16, p, draw)
+    else:
+        draw = _rng_state(x.device) if p > 0 and mode != "keep" else None
+        dropped, mask = torch.ops.aten.native_dropout(x2, p, True) if p > 0 else (x2, None)
+        h = F.linear(dropped.to(dtype), a16)
+    flat = torch.addmm(result.reshape(-1, result.shape[-1]), h, b16.t(), alpha=scaling)
+    return flat.view(result.shape), (h, a16, b16, mask if mode == "keep" else None), draw
 
 
 def lora_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, h: torch.Tensor, a16: torch.Tensor,
                   b16: torch.Tensor, mask: torch.Tensor | None,
                   need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """`LoraLinear`'s backward from its input `x` and what `lora_forward` kept (`ctx` carries base,
-    scaling, p, fp8, rng and the dtypes): the gradients of x (when `need_x`), A and B."""
-    if mask is not None:
-        dropped = torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1.0 - ctx.p)).to(h.dtype)
-    elif ctx.p > 0:
-        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [],
-                                   device_type=x.device.type):
-            _set_rng_state(x.device, ctx.rng)
-            dropped, mask = torch.ops.aten.native_dropout(x, ctx.p, True)
-        dropped = dropped.to(h.dtype)
-    else:
-        dropped, mask = x.to(h.dtype), None
+    scaling, p, fp8, draw and the dtypes): the gradients of x (when `need_x`), A and B."""
     x_dtype, a_dtype, b_dtype = ctx.dtypes
+    x2 = x.reshape(-1, x.shape[-1])
     g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
-    h2 = h.reshape(-1, h.shape[-1])
     # As autograd differentiates addmm(result, h, B.T, alpha=s) and linear(dropped, A):
     dh = g.mm(b16).mul_(ctx.scaling)
-    grad_b = h2.t().mm(g).mul_(ctx.scaling).t().to(b_dtype)
-    grad_a = dh.t().mm(dropped.reshape(-1, dropped.shape[-1])).to(a_dtype)
-    del dropped
+    grad_b = h.t().mm(g).mul_(ctx.scaling).t().to(b_dtype)
+    kernels = isinstance(ctx.draw, int)  # the mask drawn inside medtune.lora_dropout's kernels
+    if kernels:
+        grad_a = lora_dropout.grad_a(x2, dh, ctx.p, ctx.draw).to(a_dtype)
+    else:
+        if mask is not None:
+            dropped = torch.ops.aten.native_dropout_backward(x2, mask, 1.0 / (1.0 - ctx.p))
+        elif ctx.p > 0:
+            with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [],
+                                       device_type=x.device.type):
+                _set_rng_state(x.device, ctx.draw)
+                dropped, mask = torch.ops.aten.native_dropout(x2, ctx.p, True)
+        else:
+            dropped = x2
+        grad_a = dh.t().mm(dropped.to(h.dtype)).to(a_dtype)
+        del dropped
     grad_x = None
     if need_x:
         grad_x = fp8_input_grad(g, ctx.base) if ctx.fp8 else g.mm(_base_weight(ctx.base, g.dtype))
-        if mask is None:
+        if kernels:
+            lora_dropout.add_grad_x(grad_x, dh, a16, ctx.p, ctx.draw)
+        elif mask is None:
             grad_x.addmm_(dh, a16)
         else:
-            grad_x.addcmul_(dh.mm(a16), mask.reshape(grad_x.shape), value=1.0 / (1.0 - ctx.p))
+            grad_x.addcmul_(dh.mm(a16), mask, value=1.0 / (1.0 - ctx.p))
         grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(x_dtype)
     return grad_x, grad_a, grad_b
 

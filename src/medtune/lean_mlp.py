@@ -65,8 +65,7 @@ def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     drop = down.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
     return GatedDown.apply(gate, up, down.lora_A[name].weight, down.lora_B[name].weight, down.base_layer,
-                           down.scaling[name], p, getattr(down, "fp8_base", False), getattr(down, "keep_mask", False),
-                           act)
+                           down.scaling[name], p, getattr(down, "fp8_base", False), fast_lora.dropout_mode(down), act)
 
 
 class _Act:
@@ -100,9 +99,9 @@ class GatedDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                base: torch.nn.Module, scaling: float, p: float, fp8: bool, keep_mask: bool, act: _Act) -> torch.Tensor:
+                base: torch.nn.Module, scaling: float, p: float, fp8: bool, mode: str, act: _Act) -> torch.Tensor:
         product = act.forward(gate, up)
-        out, kept, ctx.rng = fast_lora.lora_forward(product, a, b, base, scaling, p, fp8, keep_mask)
+        out, kept, ctx.draw = fast_lora.lora_forward(product, a, b, base, scaling, p, fp8, mode)
         ctx.save_for_backward(gate, up, *kept)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.act = base, scaling, p, fp8, act
         ctx.dtypes = (product.dtype, a.dtype, b.dtype)

@@ -96,7 +96,7 @@ def recipe(cfg: MedtuneConfig, device: str, attention: str | None = None, liger:
                   recompute_every=lo.recompute_every_n_layers,
                   liger=(device == "cuda" and t.liger_kernels) if liger is None else liger, attention=attention,
                   fused_loss=not uses_fsdp(cfg),  # sharding.trainer_arguments: no Liger fused loss under FSDP
-                  fused_backward=fused, lean_mlp=fused,
+                  fused_backward=fused, lean_mlp=fused, dropout_kernels=fused and device == "cuda",
                   compute_bytes=2 if device == "cuda" or lo.bf16 else 4)  # CPUs without bf16 train in fp32
 
 

@@ -65,6 +65,7 @@ class Recipe:
     upcast_frozen: bool = False    # PEFT's prepare_model_for_kbit_training: norms, embeddings, lm_head in fp32
     fused_backward: bool = False   # medtune.fast_lora's LoraLinear: the input kept once, dropout masks replayed
     lean_mlp: bool = False         # medtune.lean_mlp: the down projection's input computed again, not kept
+    dropout_kernels: bool = False  # medtune.lora_dropout: the fused backward's dropout drawn inside its GEMMs
     keys_repeated: bool = False    # varlen on PyTorch <= 2.11 keeping k and v repeated to every query head in
     #                                every layer (before medtune.attention.keep_unrepeated; now only in the
     #                                layer being recomputed, where the checkpoint's hooks apply instead)
@@ -162,10 +163,11 @@ def layer_backward_bytes(s: Shape, r: Recipe, b: MicroBatch) -> float:
     """Gradient buffers alive while back-propagating one layer's MLP: the down-projection input's
     gradient (Liger's SwiGLU writes the gate/up gradients in place of its saved inputs; unfused, two
     more), the residual stream's gradient and the input gradient being accumulated; with the fused LoRA
-    backward and dropout, the down projection's dropped input and mask drawn again; with the lean MLP,
-    that input computed again."""
+    backward and PyTorch's dropout, the down projection's dropped input and mask drawn again (not with
+    medtune.lora_dropout's kernels); with the lean MLP, that input computed again."""
     i = s.intermediate * (1 if r.liger else 3)
-    redrawn = s.intermediate * (r.compute_bytes + 1) if r.fused_backward and r.lora_dropout > 0 else 0
+    redraw = r.fused_backward and r.lora_dropout > 0 and not r.dropout_kernels
+    redrawn = s.intermediate * (r.compute_bytes + 1) if redraw else 0
     recomputed = s.intermediate * r.compute_bytes if r.lean_mlp else 0
     return ((i + 2 * s.hidden) * r.compute_bytes + redrawn + recomputed) * b.tokens
 

@@ -26,10 +26,11 @@ def _peak(cfg, budget: int, recompute: bool, rows: int = 1, layout: str = "packe
 
 @pytest.mark.parametrize("memory, budget, recompute", [
     (139.8, 8192, False), (79.6, 8192, False),  # H200, H100 80GB: the measured best, 8,192-token bins without recompute
-    (44.4, 8192, False),                        # a 48 GB card: the same, with the lean MLP (39.4 GiB estimated)
+    (44.4, 8192, False),                        # a 48 GB card: the same, with the lean MLP (39.1 GiB estimated)
     (39.4, 4096, False),                        # a 40 GB card: smaller bins, still no recompute
     (22.0, 16384, True),                        # a 24 GB card: no bin fits without recompute; with it, 8 x 2048
-    (12.0, 2048, True),                         # a 12 GB card: the smallest, with recompute
+    (11.0, 2048, True),                         # 11 GB free: the smallest, with recompute
+    (8.0, 2048, True),                          # 8 GB free: none is estimated to fit, the smallest
 ])
 def test_packed_auto_takes_the_largest_budget_without_recompute_then_with_it(memory, budget, recompute):
     cfg = _cfg()

@@ -3,15 +3,10 @@ Triton's CPU interpreter where Triton is installed; its float8 values on a GPU: 
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
-import sys
-
-import pytest
 import torch
 
 from medtune import fp8_rows
+from tests_support import needs_triton, run_under_triton_interpreter
 
 
 def test_rows_come_back_within_e4m3_rounding_and_the_input_is_left_alone():
@@ -78,8 +73,6 @@ print("ok")
 """
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed (GPU installs have it)")
+@needs_triton
 def test_the_triton_kernel_computes_the_reference():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    run_under_triton_interpreter(KERNEL_CHECK)

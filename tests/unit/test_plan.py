@@ -195,7 +195,7 @@ MEASURED_LEAN = [
 @pytest.mark.parametrize("source, overrides, batch, measured", MEASURED + MEASURED_LEAN,
                          ids=[m[0] for m in MEASURED + MEASURED_LEAN])
 def test_estimate_is_within_20_percent_of_measured_peaks(source, overrides, batch, measured):
-    r = _recipe(*overrides)
+    r = dataclasses.replace(_recipe(*overrides), dropout_kernels=False)  # every line ran PyTorch's dropout
     if not any(source == m[0] for m in MEASURED_LEAN):
         r = dataclasses.replace(r, lean_mlp=False, keys_repeated=True)
     assert estimate(L8B, r, batch)["total"] == pytest.approx(measured, rel=0.2)

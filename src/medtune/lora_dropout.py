@@ -1,0 +1,107 @@
+"""LoRA's input dropout drawn inside the adapter's own GEMMs, on the GPU.
+
+With dropout, the fused LoRA backward (`fast_lora.LoraLinear`) still runs PyTorch's dropout as separate
+kernels: in the forward a dropped copy of the input and a mask are written and the A GEMM reads the
+copy; in the backward the mask is drawn again (the generator state forked and restored on the host),
+the copy written again for A's gradient, and the input gradient's LoRA part is a full (tokens x in)
+product masked and added in two more passes. On an H200 that is 12 % of a Llama-3.1-8B QLoRA step at
+dropout 0.05 (docs/benchmarks.md, calls ai and aj). Here three Triton kernels draw the mask on the fly
+from a counter-based hash of (seed, element index), so nothing but the input is read and nothing
+masked is written:
+
+  forward   h = (x * keep / (1 - p)) @ A.T
+  backward  grad_A = dh.T @ (x * keep / (1 - p))          (split over tokens, partial sums added)
+            grad_x += keep / (1 - p) * (dh @ A)           (in the epilogue of the small GEMM)
+
+The hash is murmur3's 32-bit finalizer; an element is kept when its hash is at least p * 2**32, so the
+keep rate is 1 - p to 2**-32. The seed is drawn from PyTorch's CPU generator for each projection call:
+`torch.manual_seed` reproduces it, and activation checkpointing, which restores that generator before
+recomputing, draws the same one. The masks are not PyTorch's dropout masks (another generator), so a
+run with this path matches PEFT's in distribution, not mask for mask; `reference_keep` is the same hash
+in PyTorch ops, the tests' reference.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+MIX = (0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35)  # the index's odd multiplier, then murmur3 fmix32's two
+RANKS = (16, 32, 64, 128)  # LoRA ranks the kernels take (a power of two, at least tl.dot's 16)
+BM, BK = 64, 64
+SPLIT_ROWS = 1024  # tokens per program of grad_a's split: 8 splits x 64 column blocks for 8,192 x 4,096
+
+
+def usable(x: torch.Tensor, a: torch.Tensor, p: float) -> bool:
+    """The kernels apply: CUDA, 16-bit activations and adapter, a rank they take, p below 1/2, and fewer
+    than 2**32 elements (the hash's counter)."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and a.dtype == x.dtype and 0 < p < 0.5
+            and a.shape[0] in RANKS and x.numel() < 2**32 and x.stride(-1) == 1 and _kernels() is not None)
+
+
+def new_seed() -> int:
+    """A seed from PyTorch's CPU generator (no device sync; checkpointing restores that generator)."""
+    return int(torch.randint(0, 2**31 - 1, (1,)).item())
+
+
+def threshold(p: float) -> int:
+    return int(p * 2**32)
+
+
+def forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """`dropout(x) @ a.T` for x (tokens x in), a (r x in)."""
+    m, k = x.shape
+    r = a.shape[0]
+    h = torch.empty((m, r), dtype=x.dtype, device=x.device)
+    _kernels()["forward"][(triton_cdiv(m, BM),)](
+        x, a, h, m, seed, threshold(p), 1.0 / (1.0 - p), x.stride(0), a.stride(0), h.stride(0),
+        K=k, R=r, BLOCK_M=BM, BLOCK_K=BK)
+    return h
+
+
+def grad_a(x: torch.Tensor, dh: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """`dh.T @ dropout(x)` (r x in, float32) with the forward's mask."""
+    m, k = x.shape
+    r = dh.shape[1]
+    splits = triton_cdiv(m, SPLIT_ROWS)
+    parts = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
+    _kernels()["grad_a"][(triton_cdiv(k, BK), splits)](
+        x, dh, parts, m, seed, threshold(p), x.stride(0), dh.stride(0), K=k, R=r, ROWS=SPLIT_ROWS,
+        BLOCK_M=BM, BLOCK_K=BK)
+    return parts.sum(0).mul_(1.0 / (1.0 - p))
+
+
+def add_grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> None:
+    """`grad_x += dropout-mask / (1 - p) * (dh @ a)` in place, with the forward's mask."""
+    m, k = grad_x.shape
+    _kernels()["grad_x"][(triton_cdiv(m, BM), triton_cdiv(k, BK))](
+        grad_x, dh, a, m, seed, threshold(p), 1.0 / (1.0 - p), grad_x.stride(0), dh.stride(0), a.stride(0),
+        K=k, R=a.shape[0], BLOCK_M=BM, BLOCK_K=BK)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def reference_keep(seed: int, rows: int, cols: int, p: float) -> torch.Tensor:
+    """The kernels' mask in PyTorch ops (int64 arithmetic, low 32 bits kept): True where kept."""
+    low = 0xFFFFFFFF
+    h = torch.arange(rows * cols, dtype=torch.int64).reshape(rows, cols)
+    h = (h * MIX[0] + seed) & low
+    h ^= h >> 16
+    h = (h * MIX[1]) & low
+    h ^= h >> 13
+    h = (h * MIX[2]) & low
+    h ^= h >> 16
+    return h >= threshold(p)
+
+
+@functools.cache
+def _kernels() -> dict[str, Any] | None:
+    try:
+        from medtune import lora_dropout_kernels as k
+    except ImportError:  # no Triton
+        return None
+    return {"forward": k.forward_kernel, "grad_a": k.grad_a_kernel, "grad_x": k.grad_x_kernel}

@@ -1,0 +1,93 @@
+"""medtune.lora_dropout: LoRA's dropout drawn inside the adapter's GEMMs. The kernels run here under
+Triton's CPU interpreter, against the same arithmetic in PyTorch ops with the reference mask (in bf16
+on a GPU: bench/lora_dropout_check.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from medtune import lora_dropout
+from tests_support import needs_triton, run_under_triton_interpreter
+
+KERNEL_CHECK = r"""
+import torch
+from medtune import lora_dropout as ld
+
+torch.manual_seed(0)
+for m, k, r, p, dtype in [(100, 80, 16, 0.1, torch.float32), (130, 64, 32, 0.05, torch.float32),
+                          (64, 200, 16, 0.3, torch.float16)]:  # bf16: numpy has none (bench/lora_dropout_check.py)
+    x = torch.randn(m, k).to(dtype)
+    a = (torch.randn(r, k) * 0.1).to(dtype)
+    dh = torch.randn(m, r).to(dtype)
+    gx = torch.randn(m, k).to(dtype)
+    seed = 1234 + m
+    keep = ld.reference_keep(seed, m, k, p)
+    dropped = torch.where(keep, x.float(), 0.0) / (1 - p)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    h = ld.forward(x, a, p, seed)
+    torch.testing.assert_close(h.float(), dropped @ a.float().T, **tol)
+    torch.testing.assert_close(ld.grad_a(x, dh, p, seed), dh.float().T @ dropped, **tol)
+    want = gx.float() + torch.where(keep, dh.float() @ a.float(), 0.0) / (1 - p)
+    ld.add_grad_x(gx, dh, a, p, seed)
+    torch.testing.assert_close(gx.float(), want, **tol)
+print("ok")
+"""
+
+
+@needs_triton
+def test_the_kernels_compute_dropout_with_the_reference_mask():
+    run_under_triton_interpreter(KERNEL_CHECK)
+
+
+def test_the_mask_keeps_one_minus_p_and_each_seed_draws_another():
+    a, b = lora_dropout.reference_keep(7, 512, 512, 0.05), lora_dropout.reference_keep(8, 512, 512, 0.05)
+    assert abs(a.float().mean().item() - 0.95) < 0.002 and abs(b.float().mean().item() - 0.95) < 0.002
+    both_dropped = (~a & ~b).float().mean().item()
+    assert abs(both_dropped - 0.05 * 0.05) < 0.0008  # independent across seeds
+    rows, cols = (~a).float().mean(1), (~a).float().mean(0)  # no row or column stripes
+    assert rows.std() < 0.02 and cols.std() < 0.02
+
+
+def test_seeds_follow_torch_manual_seed():
+    torch.manual_seed(3)
+    first = [lora_dropout.new_seed() for _ in range(3)]
+    torch.manual_seed(3)
+    assert [lora_dropout.new_seed() for _ in range(3)] == first and len(set(first)) == 3
+
+
+def test_the_kernels_are_only_used_where_they_apply():
+    x, a = torch.randn(8, 32, dtype=torch.bfloat16), torch.randn(16, 32, dtype=torch.bfloat16)
+    assert not lora_dropout.usable(x, a, 0.05)  # not on CUDA
+
+
+LAYER_CHECK = r"""
+import torch
+from medtune import fast_lora, lora_dropout as ld
+
+ld.usable = lambda x, a, p: True  # the interpreter runs the kernels on CPU tensors, in float32 here
+torch.manual_seed(0)
+base = torch.nn.Linear(48, 40, bias=False)
+a = (torch.randn(16, 48) * 0.1).requires_grad_()
+b = (torch.randn(40, 16) * 0.1).requires_grad_()
+x = torch.randn(2, 30, 48, requires_grad=True)
+p, s = 0.2, 2.0
+torch.manual_seed(5)
+out = fast_lora.LoraLinear.apply(x, a, b, base, s, p, False, "kernel")
+grad = torch.randn_like(out)
+out.backward(grad)
+got = (out.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
+for t in (x, a, b):
+    t.grad = None
+torch.manual_seed(5)
+keep = ld.reference_keep(ld.new_seed(), 60, 48, p).reshape(2, 30, 48)  # the seed the layer drew
+ref = base(x) + (torch.where(keep, x, 0.0) / (1 - p)) @ a.T @ b.T * s
+ref.backward(grad)
+for name, g, w in zip(("out", "x", "a", "b"), got, (ref.detach(), x.grad, a.grad, b.grad)):
+    torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
+print("ok")
+"""
+
+
+@needs_triton
+def test_the_fused_lora_node_with_the_kernels_gives_autograds_gradients_for_the_same_mask():
+    run_under_triton_interpreter(LAYER_CHECK)
