@@ -35,10 +35,16 @@ SPLIT_ROWS = 1024  # tokens per program of grad_a's split: 8 splits x 64 column 
 
 
 def usable(x: torch.Tensor, a: torch.Tensor, p: float) -> bool:
-    """The kernels apply: CUDA, 16-bit activations and adapter, a rank they take, p below 1/2, and fewer
-    than 2**32 elements (the hash's counter)."""
+    """The kernels apply: an Ampere or newer GPU (measured on Hopper), 16-bit activations and adapter, a
+    rank they take, p below 1/2, and fewer than 2**32 elements (the hash's counter)."""
     return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and a.dtype == x.dtype and 0 < p < 0.5
-            and a.shape[0] in RANKS and x.numel() < 2**32 and x.stride(-1) == 1 and _kernels() is not None)
+            and a.shape[0] in RANKS and x.numel() < 2**32 and x.stride(-1) == 1 and _ampere(x.device.index)
+            and _kernels() is not None)
+
+
+@functools.cache
+def _ampere(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def new_seed() -> int:

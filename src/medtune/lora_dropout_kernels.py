@@ -6,7 +6,9 @@ import triton.language as tl
 
 @triton.jit
 def keep(seed, rows, cols, k, limit):
-    h = (rows * k + cols).to(tl.uint32) * tl.full((), 0x9E3779B1, tl.uint32) + seed.to(tl.uint32)
+    # the element's index in uint32 (below 2**32 elements: `usable`), wrapping like the hash itself
+    h = rows.to(tl.uint32) * k + cols.to(tl.uint32)
+    h = h * tl.full((), 0x9E3779B1, tl.uint32) + seed.to(tl.uint32)
     h ^= h >> 16
     h *= tl.full((), 0x85EBCA6B, tl.uint32)
     h ^= h >> 13

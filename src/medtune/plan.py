@@ -281,7 +281,8 @@ def throughput(rec: Recipe, packing: bool, batch_tokens: int, device: str, card:
                 lambda a: a.quantization == quant, lambda a: a.gradient_checkpointing == rec.gradient_checkpointing,
                 lambda a: not rec.gradient_checkpointing or a.recompute_every == rec.recompute_every):
         pool = [a for a in pool if key(a)] or pool
-    anchor = min(pool, key=lambda a: abs(math.log(max(1, batch_tokens) / a.tokens_per_micro_batch)))
+    # the latest of equally close runs (THROUGHPUT lists them in the order they were measured)
+    anchor = min(reversed(pool), key=lambda a: abs(math.log(max(1, batch_tokens) / a.tokens_per_micro_batch)))
     scale, note = anchor.params / params, "scaled by parameter count"
     if device == "cuda":
         anchor_card = CARDS[anchor.card]
