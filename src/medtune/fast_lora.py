@@ -110,7 +110,9 @@ class LoraLinear(torch.autograd.Function):
     With dropout nothing per projection is kept of the input: PEFT keeps each projection's dropped copy
     and its mask (q, k and v: three copies of one input), here the input itself is kept (one tensor,
     shared by the projections that read it) with the random-number state the mask was drawn from, and
-    the backward draws the same mask again (as activation checkpointing replays dropout)."""
+    the backward draws the same mask again (as activation checkpointing replays dropout). On a GPU the
+    mask is drawn inside the adapter's GEMMs instead, from a seed (`medtune.lora_dropout`), and no
+    dropped copy is written in either pass."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
