@@ -22,7 +22,8 @@ demo: install
 
 test: install
 	# Triton for the tests only (GPU builds of torch bring their own): its CPU interpreter runs the
-	# float8 kernel's test (tests/unit/test_fp8_rows.py); the demo and a CPU install do without it.
+	# float8 and dropout kernels' tests (tests/unit/test_fp8_rows.py, test_lora_dropout.py); the demo and a CPU
+	# install do without it.
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q triton==3.5.1
 	$(BIN)/python -m pytest -q
 

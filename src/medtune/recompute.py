@@ -2,14 +2,14 @@
 
 Without recompute an 8B LoRA step does ~30% less arithmetic (33.5 instead of 48.5 GFLOP per token) but
 keeps every layer's activations: on one H200 (QLoRA, Llama-3.1-8B shape) 8,192-token micro batches
-trained at 12,023 tok/s in 63.3 GiB without recompute, 16,384-token ones at 9,121 tok/s in 16.0 GiB
-with it (docs/benchmarks.md). Which one a card can take is known before loading anything: with
+trained at 13,355 tok/s in 36.0 GiB without recompute (the default path since 2026-11-28 22:10),
+16,384-token ones at 9,121 tok/s in 16.0 GiB with it (an earlier path; docs/benchmarks.md). Which one a card can take is known before loading anything: with
 token-bounded micro batches (`training.micro_batch_tokens`) the largest micro batch is the budget
-itself, and medtune's memory model (plan_memory, within -2 % ... +6 % of every measured single-GPU
-peak, 0.3 % on the no-recompute bins) prices it. Between the two, transformers can recompute only
-every n-th decoder layer (`lora.recompute_every_n_layers`): `auto` takes the largest n that fits, so
-a 40-48 GB card recomputes some layers instead of all. Row-count micro batches have no such bound (a
-micro batch of long rows can hold 15x the tokens of a short one), so `auto` recomputes every layer
+itself, and medtune's memory model (plan_memory, within -2 % ... +8 % of every measured single-GPU
+peak) prices it. Between the two, transformers can recompute only every n-th decoder layer
+(`lora.recompute_every_n_layers`): `auto` takes the largest n that fits, so a card just short of the
+no-recompute peak (~40-43 GiB free for an 8B) recomputes some layers instead of all. Row-count micro
+batches have no such bound (a micro batch of long rows can hold 15x the tokens of a short one), so `auto` recomputes every layer
 for them, on CPUs and under FSDP.
 """
 
