@@ -37,7 +37,8 @@ def install(model: torch.nn.Module) -> int:
                 and getattr(down.forward, "__func__", None) is fast_lora.fused_forward_backward):
             if getattr(module.forward, "__func__", None) is not forward:
                 # Liger's SwiGLU forward in place (the Trainer's `use_liger_kernel`): its kernels here too
-                module.liger_swiglu = getattr(module.forward, "__qualname__", "").startswith("LigerSwiGLUMLP.")
+                liger = getattr(module.forward, "__qualname__", "").startswith("LigerSwiGLUMLP.")
+                module.gated_act = _Act(module.act_fn, liger)  # built once, not per forward
                 module.forward = types.MethodType(forward, module)
             count += 1
     return count
@@ -57,7 +58,7 @@ def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
     name = fast_lora._plain(down, {})
-    act = _Act(self.act_fn, self.liger_swiglu and gate.is_cuda)
+    act = self.gated_act
     if not torch.is_grad_enabled():
         return down(act.forward(gate, up))
     if name is None:  # PEFT's own path (adapter disabled, merged, ...): autograd keeps what it keeps
@@ -69,22 +70,22 @@ def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Act:
-    """`act(gate) * up` and its backward: Liger's Triton kernels for SiLU on a GPU (the backward
-    writes the gradients over gate and up, which nothing reads again), else autograd on the module's
-    own activation."""
+    """`act(gate) * up` and its backward: Liger's Triton kernels where Liger patched the MLP, on a GPU
+    (the backward writes the gradients over gate and up, which nothing reads again), else autograd on
+    the module's own activation."""
 
     def __init__(self, act_fn: Any, liger: bool):
         self.act_fn, self.liger = act_fn, liger
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if self.liger:
+        if self.liger and gate.is_cuda:
             from liger_kernel.ops.swiglu import swiglu_forward
 
             return swiglu_forward(gate.contiguous(), up.contiguous())[2]
         return self.act_fn(gate) * up
 
     def backward(self, gate: torch.Tensor, up: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.liger:
+        if self.liger and gate.is_cuda:
             from liger_kernel.ops.swiglu import swiglu_backward
 
             return swiglu_backward(gate.contiguous(), up.contiguous(), grad.contiguous())

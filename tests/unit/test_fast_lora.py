@@ -293,4 +293,4 @@ def test_training_installs_the_lean_mlp_when_it_starts(tiny_model_dir, tmp_path)
     model = load_for_training(cfg, str(tiny_model_dir), "cpu")
     lean_mlp.AtTrainStart().on_train_begin(None, None, None, model=model)
     mlp = model.get_base_model().model.layers[0].mlp
-    assert mlp.forward.__func__ is lean_mlp.forward and mlp.liger_swiglu is False
+    assert mlp.forward.__func__ is lean_mlp.forward and mlp.gated_act.liger is False
