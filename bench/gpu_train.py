@@ -23,6 +23,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -52,7 +53,11 @@ class BatchShapes:
 
 
 class StepTimer(TrainerCallback):
-    """Times optimizer steps after `warm` warm-up steps; counts real (non-padding) tokens."""
+    """Times optimizer steps after `warm` warm-up steps, from the first timed step's start to the last
+    step's end, as the anchors' loops do (../shared/bench); counts real (non-padding) tokens. The Trainer's
+    checkpoint at the end of training (save_strategy "steps" saves at the last step: the adapter and the
+    optimizer state, ~2 s for an 8B model's r=64 adapter) falls after the clock stops; before 2026-11-29 the
+    clock stopped at `on_train_end` and took it in."""
 
     def __init__(self, warm: int) -> None:
         self.warm = warm
@@ -67,11 +72,69 @@ class StepTimer(TrainerCallback):
             self.start = time.perf_counter()
             self.tokens0 = int(state.num_input_tokens_seen)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == args.max_steps:  # the step counter has moved on: this was the last step
+            self._stop(state)
+
     def on_train_end(self, args, state, control, **kwargs):
+        if not self.result:  # training stopped before max_steps
+            self._stop(state)
+
+    def _stop(self, state) -> None:
         torch.cuda.synchronize()
         seconds = time.perf_counter() - self.start
         tokens = int(state.num_input_tokens_seen) - self.tokens0
         self.result = {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds)}
+
+
+class Alternate(TrainerCallback):
+    """A/B within one run: after `warm` steps, the timed steps take a lever's two settings in ABBA order
+    (A B B A A B B A ...: a drift of the card's clock over the run weighs on both alike), set by `switch(on)`
+    at each step's start. Each step is timed alone, from its start to its end with a device sync at both
+    (the logging between steps and the checkpoint after the last one fall outside). `result`: tokens/s of
+    the steps with the lever on and off, their ratio, and [on, seconds, tokens] for every timed step."""
+
+    ORDER = (True, False, False, True)
+
+    def __init__(self, warm: int, switch) -> None:
+        self.warm, self.switch = warm, switch
+        self.started: tuple[bool, float, int] | None = None
+        self.each: list[list[float]] = []
+        self.result: dict[str, Any] = {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if state.global_step < self.warm:
+            return
+        on = self.ORDER[(state.global_step - self.warm) % len(self.ORDER)]
+        self.switch(on)
+        torch.cuda.synchronize()
+        self.started = (on, time.perf_counter(), int(state.num_input_tokens_seen))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.started is None:
+            return
+        torch.cuda.synchronize()
+        on, start, tokens = self.started
+        self.each.append([int(on), round(time.perf_counter() - start, 3), int(state.num_input_tokens_seen) - tokens])
+        self.started = None
+
+    def on_train_end(self, args, state, control, **kwargs):
+        rate = {}
+        for on in (1, 0):
+            seconds = sum(e[1] for e in self.each if e[0] == on)
+            rate[on] = round(sum(e[2] for e in self.each if e[0] == on) / seconds) if seconds else 0
+        self.result = {"ab_tokens_per_s_on": rate[1], "ab_tokens_per_s_off": rate[0],
+                       "ab_ratio": round(rate[1] / rate[0], 4) if rate[0] else 0.0, "ab_steps": self.each}
+
+
+def flash_gqa(on: bool) -> None:
+    """on: the default (attention.FlashGqa); off: grouped k/v repeated for varlen_attn."""
+    from medtune import attention
+
+    attention.REPEAT_KV = not on
+
+
+AB_LEVERS = {"flashgqa": flash_gqa}
 
 
 def load_ids(path: Path) -> list[list[int]]:
@@ -160,6 +223,12 @@ def main() -> None:
     ap.add_argument("--before-lean", action="store_true",
                     help="the default path before 2026-11-28 22:30: the down projection's input kept (no "
                          "medtune.lean_mlp) and grouped k/v kept repeated to every query head (no keep_unrepeated)")
+    ap.add_argument("--repeat-kv", action="store_true",
+                    help="grouped k/v repeated to every query head for varlen_attn, the shared heads kept for the backward "
+                         "(attention.keep_unrepeated: the default before attention.FlashGqa)")
+    ap.add_argument("--ab", choices=sorted(AB_LEVERS),
+                    help="alternate the timed steps (ABBA) between the default path and the one before a lever "
+                         "(flashgqa: --repeat-kv), timing each step: the ab_* fields")
     ap.add_argument("--hf-loop", action="store_true",
                     help="the Trainer's own loop settings medtune replaced: the NaN filter and the token count that read "
                     "every micro batch's loss and length on the host")
@@ -211,6 +280,10 @@ def main() -> None:
         # under CUDA graphs the fused backward keeps its dropout masks (a graph cannot replay the generator state)
         fast_lora.install(trainer.model, backward=not a.forward_only, fp8_base=a.fp8_base,
                           keep_mask=bool(cfg.training.cuda_graphs), dropout_kernels=not a.torch_dropout)
+    if a.before_lean or a.repeat_kv:
+        from medtune import attention
+
+        attention.REPEAT_KV = True
     if a.before_lean:
         from medtune import attention, lean_mlp
 
@@ -221,6 +294,10 @@ def main() -> None:
 
         trainer.args.logging_nan_inf_filter = True
         trainer._track_num_input_tokens = Trainer._track_num_input_tokens.__get__(trainer)
+    alternate = None
+    if a.ab:
+        alternate = Alternate(a.warm, AB_LEVERS[a.ab])
+        trainer.add_callback(alternate)
     profiler = None
     if a.profile:
         from trainer_profile import TrainerProfile
@@ -255,6 +332,7 @@ def main() -> None:
         "mfu_pct": round(100 * tps * MODEL_GFLOP_PER_TOKEN * 1e9 / (PEAK_TFLOPS * 1e12), 1),
         "losses": losses, "micro_batches": timed,
         **merged, **({"trainer_profile": profiler.result} if profiler else {}),
+        **(alternate.result if alternate else {}),
         "date": time.strftime("%Y-%m-%d"),
     }), flush=True)
 
@@ -288,7 +366,8 @@ def keys_repeated(model, cfg, before_lean: bool) -> bool:
 
     c = model.config
     return (c._attn_implementation == attention.VARLEN and c.num_key_value_heads != c.num_attention_heads
-            and "enable_gqa" not in attention._supported() and (before_lean or bool(cfg.lora.gradient_checkpointing)))
+            and "enable_gqa" not in attention._supported() and attention.REPEAT_KV
+            and (before_lean or bool(cfg.lora.gradient_checkpointing)))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,15 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 $st --no-gc $f --label "$run" ;;
     dropcheck)  # bench/lora_dropout_check.py: the dropout kernels against PyTorch ops, values and time
       step 200 "$run" python3 bench/lora_dropout_check.py ;;
+    gqacheck)  # bench/gqa_check.py: attention.FlashGqa against varlen_attn with k/v repeated, values and time
+      step 200 "$run" python3 bench/gqa_check.py ;;
+    hostbench)  # bench/host_overhead.py: host time per call of one QLoRA projection's pieces
+      step 200 "$run" python3 bench/host_overhead.py ;;
+    ab_flashgqa)  # bins_nogc alternating ABBA, step by step, with the path before a lever (flashgqa: --repeat-kv)
+      n=16; [ -n "${AB_STEPS:-}" ] && n=$AB_STEPS
+      step 400 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps $n --warm 2 --no-gc --ab ${run#ab_} --label "$run" ;;
+    bins_nogc_repkv)  # bins_nogc with k/v repeated for varlen_attn (keep_unrepeated), the default before attention.FlashGqa
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --repeat-kv --label "$run" ;;
     bins_nogc_torchdrop)  # bins_nogc with PyTorch's dropout in the fused backward (the default before 2026-11-28 23:00)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --torch-dropout --label "$run" ;;
     fp8check)  # bench/fp8_rows_check.py: the float8 row kernel against its reference, float8 against bf16 GEMMs

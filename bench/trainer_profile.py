@@ -12,6 +12,7 @@ intervals; the CPU and GPU timestamps of one trace share a clock.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import tempfile
@@ -57,7 +58,7 @@ class TrainerProfile(TrainerCallback):
             activities = [torch.profiler.ProfilerActivity.CPU]
             if torch.cuda.is_available():
                 activities.append(torch.profiler.ProfilerActivity.CUDA)
-            self.prof = torch.profiler.profile(activities=activities)
+            self.prof = torch.profiler.profile(activities=activities, record_shapes=True)
             self.prof.__enter__()
             self.step_range = torch.profiler.record_function("step")
             self.step_range.__enter__()
@@ -109,7 +110,67 @@ def summarize(prof: Any) -> dict[str, Any]:
         entry[2] += 1
     out["phases_cpu_ms_gpu_idle_ms_count"] = {k: [round(v[0], 1), round(v[1], 1), v[2]] for k, v in phases.items()}
     out["largest_gaps_ms"] = sorted((round((b - a) / 1e3, 2) for a, b in idle), reverse=True)[:10]
+    out["kernels_ms_count"] = kernel_table([e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"
+                                            and start <= e["ts"] < end])
+    out["matmuls_ms_count"] = matmul_table(prof)
+    out["idle_before_launch_ms_count"] = idle_causes(events, idle)
     return out
+
+
+def idle_causes(events: list[dict[str, Any]], idle: list[tuple[float, float]], top: int = 25) -> dict[str, list[float]]:
+    """What the host was doing when the GPU sat idle: each gap is charged to the launch of the kernel that
+    ended it (matched by correlation id), named by the innermost three host ops around that launch
+    ("op < enclosing op"). {name: [idle ms, gaps]}, the `top` largest."""
+    launches = {e["args"]["correlation"]: e["ts"] for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    kernels = sorted((e["ts"], e["args"].get("correlation")) for e in events
+                     if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and e.get("ph") == "X")
+    ops = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                 if e.get("cat") in ("cpu_op", "user_annotation") and e.get("ph") == "X")
+    starts = [o[0] for o in ops]
+    table: dict[str, list[float]] = {}
+    for a, b in idle:
+        at = bisect.bisect_left(kernels, (b,))
+        if at == len(kernels) or kernels[at][1] not in launches:
+            continue
+        t = launches[kernels[at][1]]
+        around = [o for o in ops[max(0, bisect.bisect_right(starts, t) - 4000):bisect.bisect_right(starts, t)]
+                  if o[1] >= t]
+        name = " < ".join(o[2][:50] for o in sorted(around, reverse=True)[:3]) or "(no host op)"
+        entry = table.setdefault(name, [0.0, 0])
+        entry[0] += (b - a) / 1e3
+        entry[1] += 1
+    ranked = sorted(table.items(), key=lambda kv: -kv[1][0])[:top]
+    return {name: [round(ms, 2), n] for name, (ms, n) in ranked}
+
+
+def kernel_table(kernels: list[dict[str, Any]], top: int = 40) -> dict[str, list[float]]:
+    """GPU time by kernel name over the step, the `top` largest: {name (first 90 characters): [ms, launches]},
+    and "(all others)" for the rest."""
+    table: dict[str, list[float]] = {}
+    for e in kernels:
+        entry = table.setdefault(e["name"][:90], [0.0, 0])
+        entry[0] += e["dur"] / 1e3
+        entry[1] += 1
+    ranked = sorted(table.items(), key=lambda kv: -kv[1][0])
+    out = {name: [round(ms, 2), n] for name, (ms, n) in ranked[:top]}
+    rest = ranked[top:]
+    out["(all others)"] = [round(sum(v[0] for _, v in rest), 2), sum(v[1] for _, v in rest)]
+    return out
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")
+
+
+def matmul_table(prof: Any, top: int = 30) -> dict[str, list[float]]:
+    """GPU time of the matmul ops by input shapes over the profiled span: {"op shapes": [ms, calls]}."""
+    rows = []
+    for avg in prof.key_averages(group_by_input_shape=True):
+        if avg.key in MATMULS:
+            us = getattr(avg, "device_time_total", None) or getattr(avg, "cuda_time_total", 0.0)
+            rows.append((f"{avg.key} {avg.input_shapes}"[:120], us / 1e3, avg.count))
+    rows.sort(key=lambda r: -r[1])
+    return {name: [round(ms, 2), n] for name, ms, n in rows[:top]}
 
 
 def merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -21,7 +21,6 @@ What a micro batch holds is an input (`MicroBatch`): packed, the sum of its rows
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +66,8 @@ class Recipe:
     lean_mlp: bool = False         # medtune.lean_mlp: the down projection's input computed again, not kept
     dropout_kernels: bool = False  # medtune.lora_dropout: the fused backward's dropout drawn inside its GEMMs
     keys_repeated: bool = False    # varlen on PyTorch <= 2.11 keeping k and v repeated to every query head in
-    #                                every layer (before medtune.attention.keep_unrepeated; now only in the
-    #                                layer being recomputed, where the checkpoint's hooks apply instead)
+    #                                every layer (before medtune.attention.keep_unrepeated, then in the layer
+    #                                being recomputed until attention.FlashGqa, which repeats them nowhere)
 
 
 def attention_family(name: str) -> str:
@@ -121,8 +120,8 @@ def layer_saved_bytes(s: Shape, r: Recipe, b: MicroBatch) -> float:
     # SwiGLU's gate and up (unfused: also silu(gate))
     norms = 2 * h * (c if r.liger else 4)
     # medtune_varlen hands the kernel contiguous (tokens, heads, dim) copies of q, k, v; on PyTorch
-    # <= 2.11 (no enable_gqa in varlen_attn) k and v repeated to every query head, which the attention
-    # keeps unrepeated (medtune.attention.keep_unrepeated) except under activation recompute
+    # <= 2.11 (no enable_gqa in varlen_attn) the flash kernels get the shared k/v heads themselves
+    # (medtune.attention.FlashGqa); older code repeated them to every query head (`keys_repeated`)
     keys = 2 * q if attention_family(r.attention) == "varlen" and r.keys_repeated else 2 * kv
     per_token = norms + (q + keys + q + (2 if r.liger else 3) * i) * c
     proj = projections(s)
@@ -206,8 +205,7 @@ def estimate(s: Shape, r: Recipe, b: MicroBatch) -> dict[str, Any]:
         keeping = s.layers - checkpointed
         kept = (checkpointed + 1) * b.tokens * s.hidden * resid + keeping * saved_layer \
             + st["lora_params"] * c * keeping / s.layers
-        # the layer being recomputed saves under the checkpoint's hooks: k and v repeated (varlen, PyTorch <= 2.11)
-        recompute = layer_saved_bytes(s, dataclasses.replace(r, keys_repeated=True), b)
+        recompute = layer_saved_bytes(s, r, b)  # the layer being recomputed saves what a kept layer does
     else:
         kept = s.layers * saved_layer + st["lora_params"] * c  # + autocast's cached 16-bit LoRA weights
         recompute = 0.0

@@ -41,12 +41,37 @@ def legacy_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
     return reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=is_causal)
 
 
+FLASH_HEADS: list[tuple[int, int]] = []  # (query heads, key/value heads) as the flash ops saw them
+
+
+def flash_forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, return_debug_mask, *, scale=None):
+    """`aten._flash_attention_forward`'s varlen form: (out, logsumexp, rng state, unused, debug mask)."""
+    assert dropout_p == 0.0 and is_causal and not return_debug_mask and cu_k is cu_q and max_k == max_q
+    FLASH_HEADS.append((q.shape[1], k.shape[1]))
+    out = reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, enable_gqa=True, is_causal=True)
+    return out, torch.zeros(q.shape[1], q.shape[0]), torch.tensor([7, 9]), torch.empty(0), torch.empty(0)
+
+
+def flash_backward(grad, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, is_causal, rng, unused, *,
+                   scale=None):
+    """`aten._flash_attention_backward`: gradients of q, k, v (k and v with their own, fewer, heads)."""
+    assert rng.tolist() == [7, 9] and lse.shape == (q.shape[1], q.shape[0]) and is_causal and dropout_p == 0.0
+    assert grad.is_contiguous()
+    FLASH_HEADS.append((q.shape[1], k.shape[1]))
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        again = reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, enable_gqa=True, is_causal=True)
+    return torch.autograd.grad(again, (q, k, v), grad)
+
+
 @pytest.fixture
 def fake_kernel(monkeypatch):
     def use(fn):
         import torch.nn.attention.varlen as varlen
 
         monkeypatch.setattr(varlen, "varlen_attn", fn)
+        monkeypatch.setattr(attention, "_flash_ops", lambda: (flash_forward, flash_backward))
+        FLASH_HEADS.clear()
         monkeypatch.setattr(attention, "flash_capable", lambda: True)  # the stand-in kernel runs anywhere
         attention._supported.cache_clear()
         CALLS.clear()
@@ -81,7 +106,11 @@ def test_packed_varlen_loss_and_grads_equal_padded_sdpa(tiny_model_dir, fake_ker
     assert packed["cu_seq_lens_q"].tolist()[-1] == packed["input_ids"].shape[1] and "attention_mask" not in packed
     loss_fast, grad_fast = loss_and_grads(tiny_model_dir, attention.register(), packed)
     loss_plain, grad_plain = loss_and_grads(tiny_model_dir, "sdpa", padded)
-    assert CALLS == [3, 3], CALLS  # both layers went through the kernel, three examples each
+    if kernel is legacy_varlen:  # no enable_gqa: the flash ops are called with the 2 shared heads, not 4 copies
+        assert FLASH_HEADS == [(4, 2)] * 4, FLASH_HEADS  # forward and backward of both layers
+        assert CALLS == [3] * 4, CALLS  # three examples each time
+    else:
+        assert CALLS == [3, 3], CALLS  # both layers went through the kernel, three examples each
     assert abs(loss_fast - loss_plain) < TOLERANCE, (loss_fast, loss_plain)
     torch.testing.assert_close(grad_fast, grad_plain, atol=1e-6, rtol=1e-4)
 
@@ -114,10 +143,13 @@ def saving_legacy(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False):
     return SavingKernel.apply(q, k, v, cu_q, max_q)
 
 
-def test_grouped_heads_are_kept_unrepeated_and_repeated_again_for_the_backward(tiny_model_dir, fake_kernel):
-    """PyTorch 2.10/2.11 (no enable_gqa): the kernel gets k and v repeated to every query head, but
-    its backward keeps the shared heads only; the gradients are those of padded SDPA."""
+def test_grouped_heads_are_kept_unrepeated_and_repeated_again_for_the_backward(tiny_model_dir, fake_kernel,
+                                                                             monkeypatch):
+    """With the heads repeated for varlen_attn (`REPEAT_KV`, the path before FlashGqa, kept for comparison):
+    the kernel gets k and v repeated to every query head, but its backward keeps the shared heads only; the
+    gradients are those of padded SDPA."""
     fake_kernel(saving_legacy)
+    monkeypatch.setattr(attention, "REPEAT_KV", True)
     KEPT.clear(), HOOKED.clear()
     packed, padded = packed_and_padded(tiny_model_dir)
     loss_fast, grad_fast = loss_and_grads(tiny_model_dir, attention.register(), packed)
