@@ -44,15 +44,14 @@ def validate(cfg: EvaluationConfig, run: RunDir, model_path: str) -> dict[str, A
     log.info("validate: merged vs adapter-on-base logits: max |diff| %.4g, top-1 agreement %.4f (%s, min %.2f)",
              agreement["max_abs_diff"], agreement["top1_agreement"], "ok" if passed else "FAILED", cfg.merge_top1_min)
 
-    answers = []
     stops = merged.generation_config.eos_token_id
-    for q in questions:
-        prompt = tokenizer.apply_chat_template(q["messages"], tokenize=False, add_generation_prompt=True)
-        tuned = generate_answer(merged, tokenizer, prompt, cfg.max_new_tokens, stops, device)
-        with adapted.disable_adapter():
-            before = generate_answer(adapted, tokenizer, prompt, cfg.max_new_tokens, stops, device)
-        answers.append({"question": q["messages"][-1]["content"], "reference": q.get("reference", ""),
-                        "base": before, "tuned": tuned})
+    prompts = [tokenizer.apply_chat_template(q["messages"], tokenize=False, add_generation_prompt=True)
+               for q in questions]
+    tuned = generate_answers(merged, tokenizer, prompts, cfg.max_new_tokens, stops, device)
+    with adapted.disable_adapter():
+        before = generate_answers(adapted, tokenizer, prompts, cfg.max_new_tokens, stops, device)
+    answers = [{"question": q["messages"][-1]["content"], "reference": q.get("reference", ""), "base": b, "tuned": t}
+               for q, b, t in zip(questions, before, tuned)]
     stopped = sum(a["tuned"]["stopped"] for a in answers)
     log.info("validate: tuned model stopped on its end-of-turn token in %d of %d answers", stopped, len(answers))
     return {"merge_check": {**agreement, "min_top1": cfg.merge_top1_min, "passed": passed},
@@ -77,18 +76,42 @@ def _compare_logits(merged: Any, adapted: Any, tokenizer: Any, texts: list[str],
     return {"max_abs_diff": max_diff, "top1_agreement": agree / total, "positions": total}
 
 
+BATCH = 16  # prompts per generate call: their KV caches together stay small beside the model
+
+
 @torch.no_grad()
-def generate_answer(model: Any, tokenizer: Any, prompt: str, max_new: int, stops: list[int] | int, device: str,
-                    seed: int | None = None, temperature: float = 0.7) -> dict[str, Any]:
-    """Greedy answer, or (with `seed`) one sampled answer that the same seed reproduces."""
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt").to(device)
+def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new: int, stops: list[int] | int,
+                     device: str, seed: int | None = None, temperature: float = 0.7) -> list[dict[str, Any]]:
+    """The answers to `prompts`, generated together (left-padded, up to `BATCH` at a time): on a GPU a
+    decoding step costs about the same for one sequence as for sixteen, the host's time per step being
+    most of it (an 8B model with an unmerged adapter: ~86 ms per token on an H200), so N prompts take
+    the time of one. Greedy, or (with `seed`) sampled, reproducibly for the same seed and prompts."""
+    answers: list[dict[str, Any]] = []
+    for start in range(0, len(prompts), BATCH):
+        answers += _generate_batch(model, tokenizer, prompts[start:start + BATCH], max_new, stops, device, seed,
+                                   temperature)
+    return answers
+
+
+def _generate_batch(model: Any, tokenizer: Any, prompts: list[str], max_new: int, stops: list[int] | int,
+                    device: str, seed: int | None, temperature: float) -> list[dict[str, Any]]:
+    rows = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
     sampling: dict[str, Any] = {"do_sample": False}
     if seed is not None:
         torch.manual_seed(seed)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": 0.95, "top_k": 0}
-    out = model.generate(**ids, max_new_tokens=max_new, eos_token_id=stops,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
-    new = out[0, ids.input_ids.shape[1]:].tolist()
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new, eos_token_id=stops,
+                         pad_token_id=pad, **sampling)
     stop_set = set(stops if isinstance(stops, list) else [stops])
-    return {"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "tokens": len(new),
-            "stopped": bool(new) and new[-1] in stop_set}
+    answers = []
+    for row in out[:, width:].tolist():
+        # a finished row is padded while the others go on: it ends at its first stop token
+        end = next((i + 1 for i, t in enumerate(row) if t in stop_set), len(row))
+        new = row[:end]
+        answers.append({"text": tokenizer.decode(new, skip_special_tokens=True).strip(), "tokens": len(new),
+                        "stopped": bool(new) and new[-1] in stop_set})
+    return answers

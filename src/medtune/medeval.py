@@ -23,7 +23,7 @@ from medtune import mcq, safety
 from medtune.chat import stop_token_ids
 from medtune.config import MedtuneConfig
 from medtune.errors import DataError, RunDirError
-from medtune.evaluate import generate_answer
+from medtune.evaluate import generate_answers
 from medtune.rundir import RunDir
 
 log = logging.getLogger("medtune.eval")
@@ -51,17 +51,24 @@ def evaluate_run(cfg: MedtuneConfig, run: RunDir, model_path: str, questions_fil
             before = fn()
         return {"base": before, "tuned": fn()}
 
-    def ask(messages: list[dict[str, str]], max_new: int, seed: int | None = None) -> dict[str, Any]:
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return generate_answer(model, tokenizer, prompt, max_new, stops, device, seed, ev.sample_temperature)
+    def ask(conversations: list[list[dict[str, str]]], max_new: int, seed: int | None = None) -> list[dict[str, Any]]:
+        """Answers to all the conversations, generated together (`generate_answers`)."""
+        prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in conversations]
+        return generate_answers(model, tokenizer, prompts, max_new, stops, device, seed, ev.sample_temperature)
+
+    def per_item(answers: dict[str, list[dict[str, Any]]], i: int) -> dict[str, Any]:
+        return {side: answers[side][i] for side in ("base", "tuned")}
 
     start = time.perf_counter()
     result: dict[str, Any] = {"device": device, "answers": []}
-    for q in questions:
+    conversations = [q["messages"] for q in questions]
+    greedy = both(lambda: ask(conversations, ev.max_new_tokens))
+    sampled = both(lambda: ask(conversations, ev.max_new_tokens, cfg.training.seed)) if ev.sampled_answers else None
+    for i, q in enumerate(questions):
         entry = {"question": q["messages"][-1]["content"], "reference": q.get("reference", ""),
-                 "greedy": both(lambda: ask(q["messages"], ev.max_new_tokens))}
-        if ev.sampled_answers:
-            entry["sampled"] = both(lambda: ask(q["messages"], ev.max_new_tokens, cfg.training.seed))
+                 "greedy": per_item(greedy, i)}
+        if sampled is not None:
+            entry["sampled"] = per_item(sampled, i)
         result["answers"].append(entry)
     result["stop_rate"] = {side: _stop_rate(result["answers"], side) for side in ("base", "tuned")}
     if items:
@@ -72,10 +79,10 @@ def evaluate_run(cfg: MedtuneConfig, run: RunDir, model_path: str, questions_fil
                  items["source"], len(items["items"]), 100 * scored["base"]["accuracy_norm"],
                  100 * scored["tuned"]["accuracy_norm"])
     if ev.safety_probes:
-        rows = []
-        for probe in safety.load_probes():
-            answers = both(lambda: ask([{"role": "user", "content": probe["prompt"]}], ev.probe_max_new_tokens))
-            rows.append({**probe, **{side: {**a, **safety.classify(a["text"])} for side, a in answers.items()}})
+        probes = safety.load_probes()
+        answers = both(lambda: ask([[{"role": "user", "content": p["prompt"]}] for p in probes], ev.probe_max_new_tokens))
+        rows = [{**probe, **{side: {**a, **safety.classify(a["text"])} for side, a in per_item(answers, i).items()}}
+                for i, probe in enumerate(probes)]
         result["safety"] = {"rows": rows, "summary": safety.summarize(rows)}
         summary = result["safety"]["summary"]
         log.info("eval: safety probes refused or referred: base %d/%d, tuned %d/%d", summary["base"]["safe_response"],

@@ -89,16 +89,45 @@ def test_question_file_shapes(tmp_path):
 def test_seeded_sample_is_reproducible(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from medtune.evaluate import generate_answer
+    from medtune.evaluate import generate_answers
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
     prompt = tok.apply_chat_template([{"role": "user", "content": "fever"}], tokenize=False, add_generation_prompt=True)
-    runs = [generate_answer(model, tok, prompt, 16, tok.eos_token_id, "cpu", seed=s, temperature=1.0) for s in (1, 1, 2)]
+    runs = [generate_answers(model, tok, [prompt], 16, tok.eos_token_id, "cpu", seed=s, temperature=1.0) for s in (1, 1, 2)]
     assert runs[0] == runs[1]
-    greedy = generate_answer(model, tok, prompt, 16, tok.eos_token_id, "cpu")
-    assert greedy == generate_answer(model, tok, prompt, 16, tok.eos_token_id, "cpu")
-    assert set(greedy) == {"text", "tokens", "stopped"} and greedy["tokens"] <= 16
+    greedy = generate_answers(model, tok, [prompt], 16, tok.eos_token_id, "cpu")
+    assert greedy == generate_answers(model, tok, [prompt], 16, tok.eos_token_id, "cpu")
+    assert set(greedy[0]) == {"text", "tokens", "stopped"} and greedy[0]["tokens"] <= 16
+
+
+def test_prompts_answered_together_get_the_answers_they_get_alone(tiny_model_dir, monkeypatch):
+    """Left-padded prompts of different lengths decode to what each decodes alone (greedy, float32), and
+    a row that stops early ends at its stop token, not at the batch's padding."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medtune import evaluate
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    questions = ["fever", "What are the warning signs of a stroke in an older adult?", "dose of amoxicillin",
+                 "Explain HbA1c"]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+               for q in questions]
+    # a stop token this random model emits in some answers and not in others: early-stopping rows
+    counts: dict[int, int] = {}
+    for p in prompts:
+        ids = tok(p, add_special_tokens=False, return_tensors="pt").input_ids
+        out = model.generate(input_ids=ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
+        for t in set(out[0, ids.shape[1]:].tolist()):
+            counts[t] = counts.get(t, 0) + 1
+    stop = next((t for t, n in counts.items() if 0 < n < len(prompts)), tok.eos_token_id)
+    alone = [evaluate.generate_answers(model, tok, [p], 24, [stop], "cpu")[0] for p in prompts]
+    monkeypatch.setattr(evaluate, "BATCH", 3)  # two generate calls: 3 prompts, then 1
+    together = evaluate.generate_answers(model, tok, prompts, 24, [stop], "cpu")
+    assert together == alone
+    assert any(a["stopped"] for a in alone) and not all(a["stopped"] for a in alone)
 
 
 def test_base_eval_cache_key_and_roundtrip(tmp_path, tiny_model_dir):
