@@ -82,10 +82,11 @@ BATCH = 16  # prompts per generate call: their KV caches together stay small bes
 @torch.no_grad()
 def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new: int, stops: list[int] | int,
                      device: str, seed: int | None = None, temperature: float = 0.7) -> list[dict[str, Any]]:
-    """The answers to `prompts`, generated together (left-padded, up to `BATCH` at a time): on a GPU a
-    decoding step costs about the same for one sequence as for sixteen, the host's time per step being
-    most of it (an 8B model with an unmerged adapter: ~86 ms per token on an H200), so N prompts take
-    the time of one. Greedy, or (with `seed`) sampled, reproducibly for the same seed and prompts."""
+    """The answers to `prompts`, generated together (left-padded, up to `BATCH` at a time): N answers take
+    as many decoding steps as the longest of them, not the sum. A step's cost is mostly the host's per
+    layer and projection (an 8B model with an unmerged adapter decoded one prompt at ~86 ms per token on
+    an H200, docs/benchmarks.md), about the same for sixteen rows as for one. Greedy, or (with `seed`)
+    sampled, reproducibly for the same seed and prompts."""
     answers: list[dict[str, Any]] = []
     for start in range(0, len(prompts), BATCH):
         answers += _generate_batch(model, tokenizer, prompts[start:start + BATCH], max_new, stops, device, seed,
