@@ -131,6 +131,11 @@ def compare(path: Path, line: dict, lengths: list[int] | None, lines: list[tuple
             "tps": line["tokens_per_s"], "tps_est": speed}
 
 
+# Calls b, c and d of 2026-11-29 ran with a direct 4-bit forward (bitsandbytes' dequantize + one GEMM, the
+# block scales kept: +0.41 GiB) that did not pay and was not kept (docs/benchmarks.md, machines 22-26).
+NOT_LANDED = {"2026-11-29-h200-b.jsonl", "2026-11-29-h200-c.jsonl", "2026-11-29-h200-d.jsonl"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ids", type=Path, default=ROOT.parent / "shared" / "bench" / "medical_token_ids.json")
@@ -143,9 +148,10 @@ def main() -> None:
     # data-parallel lines count every rank's tokens and each rank draws its own share of the sampler;
     # `dequantized_base`, `torch_compile`, `fp8_base` and `cuda_graphs` lines measured levers that are not the
     # default (docs/benchmarks.md, machines eight, ten and fourteen to eighteen); a `trainer_profile` line's steps ran under the profiler; an empty
-    # `micro_batches` was collated in dataloader workers (call w), so what its micro batches held is unknown
+    # `micro_batches` was collated in dataloader workers (call w), so what its micro batches held is unknown;
+    # an `ab_ratio` line alternated two paths; NOT_LANDED files measured a tree with a lever that was not kept
     lines = [(p, d) for p, d in lines
-             if d.get("peak_mem_gib") and ("micro_batch" in d or d.get("mode") in ANCHORS) and "merge_s" not in d
+             if p.name not in NOT_LANDED and "ab_ratio" not in d and d.get("peak_mem_gib") and ("micro_batch" in d or d.get("mode") in ANCHORS) and "merge_s" not in d
              and d.get("world_size", 1) == 1 and not d.get("dequantized_base") and not d.get("torch_compile")
              and not d.get("fp8_base") and not d.get("cuda_graphs")
              and "trainer_profile" not in d and d.get("micro_batches") != []]
