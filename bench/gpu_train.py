@@ -134,7 +134,14 @@ def flash_gqa(on: bool) -> None:
     attention.REPEAT_KV = not on
 
 
-AB_LEVERS = {"flashgqa": flash_gqa}
+def accumulate(on: bool) -> None:
+    """on: fast_lora.ACCUMULATE_IN_BASE; off: the default."""
+    from medtune import fast_lora
+
+    fast_lora.ACCUMULATE_IN_BASE = on
+
+
+AB_LEVERS = {"flashgqa": flash_gqa, "accumulate": accumulate}
 
 
 def load_ids(path: Path) -> list[list[int]]:
@@ -226,9 +233,13 @@ def main() -> None:
     ap.add_argument("--repeat-kv", action="store_true",
                     help="grouped k/v repeated to every query head for varlen_attn, the shared heads kept for the backward "
                          "(attention.keep_unrepeated: the default before attention.FlashGqa)")
+    ap.add_argument("--accumulate", action="store_true",
+                    help="fast_lora.ACCUMULATE_IN_BASE: the base's GEMMs accumulate into the adapter's part (a lever "
+                         "under measurement)")
     ap.add_argument("--ab", choices=sorted(AB_LEVERS),
-                    help="alternate the timed steps (ABBA) between the default path and the one before a lever "
-                         "(flashgqa: --repeat-kv), timing each step: the ab_* fields")
+                    help="alternate the timed steps (ABBA) between two paths, timing each step (the ab_* fields): "
+                         "flashgqa, the default against the path before it (--repeat-kv); accumulate, --accumulate "
+                         "against the default")
     ap.add_argument("--hf-loop", action="store_true",
                     help="the Trainer's own loop settings medtune replaced: the NaN filter and the token count that read "
                     "every micro batch's loss and length on the host")
@@ -280,6 +291,8 @@ def main() -> None:
         # under CUDA graphs the fused backward keeps its dropout masks (a graph cannot replay the generator state)
         fast_lora.install(trainer.model, backward=not a.forward_only, fp8_base=a.fp8_base,
                           keep_mask=bool(cfg.training.cuda_graphs), dropout_kernels=not a.torch_dropout)
+    if a.accumulate:
+        accumulate(True)
     if a.before_lean or a.repeat_kv:
         from medtune import attention
 
@@ -320,6 +333,7 @@ def main() -> None:
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
         "fused_lora": cfg.training.fused_lora, "fused_backward": fused_backward(trainer.model), "fp8_base": a.fp8_base,
+        "accumulate_in_base": a.accumulate,
         "lean_mlp": lean_mlps(trainer.model), "dropout_kernels": dropout_kernels(trainer.model), "keys_repeated": keys_repeated(trainer.model, cfg, a.before_lean),
         "cuda_graphs": cfg.training.cuda_graphs, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,

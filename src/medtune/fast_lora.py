@@ -120,6 +120,7 @@ class LoraLinear(torch.autograd.Function):
         out, (h, a16, b16, mask), ctx.draw = lora_forward(x, a, b, base, scaling, p, fp8, mode)
         ctx.save_for_backward(x, h, a16, b16, mask)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.dtypes = base, scaling, p, fp8, (x.dtype, a.dtype, b.dtype)
+        ctx.accumulate = _accumulates(x, base, fp8)
         return out
 
     @staticmethod
@@ -142,8 +143,9 @@ def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.
     drawn again: a generator state, or the seed of `medtune.lora_dropout`'s kernels). `mode`: "kernel"
     (those kernels where they apply, else as "replay"), "replay" (PyTorch's dropout, drawn again from the
     saved generator state) or "keep" (PyTorch's dropout, the mask kept: for CUDA graphs)."""
-    result = fp8_linear(x, base) if fp8 else base(x)
-    dtype = result.dtype
+    accumulate = _accumulates(x, base, fp8)
+    result = None if accumulate else fp8_linear(x, base) if fp8 else base(x)
+    dtype = x.dtype if result is None else result.dtype
     a16, b16 = a.to(dtype), b.to(dtype)
     x2, mask = x.reshape(-1, x.shape[-1]), None
     if p > 0 and mode == "kernel" and lora_dropout.usable(x2, a16, p):
@@ -153,15 +155,42 @@ def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.
         draw = _rng_state(x.device) if p > 0 and mode != "keep" else None
         dropped, mask = torch.ops.aten.native_dropout(x2, p, True) if p > 0 else (x2, None)
         h = F.linear(dropped.to(dtype), a16)
+    kept = (h, a16, b16, mask if mode == "keep" else None)
+    if result is None:
+        # the adapter's update first, written; then the base's GEMM adds its product into it (beta = 1)
+        weight = _base_weight(base, dtype)
+        flat = torch.addmm(h.new_empty(h.shape[0], weight.shape[0]), h, b16.t(), beta=0, alpha=scaling)
+        flat.addmm_(x2, weight.t())
+        return flat.view(*x.shape[:-1], weight.shape[0]), kept, draw
     flat = torch.addmm(result.reshape(-1, result.shape[-1]), h, b16.t(), alpha=scaling)
-    return flat.view(result.shape), (h, a16, b16, mask if mode == "keep" else None), draw
+    return flat.view(result.shape), kept, draw
+
+
+ACCUMULATE_IN_BASE = False  # a lever under measurement: bench/gpu_train.py --accumulate, --ab accumulate
+
+
+def _accumulates(x: torch.Tensor, base: torch.nn.Module, fp8: bool) -> bool:
+    """Whether the base projection's GEMMs accumulate into the adapter's part (`ACCUMULATE_IN_BASE`):
+    forward `y = addmm(s * h @ B.T, x, W.T)` and backward `dx = addmm(lora part, g, W)`, instead of the base's
+    product first and the adapter's added to it by a small GEMM that reads and writes the whole output, a
+    pass over memory per projection and direction. The large GEMM reads the addend in its epilogue, while it
+    is still compute-bound. Only where the result is what the base computes anyway: 16-bit activations in the
+    base's compute dtype (no other autocast dtype), no bias, no float8."""
+    if not ACCUMULATE_IN_BASE or fp8 or x.dtype not in (torch.bfloat16, torch.float16) or base.bias is not None:
+        return False
+    if not _plain_or_4bit(base):
+        return False
+    compute = base.compute_dtype if _four_bit(base) else base.weight.dtype
+    device = x.device.type
+    return compute == x.dtype and (not torch.is_autocast_enabled(device) or torch.get_autocast_dtype(device) == x.dtype)
 
 
 def lora_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, h: torch.Tensor, a16: torch.Tensor,
                   b16: torch.Tensor, mask: torch.Tensor | None,
                   need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """`LoraLinear`'s backward from its input `x` and what `lora_forward` kept (`ctx` carries base,
-    scaling, p, fp8, draw and the dtypes): the gradients of x (when `need_x`), A and B."""
+    scaling, p, fp8, draw, the dtypes and whether the base's GEMMs accumulate, `_accumulates`): the
+    gradients of x (when `need_x`), A and B."""
     x_dtype, a_dtype, b_dtype = ctx.dtypes
     x2 = x.reshape(-1, x.shape[-1])
     g = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
@@ -184,7 +213,15 @@ def lora_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, h: torch.Tensor
         grad_a = dh.t().mm(dropped.to(h.dtype)).to(a_dtype)
         del dropped
     grad_x = None
-    if need_x:
+    if need_x and ctx.accumulate:
+        # the adapter's part written first, then the base's input gradient accumulated into it by its GEMM
+        if kernels:
+            grad_x = lora_dropout.grad_x(dh, a16, ctx.p, ctx.draw)
+        else:
+            grad_x = dh.mm(a16) if mask is None else torch.mul(dh.mm(a16), mask).mul_(1.0 / (1.0 - ctx.p))
+        grad_x.addmm_(g, _base_weight(ctx.base, g.dtype))
+        grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1]).to(x_dtype)
+    elif need_x:
         grad_x = fp8_input_grad(g, ctx.base) if ctx.fp8 else g.mm(_base_weight(ctx.base, g.dtype))
         if kernels:
             lora_dropout.add_grad_x(grad_x, dh, a16, ctx.p, ctx.draw)

@@ -105,7 +105,7 @@ class GatedDown(torch.autograd.Function):
         out, kept, ctx.draw = fast_lora.lora_forward(product, a, b, base, scaling, p, fp8, mode)
         ctx.save_for_backward(gate, up, *kept)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.act = base, scaling, p, fp8, act
-        ctx.dtypes = (product.dtype, a.dtype, b.dtype)
+        ctx.dtypes, ctx.accumulate = (product.dtype, a.dtype, b.dtype), fast_lora._accumulates(product, base, fp8)
         return out
 
     @staticmethod

@@ -81,10 +81,22 @@ def grad_a(x: torch.Tensor, dh: torch.Tensor, p: float, seed: int) -> torch.Tens
 
 def add_grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> None:
     """`grad_x += dropout-mask / (1 - p) * (dh @ a)` in place, with the forward's mask."""
+    _grad_x(grad_x, dh, a, p, seed, accumulate=True)
+
+
+def grad_x(dh: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """`dropout-mask / (1 - p) * (dh @ a)` (tokens x in), with the forward's mask: written, nothing read but
+    dh and a (the base's input gradient can then be accumulated into it by its own GEMM)."""
+    out = torch.empty((dh.shape[0], a.shape[1]), dtype=dh.dtype, device=dh.device)
+    _grad_x(out, dh, a, p, seed, accumulate=False)
+    return out
+
+
+def _grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, seed: int, accumulate: bool) -> None:
     m, k = grad_x.shape
     _kernels()["grad_x"][(triton_cdiv(m, BM), triton_cdiv(k, BK))](
         grad_x, dh, a, m, seed, threshold(p), 1.0 / (1.0 - p), grad_x.stride(0), dh.stride(0), a.stride(0),
-        K=k, R=a.shape[0], BLOCK_M=BM, BLOCK_K=BK)
+        K=k, R=a.shape[0], BLOCK_M=BM, BLOCK_K=BK, ACCUMULATE=accumulate)
 
 
 def triton_cdiv(a: int, b: int) -> int:

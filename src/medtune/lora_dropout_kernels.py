@@ -59,7 +59,9 @@ def grad_a_kernel(x_ptr, dh_ptr, parts_ptr, m, seed, limit, stride_x, stride_dh,
 
 @triton.jit
 def grad_x_kernel(gx_ptr, dh_ptr, a_ptr, m, seed, limit, scale, stride_gx, stride_dh, stride_a,
-                  K: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                  K: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                  ACCUMULATE: tl.constexpr):
+    # ACCUMULATE: add the masked update to gx; else write it (gx read nowhere)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, R)
@@ -69,6 +71,7 @@ def grad_x_kernel(gx_ptr, dh_ptr, a_ptr, m, seed, limit, scale, stride_gx, strid
     update = tl.dot(dh, a) * scale
     inside = (rows[:, None] < m) & (cols[None, :] < K)
     where = gx_ptr + rows[:, None].to(tl.int64) * stride_gx + cols[None, :]
-    gx = tl.load(where, mask=inside, other=0.0).to(tl.float32)
-    gx += tl.where(keep(seed, rows[:, None], cols[None, :], K, limit), update, tl.zeros_like(update))
+    gx = tl.where(keep(seed, rows[:, None], cols[None, :], K, limit), update, tl.zeros_like(update))
+    if ACCUMULATE:
+        gx += tl.load(where, mask=inside, other=0.0).to(tl.float32)
     tl.store(where, gx.to(gx_ptr.dtype.element_ty), mask=inside)

@@ -132,6 +132,60 @@ def test_fused_backward_on_a_4bit_base_matches_peft():
         assert cos > 0.999, (name, float(cos))
 
 
+@pytest.mark.parametrize("four_bit", [False, True], ids=["bf16 base", "nf4 base"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_accumulating_into_the_base_gemm_matches_peft(monkeypatch, four_bit, dropout):
+    """`ACCUMULATE_IN_BASE` (a lever under measurement): the adapter's part is computed first and the base's
+    GEMMs add into it, forward and backward. In bf16, as PEFT in bf16: logits, loss, and every adapter gradient
+    pointing the same way (the lean MLP's down projection included), on a plain bf16 base and on nf4."""
+    monkeypatch.setattr(fast_lora, "ACCUMULATE_IN_BASE", True)
+    taken = []
+    decide = fast_lora._accumulates
+    monkeypatch.setattr(fast_lora, "_accumulates", lambda *a: taken.append(decide(*a)) or taken[-1])
+    if four_bit:
+        peft_model = _four_bit_lora_model(dropout)
+    else:
+        peft_model = _lora_model(dropout).to(torch.bfloat16)
+    fused = copy.deepcopy(peft_model)
+    fast_lora.install(fused, backward=True)
+    from medtune import lean_mlp
+
+    assert lean_mlp.install(fused) == 2
+    peft_model.train(), fused.train()
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_a, loss_a, grads_a = _loss_and_grads(peft_model, ids, seed=5)
+        logits_b, loss_b, grads_b = _loss_and_grads(fused, ids, seed=5)
+    assert taken and all(taken)  # every projection took the accumulating path
+    torch.testing.assert_close(logits_b.float(), logits_a.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(loss_b.float(), loss_a.float(), rtol=2e-3, atol=0)
+    for name in grads_a:
+        assert grads_a[name].abs().sum() > 0, name
+        cos = torch.nn.functional.cosine_similarity(grads_b[name].float().flatten(), grads_a[name].float().flatten(),
+                                                    dim=0)
+        assert cos > 0.999, (name, float(cos))
+
+
+def test_the_accumulating_path_applies_only_where_the_base_computes_the_same():
+    import bitsandbytes as bnb
+
+    plain = torch.nn.Linear(8, 4, bias=False).to(torch.bfloat16)
+    x16, x32 = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 8)
+    assert not fast_lora._accumulates(x16, plain, False)  # off unless asked for
+    fast_lora.ACCUMULATE_IN_BASE = True
+    try:
+        assert fast_lora._accumulates(x16, plain, False)
+        assert not fast_lora._accumulates(x32, plain, False)  # float32 activations: the base's own call
+        assert not fast_lora._accumulates(x16, plain, True)  # float8 GEMMs
+        assert not fast_lora._accumulates(x16, torch.nn.Linear(8, 4).to(torch.bfloat16), False)  # a bias
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert not fast_lora._accumulates(x16, plain, False)  # autocast would compute in another dtype
+        nf4 = bnb.nn.Linear4bit(8, 4, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        assert not fast_lora._accumulates(x16, nf4, False)  # computes in float32
+    finally:
+        fast_lora.ACCUMULATE_IN_BASE = False
+
+
 @pytest.mark.parametrize("backward", [False, True])
 def test_fp8_base_gemms_stay_close_to_the_bf16_path_on_an_nf4_base(backward):
     """The float8 lever (`install(fp8_base=True)`, in the fused forward and in the fused backward): both

@@ -27,7 +27,9 @@ for m, k, r, p, dtype in [(100, 80, 16, 0.1, torch.float32), (130, 64, 32, 0.05,
     h = ld.forward(x, a, p, seed)
     torch.testing.assert_close(h.float(), dropped @ a.float().T, **tol)
     torch.testing.assert_close(ld.grad_a(x, dh, p, seed), dh.float().T @ dropped, **tol)
-    want = gx.float() + torch.where(keep, dh.float() @ a.float(), 0.0) / (1 - p)
+    part = torch.where(keep, dh.float() @ a.float(), 0.0) / (1 - p)
+    torch.testing.assert_close(ld.grad_x(dh, a, p, seed).float(), part, **tol)  # written, not added
+    want = gx.float() + part
     ld.add_grad_x(gx, dh, a, p, seed)
     torch.testing.assert_close(gx.float(), want, **tol)
 print("ok")
@@ -91,3 +93,40 @@ print("ok")
 @needs_triton
 def test_the_fused_lora_node_with_the_kernels_gives_autograds_gradients_for_the_same_mask():
     run_under_triton_interpreter(LAYER_CHECK)
+
+
+ACCUMULATE_CHECK = r"""
+import torch
+from medtune import fast_lora, lora_dropout as ld
+
+ld.usable = lambda x, a, p: True
+fast_lora.ACCUMULATE_IN_BASE = True  # the adapter's part first, the base's GEMMs adding into it
+torch.manual_seed(0)
+base = torch.nn.Linear(48, 40, bias=False).half()  # the interpreter has no bf16: float16 activations and base
+a = (torch.randn(16, 48) * 0.1).requires_grad_()
+b = (torch.randn(40, 16) * 0.1).requires_grad_()
+x = torch.randn(2, 30, 48).half().requires_grad_()
+p, s = 0.2, 2.0
+assert fast_lora._accumulates(x, base, False)
+torch.manual_seed(5)
+out = fast_lora.LoraLinear.apply(x, a, b, base, s, p, False, "kernel")
+grad = torch.randn_like(out)
+out.backward(grad)
+got = (out.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone())
+torch.manual_seed(5)
+keep = ld.reference_keep(ld.new_seed(), 60, 48, p).reshape(2, 30, 48)
+xf, w = x.detach().float().requires_grad_(), base.weight.float()
+af, bf = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+ref = xf @ w.T + (torch.where(keep, xf, 0.0) / (1 - p)) @ af.T @ bf.T * s
+ref.backward(grad.float())
+for name, g, want in zip(("out", "x", "a", "b"), got, (ref.detach(), xf.grad, af.grad, bf.grad)):
+    torch.testing.assert_close(g.float(), want, rtol=2e-2, atol=2e-2, msg=name)
+print("ok")
+"""
+
+
+@needs_triton
+def test_the_kernels_write_the_adapters_input_gradient_for_the_base_gemm_to_add_into():
+    """`fast_lora.ACCUMULATE_IN_BASE` with the kernels: `grad_x_kernel` writes the masked part (reads no
+    gradient), the base's GEMM accumulates into it; outputs and gradients as float32 autograd's."""
+    run_under_triton_interpreter(ACCUMULATE_CHECK)
