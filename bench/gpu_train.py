@@ -224,6 +224,9 @@ def main() -> None:
                          "2026-11-28 19:40), PEFT's autograd for the LoRA backward")
     ap.add_argument("--fp8-base", action="store_true",
                     help="medtune.fast_lora.install(fp8_base=True): each nf4 projection's two GEMMs in float8 (Fp8Base)")
+    ap.add_argument("--fp8-backward", action="store_true",
+                    help="medtune.fast_lora.install(backward=True, fp8_base='backward'): each nf4 projection's input-"
+                         "gradient GEMM in float8, the forward (and the loss) in bf16")
     ap.add_argument("--torch-dropout", action="store_true",
                     help="PyTorch's dropout in the fused LoRA backward instead of medtune.lora_dropout's kernels (the "
                          "default before 2026-11-28 23:00)")
@@ -285,11 +288,11 @@ def main() -> None:
     t0 = time.perf_counter()
     trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer,))
     load_s = time.perf_counter() - t0
-    if a.forward_only or a.fp8_base or a.torch_dropout:  # medtune.train installed the fused forward and backward
+    if a.forward_only or a.fp8_base or a.fp8_backward or a.torch_dropout:  # medtune.train installed the fused path
         from medtune import fast_lora
 
         # under CUDA graphs the fused backward keeps its dropout masks (a graph cannot replay the generator state)
-        fast_lora.install(trainer.model, backward=not a.forward_only, fp8_base=a.fp8_base,
+        fast_lora.install(trainer.model, backward=not a.forward_only, fp8_base="backward" if a.fp8_backward else a.fp8_base,
                           keep_mask=bool(cfg.training.cuda_graphs), dropout_kernels=not a.torch_dropout)
     if a.accumulate:
         accumulate(True)
@@ -332,7 +335,7 @@ def main() -> None:
     print(json.dumps({
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
-        "fused_lora": cfg.training.fused_lora, "fused_backward": fused_backward(trainer.model), "fp8_base": a.fp8_base,
+        "fused_lora": cfg.training.fused_lora, "fused_backward": fused_backward(trainer.model), "fp8_base": "backward" if a.fp8_backward else a.fp8_base,
         "accumulate_in_base": a.accumulate,
         "lean_mlp": lean_mlps(trainer.model), "dropout_kernels": dropout_kernels(trainer.model), "keys_repeated": keys_repeated(trainer.model, cfg, a.before_lean),
         "cuda_graphs": cfg.training.cuda_graphs, "grad_accum": cfg.training.gradient_accumulation,

@@ -104,6 +104,8 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 200 "$run" python3 bench/host_overhead.py ;;
     acccheck)  # bench/accumulate_check.py: fast_lora.ACCUMULATE_IN_BASE per projection shape, time and error
       step 200 "$run" python3 bench/accumulate_check.py ;;
+    bins_nogc_fp8bwd)  # bins_nogc with each nf4 projection's input-gradient GEMM in float8 (--fp8-backward)
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --fp8-backward --label "$run" ;;
     bins_nogc_acc)  # bins_nogc with the base's GEMMs accumulating into the adapter's part (--accumulate)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --accumulate --label "$run" ;;
     ab_flashgqa|ab_accumulate)  # bins_nogc alternating ABBA, step by step, between the default path and a lever
@@ -144,9 +146,10 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
         -o addopts="" --rootdir . ;
       tail -1 /tmp/fsdp_test.out | python3 -c 'import json, sys; print(json.dumps({"run": "fsdp_test", "pytest": sys.stdin.read().strip()}))' \
         | tee -a "$OUT/results.jsonl" ;;
-    losscheck|losscheck_nogc)  # the fast path vs the plain PEFT path, 20 steps, same rows and seed (_nogc: the fast
-      # path without recompute, as the presets train on an 80 GB+ card; recompute does not change the loss)
-      f=""; [ $run = losscheck_nogc ] && f=--no-gc
+    losscheck|losscheck_nogc|losscheck_fp8bwd)  # the fast path vs the plain PEFT path, 20 steps, same rows and seed
+      # (_nogc: the fast path without recompute, as the presets train on an 80 GB+ card; recompute does not change
+      # the loss; _fp8bwd: that with the input-gradient GEMMs in float8)
+      f=""; [ $run = losscheck_nogc ] && f=--no-gc; [ $run = losscheck_fp8bwd ] && f="--no-gc --fp8-backward"
       step 300 fast20 $GT --quantization 4bit --packing --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 $f --label fast20
       step 400 plain20 $GT --quantization 4bit --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --plain --label plain20
       python3 bench/loss_agreement.py /tmp/fast20.out /tmp/plain20.out | tee -a "$OUT/results.jsonl" ;;

@@ -29,11 +29,13 @@ import torch.nn.functional as F
 from medtune import fp8_rows, lora_dropout
 
 
-def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool = False, keep_mask: bool = False,
+def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool | str = False, keep_mask: bool = False,
             dropout_kernels: bool = True) -> int:
     """Give every LoRA linear layer of `model` the fused forward (with `backward`, also the fused
     backward of `LoraLinear`, where the base is a plain or bitsandbytes 4-bit linear; with `fp8_base`,
-    a bitsandbytes 4-bit base's two GEMMs in float8, see `Fp8Base`); returns how many layers took it.
+    a bitsandbytes 4-bit base's two GEMMs in float8, see `Fp8Base`, or with `fp8_base="backward"` and the
+    fused backward its input-gradient GEMM only, the forward and so the loss staying bf16); returns how
+    many layers took it.
     `keep_mask`: the fused backward keeps each dropout mask (one byte per element) instead of replaying
     it from the saved random-number state, which a CUDA graph cannot do (medtune.layer_graphs).
     `dropout_kernels`: with the fused backward on a GPU, the dropout mask is drawn inside the adapter's
@@ -45,7 +47,7 @@ def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool = Fal
         if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module) and _linear(module):
             whole = backward and _plain_or_4bit(module.get_base_layer())
             module.forward = types.MethodType(fused_forward_backward if whole else fused_forward, module)
-            module.fp8_base = fp8_base and _four_bit(module.get_base_layer(), bias=False)
+            module.fp8_base = fp8_base if fp8_base and _four_bit(module.get_base_layer(), bias=False) else False
             module.keep_mask = keep_mask
             module.dropout_kernels = dropout_kernels
             count += 1
@@ -82,7 +84,7 @@ def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torc
     name = _plain(self, kwargs)
     if name is None:
         return type(self).forward(self, x, *args, **kwargs)
-    result = Fp8Base.apply(x, self.base_layer) if getattr(self, "fp8_base", False) and not (args or kwargs) \
+    result = Fp8Base.apply(x, self.base_layer) if getattr(self, "fp8_base", False) is True and not (args or kwargs) \
         else self.base_layer(x, *args, **kwargs)
     dtype = result.dtype
     h = F.linear(self.lora_dropout[name](x).to(dtype), self.lora_A[name].weight.to(dtype))
@@ -116,7 +118,7 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
-                scaling: float, p: float, fp8: bool = False, mode: str = "replay") -> torch.Tensor:
+                scaling: float, p: float, fp8: bool | str = False, mode: str = "replay") -> torch.Tensor:
         out, (h, a16, b16, mask), ctx.draw = lora_forward(x, a, b, base, scaling, p, fp8, mode)
         ctx.save_for_backward(x, h, a16, b16, mask)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.dtypes = base, scaling, p, fp8, (x.dtype, a.dtype, b.dtype)
@@ -138,13 +140,13 @@ def dropout_mode(layer: Any) -> str:
 
 
 def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module, scaling: float, p: float,
-                 fp8: bool, mode: str) -> tuple[torch.Tensor, tuple[Any, ...], torch.Tensor | int | None]:
+                 fp8: bool | str, mode: str) -> tuple[torch.Tensor, tuple[Any, ...], torch.Tensor | int | None]:
     """`LoraLinear`'s forward: (output, what the backward keeps besides the input, how the dropout mask is
     drawn again: a generator state, or the seed of `medtune.lora_dropout`'s kernels). `mode`: "kernel"
     (those kernels where they apply, else as "replay"), "replay" (PyTorch's dropout, drawn again from the
     saved generator state) or "keep" (PyTorch's dropout, the mask kept: for CUDA graphs)."""
     accumulate = _accumulates(x, base, fp8)
-    result = None if accumulate else fp8_linear(x, base) if fp8 else base(x)
+    result = None if accumulate else fp8_linear(x, base) if fp8 is True else base(x)
     dtype = x.dtype if result is None else result.dtype
     a16, b16 = a.to(dtype), b.to(dtype)
     x2, mask = x.reshape(-1, x.shape[-1]), None
@@ -169,7 +171,7 @@ def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.
 ACCUMULATE_IN_BASE = False  # a lever under measurement: bench/gpu_train.py --accumulate, --ab accumulate
 
 
-def _accumulates(x: torch.Tensor, base: torch.nn.Module, fp8: bool) -> bool:
+def _accumulates(x: torch.Tensor, base: torch.nn.Module, fp8: bool | str) -> bool:
     """Whether the base projection's GEMMs accumulate into the adapter's part (`ACCUMULATE_IN_BASE`):
     forward `y = addmm(s * h @ B.T, x, W.T)` and backward `dx = addmm(lora part, g, W)`, instead of the base's
     product first and the adapter's added to it by a small GEMM that reads and writes the whole output, a

@@ -100,7 +100,7 @@ class GatedDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                base: torch.nn.Module, scaling: float, p: float, fp8: bool, mode: str, act: _Act) -> torch.Tensor:
+                base: torch.nn.Module, scaling: float, p: float, fp8: bool | str, mode: str, act: _Act) -> torch.Tensor:
         product = act.forward(gate, up)
         out, kept, ctx.draw = fast_lora.lora_forward(product, a, b, base, scaling, p, fp8, mode)
         ctx.save_for_backward(gate, up, *kept)

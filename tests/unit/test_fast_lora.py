@@ -209,6 +209,29 @@ def test_fp8_base_gemms_stay_close_to_the_bf16_path_on_an_nf4_base(backward):
         assert cos > 0.98, (name, float(cos))
 
 
+def test_fp8_in_the_backward_only_keeps_the_forward_and_the_loss_bf16():
+    """`install(fp8_base="backward")`: the forward (and so the loss) is the bf16 path's to the bit; only the
+    input-gradient GEMMs run in float8, so the adapter gradients stay close (cosine > 0.98)."""
+    bf16 = _four_bit_lora_model(0.0)
+    fp8 = copy.deepcopy(bf16)
+    fast_lora.install(bf16, backward=True)
+    fast_lora.install(fp8, backward=True, fp8_base="backward")
+    assert fp8.get_base_model().model.layers[0].self_attn.q_proj.fp8_base == "backward"
+    bf16.train(), fp8.train()
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits_a, loss_a, grads_a = _loss_and_grads(bf16, ids, seed=5)
+        logits_b, loss_b, grads_b = _loss_and_grads(fp8, ids, seed=5)
+    torch.testing.assert_close(logits_b, logits_a, rtol=0, atol=0)
+    assert loss_b == loss_a
+    differ = 0
+    for name in grads_a:
+        cos = torch.nn.functional.cosine_similarity(grads_b[name].float().flatten(), grads_a[name].float().flatten(), dim=0)
+        assert cos > 0.98, (name, float(cos))
+        differ += not torch.equal(grads_a[name], grads_b[name])
+    assert differ  # the float8 input gradients really ran (the last layer's own gradients do not pass one)
+
+
 def test_fp8_base_matches_a_float64_reference_within_float8_rounding():
     import bitsandbytes as bnb
 
