@@ -1,11 +1,15 @@
 """medtune.lora_dropout's kernels on the GPU, in bf16: the same values as PyTorch ops with the reference
 mask, and their time against the PyTorch path they replace (native dropout, the A GEMM on the dropped
 copy; in the backward the mask drawn again, A's gradient on the copy, the masked input-gradient part
-added in two passes). One JSON line per shape."""
+added in two passes). One JSON line per shape. With `--sweep`: the forward and input-gradient kernels'
+launch settings (`lora_dropout.FORWARD`, `GRAD_X`: token rows per program, warps, stages) timed over a grid,
+each checked equal to the default's result; one JSON line per shape with every setting's time."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import sys
 
 import torch
 
@@ -49,5 +53,32 @@ def main() -> None:
                           "kernels_ms": round(timed(kernels), 3), "torch_ms": round(timed(torch_path), 3)}), flush=True)
 
 
+def sweep() -> None:
+    torch.manual_seed(0)
+    p, r, seed = 0.05, 64, 12345
+    grid = [{"BLOCK_M": bm, "num_warps": w, "num_stages": st}
+            for bm, w, st in itertools.product((32, 64, 128), (4, 8), (2, 3, 4))]
+    for m, k in ((8192, 4096), (8192, 14336)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        a = torch.randn(r, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        dh = torch.randn(m, r, device="cuda", dtype=torch.bfloat16)
+        want_h, want_gx = ld.forward(x, a, p, seed), ld.grad_x(dh, a, p, seed)
+        times = {"forward": {}, "grad_x": {}}
+        for launch in grid:
+            name = "m{BLOCK_M}_w{num_warps}_s{num_stages}".format(**launch)
+            try:
+                same = torch.equal(ld.forward(x, a, p, seed, launch), want_h) and \
+                    torch.equal(ld.grad_x(dh, a, p, seed, launch), want_gx)
+                times["forward"][name] = round(timed(lambda: ld.forward(x, a, p, seed, launch)), 4)
+                times["grad_x"][name] = round(timed(lambda: ld.grad_x(dh, a, p, seed, launch)), 4)
+                if not same:
+                    times.setdefault("differs", []).append(name)
+            except Exception as e:  # a setting that does not compile (shared memory) is reported, not fatal
+                times.setdefault("failed", {})[name] = f"{type(e).__name__}: {str(e)[:120]}"
+        best = {kind: min(t, key=t.get) for kind, t in times.items() if kind in ("forward", "grad_x")}
+        print(json.dumps({"run": "lora_dropout_sweep", "gpu": torch.cuda.get_device_name(0), "tokens": m, "in": k,
+                          "default": {"forward": ld.FORWARD, "grad_x": ld.GRAD_X}, "best": best, **times}), flush=True)
+
+
 if __name__ == "__main__":
-    main()
+    sweep() if "--sweep" in sys.argv[1:] else main()

@@ -98,6 +98,8 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 $st --no-gc $f --label "$run" ;;
     dropcheck)  # bench/lora_dropout_check.py: the dropout kernels against PyTorch ops, values and time
       step 200 "$run" python3 bench/lora_dropout_check.py ;;
+    dropsweep)  # bench/lora_dropout_check.py --sweep: the forward and input-gradient kernels' launch settings
+      step 300 "$run" python3 bench/lora_dropout_check.py --sweep ;;
     gqacheck)  # bench/gqa_check.py: attention.FlashGqa against varlen_attn with k/v repeated, values and time
       step 200 "$run" python3 bench/gqa_check.py ;;
     hostbench)  # bench/host_overhead.py: host time per call of one QLoRA projection's pieces

@@ -32,6 +32,12 @@ MIX = (0x9E3779B1, 0x85EBCA6B, 0xC2B2AE35)  # the index's odd multiplier, then m
 RANKS = (16, 32, 64, 128)  # LoRA ranks the kernels take (a power of two, at least tl.dot's 16)
 BM, BK = 64, 64
 SPLIT_ROWS = 1024  # tokens per program of grad_a's split: 8 splits x 64 column blocks for 8,192 x 4,096
+# Launch settings of the forward and input-gradient kernels (token rows per program, warps, pipeline stages);
+# Triton's defaults, measured on an H200 in call ak. bench/lora_dropout_check.py --sweep times alternatives
+# and names those whose results differ from these bit for bit (the mask never does: it hashes the element's
+# own row and column; the sums' rounding may).
+FORWARD = {"BLOCK_M": BM, "num_warps": 4, "num_stages": 3}
+GRAD_X = {"BLOCK_M": BM, "num_warps": 4, "num_stages": 3}
 
 
 def usable(x: torch.Tensor, a: torch.Tensor, p: float) -> bool:
@@ -56,14 +62,15 @@ def threshold(p: float) -> int:
     return int(p * 2**32)
 
 
-def forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """`dropout(x) @ a.T` for x (tokens x in), a (r x in)."""
+def forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, launch: dict[str, int] | None = None) -> torch.Tensor:
+    """`dropout(x) @ a.T` for x (tokens x in), a (r x in). `launch`: `FORWARD` unless given."""
     m, k = x.shape
     r = a.shape[0]
+    launch = launch or FORWARD
     h = torch.empty((m, r), dtype=x.dtype, device=x.device)
-    _kernels()["forward"][(triton_cdiv(m, BM),)](
+    _kernels()["forward"][(triton_cdiv(m, launch["BLOCK_M"]),)](
         x, a, h, m, seed, threshold(p), 1.0 / (1.0 - p), x.stride(0), a.stride(0), h.stride(0),
-        K=k, R=r, BLOCK_M=BM, BLOCK_K=BK)
+        K=k, R=r, BLOCK_K=BK, **launch)
     return h
 
 
@@ -79,24 +86,27 @@ def grad_a(x: torch.Tensor, dh: torch.Tensor, p: float, seed: int) -> torch.Tens
     return parts.sum(0).mul_(1.0 / (1.0 - p))
 
 
-def add_grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> None:
-    """`grad_x += dropout-mask / (1 - p) * (dh @ a)` in place, with the forward's mask."""
-    _grad_x(grad_x, dh, a, p, seed, accumulate=True)
+def add_grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, seed: int,
+               launch: dict[str, int] | None = None) -> None:
+    """`grad_x += dropout-mask / (1 - p) * (dh @ a)` in place, with the forward's mask. `launch`: `GRAD_X`
+    unless given."""
+    _grad_x(grad_x, dh, a, p, seed, True, launch or GRAD_X)
 
 
-def grad_x(dh: torch.Tensor, a: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+def grad_x(dh: torch.Tensor, a: torch.Tensor, p: float, seed: int, launch: dict[str, int] | None = None) -> torch.Tensor:
     """`dropout-mask / (1 - p) * (dh @ a)` (tokens x in), with the forward's mask: written, nothing read but
     dh and a (the base's input gradient can then be accumulated into it by its own GEMM)."""
     out = torch.empty((dh.shape[0], a.shape[1]), dtype=dh.dtype, device=dh.device)
-    _grad_x(out, dh, a, p, seed, accumulate=False)
+    _grad_x(out, dh, a, p, seed, False, launch or GRAD_X)
     return out
 
 
-def _grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, seed: int, accumulate: bool) -> None:
+def _grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, seed: int, accumulate: bool,
+            launch: dict[str, int]) -> None:
     m, k = grad_x.shape
-    _kernels()["grad_x"][(triton_cdiv(m, BM), triton_cdiv(k, BK))](
+    _kernels()["grad_x"][(triton_cdiv(m, launch["BLOCK_M"]), triton_cdiv(k, BK))](
         grad_x, dh, a, m, seed, threshold(p), 1.0 / (1.0 - p), grad_x.stride(0), dh.stride(0), a.stride(0),
-        K=k, R=a.shape[0], BLOCK_M=BM, BLOCK_K=BK, ACCUMULATE=accumulate)
+        K=k, R=a.shape[0], BLOCK_K=BK, ACCUMULATE=accumulate, **launch)
 
 
 def triton_cdiv(a: int, b: int) -> int:
