@@ -22,8 +22,8 @@ demo: install
 
 test: install
 	# Triton for the tests only (GPU builds of torch bring their own): its CPU interpreter runs the
-	# float8 and dropout kernels' tests (tests/unit/test_fp8_rows.py, test_lora_dropout.py); the demo and a CPU
-	# install do without it.
+	# float8, dropout and nf4 kernels' tests (tests/unit/test_fp8_rows.py, test_lora_dropout.py, test_nf4.py);
+	# the demo and a CPU install do without it.
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/pip install -q triton==3.5.1
 	$(BIN)/python -m pytest -q
 

@@ -141,7 +141,14 @@ def accumulate(on: bool) -> None:
     fast_lora.ACCUMULATE_IN_BASE = on
 
 
-AB_LEVERS = {"flashgqa": flash_gqa, "accumulate": accumulate}
+def nf4_kernel(on: bool) -> None:
+    """on: fast_lora.NF4_KERNEL; off: the default."""
+    from medtune import fast_lora
+
+    fast_lora.NF4_KERNEL = on
+
+
+AB_LEVERS = {"flashgqa": flash_gqa, "accumulate": accumulate, "nf4kernel": nf4_kernel}
 
 
 def load_ids(path: Path) -> list[list[int]]:
@@ -239,10 +246,13 @@ def main() -> None:
     ap.add_argument("--accumulate", action="store_true",
                     help="fast_lora.ACCUMULATE_IN_BASE: the base's GEMMs accumulate into the adapter's part (a lever "
                          "under measurement)")
+    ap.add_argument("--nf4-kernel", action="store_true",
+                    help="fast_lora.NF4_KERNEL: medtune.nf4's kernel dequantizes the 4-bit bases (a lever under "
+                         "measurement)")
     ap.add_argument("--ab", choices=sorted(AB_LEVERS),
                     help="alternate the timed steps (ABBA) between two paths, timing each step (the ab_* fields): "
-                         "flashgqa, the default against the path before it (--repeat-kv); accumulate, --accumulate "
-                         "against the default")
+                         "flashgqa, the default against the path before it (--repeat-kv); accumulate and nf4kernel, "
+                         "the lever against the default")
     ap.add_argument("--hf-loop", action="store_true",
                     help="the Trainer's own loop settings medtune replaced: the NaN filter and the token count that read "
                     "every micro batch's loss and length on the host")
@@ -296,6 +306,8 @@ def main() -> None:
                           keep_mask=bool(cfg.training.cuda_graphs), dropout_kernels=not a.torch_dropout)
     if a.accumulate:
         accumulate(True)
+    if a.nf4_kernel:
+        nf4_kernel(True)
     if a.before_lean or a.repeat_kv:
         from medtune import attention
 
@@ -336,7 +348,7 @@ def main() -> None:
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
         "fused_lora": cfg.training.fused_lora, "fused_backward": fused_backward(trainer.model), "fp8_base": "backward" if a.fp8_backward else a.fp8_base,
-        "accumulate_in_base": a.accumulate,
+        "accumulate_in_base": a.accumulate, "nf4_kernel": a.nf4_kernel,
         "lean_mlp": lean_mlps(trainer.model), "dropout_kernels": dropout_kernels(trainer.model), "keys_repeated": keys_repeated(trainer.model, cfg, a.before_lean),
         "cuda_graphs": cfg.training.cuda_graphs, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,

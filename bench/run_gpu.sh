@@ -104,14 +104,16 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 200 "$run" python3 bench/gqa_check.py ;;
     hostbench)  # bench/host_overhead.py: host time per call of one QLoRA projection's pieces
       step 200 "$run" python3 bench/host_overhead.py ;;
+    nf4check)  # bench/nf4_check.py: medtune.nf4's dequantize kernel against bitsandbytes', values and time
+      step 200 "$run" python3 bench/nf4_check.py ;;
     acccheck)  # bench/accumulate_check.py: fast_lora.ACCUMULATE_IN_BASE per projection shape, time and error
       step 200 "$run" python3 bench/accumulate_check.py ;;
     bins_nogc_fp8bwd)  # bins_nogc with each nf4 projection's input-gradient GEMM in float8 (--fp8-backward)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --fp8-backward --label "$run" ;;
     bins_nogc_acc)  # bins_nogc with the base's GEMMs accumulating into the adapter's part (--accumulate)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --accumulate --label "$run" ;;
-    ab_flashgqa|ab_accumulate)  # bins_nogc alternating ABBA, step by step, between the default path and a lever
-      # (flashgqa: the path before it, --repeat-kv; accumulate: --accumulate against the default)
+    ab_flashgqa|ab_accumulate|ab_nf4kernel)  # bins_nogc alternating ABBA, step by step, between the default path
+      # and a lever (flashgqa: the path before it, --repeat-kv; accumulate, nf4kernel: the lever against the default)
       n=16; [ -n "${AB_STEPS:-}" ] && n=$AB_STEPS
       step 400 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps $n --warm 2 --no-gc --ab ${run#ab_} --label "$run" ;;
     bins_nogc_repkv)  # bins_nogc with k/v repeated for varlen_attn (keep_unrepeated), the default before attention.FlashGqa

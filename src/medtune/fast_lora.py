@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from medtune import fp8_rows, lora_dropout
+from medtune import fp8_rows, lora_dropout, nf4
 
 
 def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool | str = False, keep_mask: bool = False,
@@ -146,7 +146,7 @@ def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.
     (those kernels where they apply, else as "replay"), "replay" (PyTorch's dropout, drawn again from the
     saved generator state) or "keep" (PyTorch's dropout, the mask kept: for CUDA graphs)."""
     accumulate = _accumulates(x, base, fp8)
-    result = None if accumulate else fp8_linear(x, base) if fp8 is True else base(x)
+    result = None if accumulate else fp8_linear(x, base) if fp8 is True else _base_product(x, base)
     dtype = x.dtype if result is None else result.dtype
     a16, b16 = a.to(dtype), b.to(dtype)
     x2, mask = x.reshape(-1, x.shape[-1]), None
@@ -169,6 +169,16 @@ def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.
 
 
 ACCUMULATE_IN_BASE = False  # a lever under measurement: bench/gpu_train.py --accumulate, --ab accumulate
+NF4_KERNEL = False  # a lever under measurement: medtune.nf4's kernel dequantizes 4-bit bases (--nf4-kernel)
+
+
+def _base_product(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
+    """`base(x)`. With `NF4_KERNEL`, a 4-bit base's weight comes from `medtune.nf4`'s kernel, then one GEMM in
+    its compute dtype: what bitsandbytes' forward computes for training-sized inputs (dequantize, linear)."""
+    if NF4_KERNEL and _four_bit(base, bias=False) and nf4.usable(base):
+        dtype = base.compute_dtype or x.dtype
+        return F.linear(x.to(dtype), _base_weight(base, dtype)).to(x.dtype)
+    return base(x)
 
 
 def _accumulates(x: torch.Tensor, base: torch.nn.Module, fp8: bool | str) -> bool:
@@ -248,11 +258,15 @@ def _set_rng_state(device: torch.device, state: torch.Tensor) -> None:
 
 def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The frozen base weight (out x in) as the input gradient's matmul uses it: bitsandbytes' 4-bit
-    backward dequantizes the same way (`MatMul4Bit.backward`)."""
+    backward dequantizes the same way (`MatMul4Bit.backward`); with `NF4_KERNEL`, `medtune.nf4`'s kernel
+    computes the same values."""
     import bitsandbytes as bnb
 
     if isinstance(base, bnb.nn.Linear4bit):  # before nn.Linear: Linear4bit subclasses it
-        return bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).to(dtype)
+        state = base.weight.quant_state
+        if NF4_KERNEL and nf4.usable(base):
+            return nf4.dequantize(base, state.dtype).to(dtype)
+        return bnb.functional.dequantize_4bit(base.weight.data, state).to(dtype)
     return base.weight.to(dtype)
 
 

@@ -1,0 +1,44 @@
+"""medtune.nf4's kernel on the GPU against bitsandbytes' dequantize, in bf16, on Llama-3.1-8B's projection
+shapes quantized as the presets load them (nf4, blocksize 64, double quantization): equal bit for bit, and
+the time of each. One JSON line per shape."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from kernel_timing import timed
+from medtune import nf4
+
+SHAPES = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate_proj/up_proj": (14336, 4096),
+          "down_proj": (4096, 14336)}
+
+
+def main() -> None:
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    for name, (n_out, n_in) in SHAPES.items():
+        base = bnb.nn.Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                                 quant_type="nf4")
+        base.weight = bnb.nn.Params4bit(torch.randn(n_out, n_in, dtype=torch.bfloat16) * 0.02, requires_grad=False,
+                                        compress_statistics=True, quant_type="nf4")
+        base = base.cuda()
+        state = base.weight.quant_state
+        assert nf4.usable(base)
+        want = bnb.functional.dequantize_4bit(base.weight.data, state)
+        got = nf4.dequantize(base, state.dtype)
+        bnb_ms = timed(lambda: bnb.functional.dequantize_4bit(base.weight.data, state))
+        kernel_ms = timed(lambda: nf4.dequantize(base, state.dtype))
+        traffic = n_out * n_in * (0.5 + 2)  # packed bytes read, bf16 written
+        print(json.dumps({"run": "nf4_check", "gpu": torch.cuda.get_device_name(), "shape": name, "out": n_out,
+                          "in": n_in, "equal": torch.equal(got, want),
+                          "max_abs_diff": float((got.float() - want.float()).abs().max()),
+                          "bnb_ms": round(bnb_ms, 4), "kernel_ms": round(kernel_ms, 4),
+                          "speedup": round(bnb_ms / kernel_ms, 3), "kernel_tb_s": round(traffic / kernel_ms / 1e9, 2),
+                          "bnb_tb_s": round(traffic / bnb_ms / 1e9, 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

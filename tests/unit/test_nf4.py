@@ -1,0 +1,96 @@
+"""medtune.nf4: the nf4 weight dequantized by one Triton kernel, run here under Triton's CPU interpreter
+against bitsandbytes' own dequantize (float32 and float16 outputs; the interpreter has no bf16; on a GPU
+in bf16: bench/nf4_check.py)."""
+
+from __future__ import annotations
+
+from tests_support import needs_triton, run_under_triton_interpreter
+
+KERNEL_CHECK = r"""
+import bitsandbytes as bnb
+import torch
+from medtune import nf4
+
+torch.manual_seed(0)
+# bitsandbytes' CPU kernel agrees with its flat layout (blocks of 64 consecutive weights, the high nibble
+# first, as its CUDA kernel) for rows of whole blocks: those shapes are compared with it bit for bit
+for shape, nested in (((48, 64), True), ((40, 128), False), ((96, 192), True)):
+    for dtype in (torch.float32, torch.float16):
+        weight = torch.randn(*shape, dtype=dtype) * 0.05
+        packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4",
+                                                     compress_statistics=nested)
+        assert state.nested == nested
+        want = bnb.functional.dequantize_4bit(packed, state)
+        out = torch.empty(tuple(state.shape), dtype=dtype)
+        nf4.run(packed.view(torch.uint8).reshape(-1), nf4._code(state, out.device), nf4.block_scales(state), out,
+                state.blocksize)
+        assert want.dtype == out.dtype and want.shape == out.shape
+        assert torch.equal(out, want), (shape, nested, dtype, (out.float() - want.float()).abs().max())
+# blocks across rows: against the layout written out in PyTorch ops, and close to the weight itself
+weight = torch.randn(40, 96) * 0.05
+packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
+raw = packed.view(torch.uint8).reshape(-1).long()
+nibbles = torch.stack([raw >> 4, raw & 15], 1).reshape(-1)
+scales = nf4.block_scales(state)
+want = (nf4._code(state, "cpu")[nibbles] * scales[torch.arange(weight.numel()) // 64]).reshape(40, 96)
+out = torch.empty(40, 96)
+nf4.run(raw.to(torch.uint8), nf4._code(state, "cpu"), scales, out, 64)
+assert torch.equal(out, want)
+assert (out - weight).norm() / weight.norm() < 0.12  # nf4's own error (~9 %)
+print("ok")
+"""
+
+
+@needs_triton
+def test_the_kernel_dequantizes_as_bitsandbytes_does_bit_for_bit():
+    run_under_triton_interpreter(KERNEL_CHECK)
+
+
+def test_the_kernel_is_used_only_on_a_gpu():
+    import bitsandbytes as bnb
+    import torch
+
+    from medtune import nf4
+
+    base = bnb.nn.Linear4bit(64, 48, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(torch.randn(48, 64, dtype=torch.bfloat16), requires_grad=False,
+                                    quant_type="nf4").to("cpu")
+    assert not nf4.usable(base)
+
+
+LAYER_CHECK = r"""
+import bitsandbytes as bnb
+import torch
+from medtune import fast_lora, nf4
+
+nf4.usable = lambda base: True  # the interpreter runs the kernel on CPU tensors (float16: it has no bf16)
+calls, kernel = [], nf4.run
+nf4.run = lambda *args: calls.append(1) or kernel(*args)
+torch.manual_seed(0)
+base = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float16, quant_type="nf4")
+base.weight = bnb.nn.Params4bit(torch.randn(64, 128, dtype=torch.float16) * 0.05, requires_grad=False,
+                                quant_type="nf4").to("cpu")
+a = (torch.randn(16, 128) * 0.1).requires_grad_()
+b = (torch.randn(64, 16) * 0.1).requires_grad_()
+x = torch.randn(2, 30, 128, dtype=torch.float16, requires_grad=True)
+grad = torch.randn(2, 30, 64, dtype=torch.float16)
+results = []
+for on in (False, True):
+    fast_lora.NF4_KERNEL = on
+    for t in (x, a, b):
+        t.grad = None
+    out = fast_lora.LoraLinear.apply(x, a, b, base, 2.0, 0.0, False, "replay")
+    out.backward(grad)
+    results.append((out.detach(), x.grad.clone(), a.grad.clone(), b.grad.clone()))
+assert len(calls) == 2  # with NF4_KERNEL: the forward's weight and the input gradient's
+for name, off, on in zip(("out", "x", "a", "b"), *results):
+    assert torch.equal(off, on), name
+print("ok")
+"""
+
+
+@needs_triton
+def test_the_lora_layer_computes_the_same_with_the_kernels_weight():
+    """`fast_lora.NF4_KERNEL`: the forward's base GEMM and the input gradient's on the kernel's weight give
+    the same outputs and gradients as bitsandbytes' dequantize, bit for bit."""
+    run_under_triton_interpreter(LAYER_CHECK)
