@@ -3,11 +3,13 @@ measurement: `fast_lora.NF4_KERNEL`, bench/nf4_check.py).
 
 QLoRA dequantizes every 4-bit base weight twice per micro batch, once for the forward's GEMM and once for
 the input gradient's. In the Trainer's profile of an 8B step (docs/benchmarks.md, call am) bitsandbytes'
-kernel took 71 ms for 1,780 weights, ~2 TB/s of traffic on a card with 4.8. This kernel reads the packed
-bytes and the block scales and writes the 16-bit weight in one pass. It computes what bitsandbytes
-computes, bit for bit: each weight is the nf4 code of its nibble (the high nibble first) times its block's
-scale in float32, rounded once. With nested (double) quantization the block scales are dequantized first
-by bitsandbytes itself, as its own dequantize does.
+kernel took 71 ms for 1,780 weights: about 2 TB/s by the bytes it reads and writes, on a card with 4.8.
+This kernel reads the packed bytes and the block scales and writes the 16-bit weight in one pass, with
+bitsandbytes' arithmetic: each weight is the nf4 code of its nibble (the high nibble first) times its
+block's scale in float32, rounded once. With nested (double) quantization the block scales are
+dequantized first by bitsandbytes itself, as its own dequantize does. The CPU tests find the same values
+bit for bit (Triton's interpreter against bitsandbytes' CPU kernel); bench/nf4_check.py compares it with
+the CUDA kernel and times both (not yet run).
 """
 
 from __future__ import annotations
