@@ -119,10 +119,10 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
                 scaling: float, p: float, fp8: bool | str = False, mode: str = "replay") -> torch.Tensor:
-        out, (h, a16, b16, mask), ctx.draw = lora_forward(x, a, b, base, scaling, p, fp8, mode)
+        ctx.accumulate = accumulates(x, base, fp8)
+        out, (h, a16, b16, mask), ctx.draw = lora_forward(x, a, b, base, scaling, p, fp8, mode, ctx.accumulate)
         ctx.save_for_backward(x, h, a16, b16, mask)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.dtypes = base, scaling, p, fp8, (x.dtype, a.dtype, b.dtype)
-        ctx.accumulate = _accumulates(x, base, fp8)
         return out
 
     @staticmethod
@@ -140,12 +140,13 @@ def dropout_mode(layer: Any) -> str:
 
 
 def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module, scaling: float, p: float,
-                 fp8: bool | str, mode: str) -> tuple[torch.Tensor, tuple[Any, ...], torch.Tensor | int | None]:
+                 fp8: bool | str, mode: str,
+                 accumulate: bool = False) -> tuple[torch.Tensor, tuple[Any, ...], torch.Tensor | int | None]:
     """`LoraLinear`'s forward: (output, what the backward keeps besides the input, how the dropout mask is
     drawn again: a generator state, or the seed of `medtune.lora_dropout`'s kernels). `mode`: "kernel"
     (those kernels where they apply, else as "replay"), "replay" (PyTorch's dropout, drawn again from the
-    saved generator state) or "keep" (PyTorch's dropout, the mask kept: for CUDA graphs)."""
-    accumulate = _accumulates(x, base, fp8)
+    saved generator state) or "keep" (PyTorch's dropout, the mask kept: for CUDA graphs). `accumulate`: the
+    base's GEMM adds into the adapter's part (`accumulates`)."""
     result = None if accumulate else fp8_linear(x, base) if fp8 is True else _base_product(x, base)
     dtype = x.dtype if result is None else result.dtype
     a16, b16 = a.to(dtype), b.to(dtype)
@@ -181,7 +182,7 @@ def _base_product(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
     return base(x)
 
 
-def _accumulates(x: torch.Tensor, base: torch.nn.Module, fp8: bool | str) -> bool:
+def accumulates(x: torch.Tensor, base: torch.nn.Module, fp8: bool | str) -> bool:
     """Whether the base projection's GEMMs accumulate into the adapter's part (`ACCUMULATE_IN_BASE`):
     forward `y = addmm(s * h @ B.T, x, W.T)` and backward `dx = addmm(lora part, g, W)`, instead of the base's
     product first and the adapter's added to it by a small GEMM that reads and writes the whole output, a
@@ -201,7 +202,7 @@ def lora_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, h: torch.Tensor
                   b16: torch.Tensor, mask: torch.Tensor | None,
                   need_x: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
     """`LoraLinear`'s backward from its input `x` and what `lora_forward` kept (`ctx` carries base,
-    scaling, p, fp8, draw, the dtypes and whether the base's GEMMs accumulate, `_accumulates`): the
+    scaling, p, fp8, draw, the dtypes and whether the base's GEMMs accumulate, `accumulates`): the
     gradients of x (when `need_x`), A and B."""
     x_dtype, a_dtype, b_dtype = ctx.dtypes
     x2 = x.reshape(-1, x.shape[-1])

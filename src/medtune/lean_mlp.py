@@ -102,10 +102,11 @@ class GatedDown(torch.autograd.Function):
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 base: torch.nn.Module, scaling: float, p: float, fp8: bool | str, mode: str, act: _Act) -> torch.Tensor:
         product = act.forward(gate, up)
-        out, kept, ctx.draw = fast_lora.lora_forward(product, a, b, base, scaling, p, fp8, mode)
+        ctx.accumulate = fast_lora.accumulates(product, base, fp8)
+        out, kept, ctx.draw = fast_lora.lora_forward(product, a, b, base, scaling, p, fp8, mode, ctx.accumulate)
         ctx.save_for_backward(gate, up, *kept)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.act = base, scaling, p, fp8, act
-        ctx.dtypes, ctx.accumulate = (product.dtype, a.dtype, b.dtype), fast_lora._accumulates(product, base, fp8)
+        ctx.dtypes = (product.dtype, a.dtype, b.dtype)
         return out
 
     @staticmethod

@@ -140,8 +140,8 @@ def test_accumulating_into_the_base_gemm_matches_peft(monkeypatch, four_bit, dro
     pointing the same way (the lean MLP's down projection included), on a plain bf16 base and on nf4."""
     monkeypatch.setattr(fast_lora, "ACCUMULATE_IN_BASE", True)
     taken = []
-    decide = fast_lora._accumulates
-    monkeypatch.setattr(fast_lora, "_accumulates", lambda *a: taken.append(decide(*a)) or taken[-1])
+    decide = fast_lora.accumulates
+    monkeypatch.setattr(fast_lora, "accumulates", lambda *a: taken.append(decide(*a)) or taken[-1])
     if four_bit:
         peft_model = _four_bit_lora_model(dropout)
     else:
@@ -171,17 +171,17 @@ def test_the_accumulating_path_applies_only_where_the_base_computes_the_same():
 
     plain = torch.nn.Linear(8, 4, bias=False).to(torch.bfloat16)
     x16, x32 = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 8)
-    assert not fast_lora._accumulates(x16, plain, False)  # off unless asked for
+    assert not fast_lora.accumulates(x16, plain, False)  # off unless asked for
     fast_lora.ACCUMULATE_IN_BASE = True
     try:
-        assert fast_lora._accumulates(x16, plain, False)
-        assert not fast_lora._accumulates(x32, plain, False)  # float32 activations: the base's own call
-        assert not fast_lora._accumulates(x16, plain, True)  # float8 GEMMs
-        assert not fast_lora._accumulates(x16, torch.nn.Linear(8, 4).to(torch.bfloat16), False)  # a bias
+        assert fast_lora.accumulates(x16, plain, False)
+        assert not fast_lora.accumulates(x32, plain, False)  # float32 activations: the base's own call
+        assert not fast_lora.accumulates(x16, plain, True)  # float8 GEMMs
+        assert not fast_lora.accumulates(x16, torch.nn.Linear(8, 4).to(torch.bfloat16), False)  # a bias
         with torch.autocast("cpu", dtype=torch.float16):
-            assert not fast_lora._accumulates(x16, plain, False)  # autocast would compute in another dtype
+            assert not fast_lora.accumulates(x16, plain, False)  # autocast would compute in another dtype
         nf4 = bnb.nn.Linear4bit(8, 4, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-        assert not fast_lora._accumulates(x16, nf4, False)  # computes in float32
+        assert not fast_lora.accumulates(x16, nf4, False)  # computes in float32
     finally:
         fast_lora.ACCUMULATE_IN_BASE = False
 

@@ -107,7 +107,7 @@ a = (torch.randn(16, 48) * 0.1).requires_grad_()
 b = (torch.randn(40, 16) * 0.1).requires_grad_()
 x = torch.randn(2, 30, 48).half().requires_grad_()
 p, s = 0.2, 2.0
-assert fast_lora._accumulates(x, base, False)
+assert fast_lora.accumulates(x, base, False)
 torch.manual_seed(5)
 out = fast_lora.LoraLinear.apply(x, a, b, base, s, p, False, "kernel")
 grad = torch.randn_like(out)
