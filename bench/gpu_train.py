@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from medtune import attention, fast_lora
 from medtune.config_io import load_config
 from medtune.rundir import RunDir
 from medtune.train import build_trainer, resolve_recompute
@@ -127,28 +128,33 @@ class Alternate(TrainerCallback):
                        "ab_ratio": round(rate[1] / rate[0], 4) if rate[0] else 0.0, "ab_steps": self.each}
 
 
-def flash_gqa(on: bool) -> None:
-    """on: the default (attention.FlashGqa); off: grouped k/v repeated for varlen_attn."""
-    from medtune import attention
+class RepeatedHeads:
+    """Grouped-query attention as before `attention.FlashGqa` (PyTorch 2.10/2.11): k and v repeated to every
+    query head for `varlen_attn`, the repeated copies kept for its backward. Stands in for `FlashGqa`."""
 
-    attention.REPEAT_KV = not on
+    @staticmethod
+    def apply(q, k, v, cu, longest, scale):
+        from torch.nn.attention.varlen import varlen_attn
 
-
-def accumulate(on: bool) -> None:
-    """on: fast_lora.ACCUMULATE_IN_BASE; off: the default."""
-    from medtune import fast_lora
-
-    fast_lora.ACCUMULATE_IN_BASE = on
-
-
-def nf4_kernel(on: bool) -> None:
-    """on: fast_lora.NF4_KERNEL; off: the default."""
-    from medtune import fast_lora
-
-    fast_lora.NF4_KERNEL = on
+        groups, params = q.shape[1] // k.shape[1], attention._supported()
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+        extra = {"scale": scale} if "scale" in params else {}
+        extra.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
+        return varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
 
 
-AB_LEVERS = {"flashgqa": flash_gqa, "accumulate": accumulate, "nf4kernel": nf4_kernel}
+# Levers that are not the default path: (module, attribute, value with the lever, the default value).
+# `--lever NAME` switches one on for the run, `--ab NAME` alternates it with the default step by step.
+LEVERS = {
+    "repeatkv": (attention, "FlashGqa", RepeatedHeads, attention.FlashGqa),  # the path before FlashGqa
+    "accumulate": (fast_lora, "ACCUMULATE_IN_BASE", True, False),  # the base's GEMMs add into the adapter's part
+    "nf4kernel": (fast_lora, "NF4_KERNEL", True, False),  # medtune.nf4's kernel dequantizes the 4-bit bases
+}
+
+
+def switch(name: str, on: bool) -> None:
+    target, attribute, with_lever, default = LEVERS[name]
+    setattr(target, attribute, with_lever if on else default)
 
 
 def load_ids(path: Path) -> list[list[int]]:
@@ -239,20 +245,12 @@ def main() -> None:
                          "default before 2026-11-28 23:00)")
     ap.add_argument("--before-lean", action="store_true",
                     help="the default path before 2026-11-28 22:30: the down projection's input kept (no "
-                         "medtune.lean_mlp) and grouped k/v kept repeated to every query head (no keep_unrepeated)")
-    ap.add_argument("--repeat-kv", action="store_true",
-                    help="grouped k/v repeated to every query head for varlen_attn, the shared heads kept for the backward "
-                         "(attention.keep_unrepeated: the default before attention.FlashGqa)")
-    ap.add_argument("--accumulate", action="store_true",
-                    help="fast_lora.ACCUMULATE_IN_BASE: the base's GEMMs accumulate into the adapter's part (a lever "
-                         "under measurement)")
-    ap.add_argument("--nf4-kernel", action="store_true",
-                    help="fast_lora.NF4_KERNEL: medtune.nf4's kernel dequantizes the 4-bit bases (a lever under "
-                         "measurement)")
-    ap.add_argument("--ab", choices=sorted(AB_LEVERS),
-                    help="alternate the timed steps (ABBA) between two paths, timing each step (the ab_* fields): "
-                         "flashgqa, the default against the path before it (--repeat-kv); accumulate and nf4kernel, "
-                         "the lever against the default")
+                         "medtune.lean_mlp) and grouped k/v kept repeated to every query head (lever repeatkv)")
+    ap.add_argument("--lever", action="append", default=[], choices=sorted(LEVERS),
+                    help="switch on a lever that is not the default path (LEVERS; repeatable)")
+    ap.add_argument("--ab", choices=sorted(LEVERS),
+                    help="alternate the timed steps (ABBA) between a lever and the default path, timing each step "
+                         "(the ab_* fields)")
     ap.add_argument("--hf-loop", action="store_true",
                     help="the Trainer's own loop settings medtune replaced: the NaN filter and the token count that read "
                     "every micro batch's loss and length on the host")
@@ -299,24 +297,16 @@ def main() -> None:
     trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer,))
     load_s = time.perf_counter() - t0
     if a.forward_only or a.fp8_base or a.fp8_backward or a.torch_dropout:  # medtune.train installed the fused path
-        from medtune import fast_lora
-
         # under CUDA graphs the fused backward keeps its dropout masks (a graph cannot replay the generator state)
         fast_lora.install(trainer.model, backward=not a.forward_only, fp8_base="backward" if a.fp8_backward else a.fp8_base,
                           keep_mask=bool(cfg.training.cuda_graphs), dropout_kernels=not a.torch_dropout)
-    if a.accumulate:
-        accumulate(True)
-    if a.nf4_kernel:
-        nf4_kernel(True)
-    if a.before_lean or a.repeat_kv:
-        from medtune import attention
-
-        attention.REPEAT_KV = True
+    levers = sorted(set(a.lever) | ({"repeatkv"} if a.before_lean else set()))
+    for name in levers:
+        switch(name, True)
     if a.before_lean:
-        from medtune import attention, lean_mlp
+        from medtune import lean_mlp
 
         trainer.remove_callback(lean_mlp.AtTrainStart)
-        attention._outer_hooks = lambda: True  # as under recompute: keep_unrepeated steps aside
     if a.hf_loop:
         from transformers import Trainer
 
@@ -324,7 +314,7 @@ def main() -> None:
         trainer._track_num_input_tokens = Trainer._track_num_input_tokens.__get__(trainer)
     alternate = None
     if a.ab:
-        alternate = Alternate(a.warm, AB_LEVERS[a.ab])
+        alternate = Alternate(a.warm, lambda on: switch(a.ab, on))
         trainer.add_callback(alternate)
     profiler = None
     if a.profile:
@@ -348,8 +338,8 @@ def main() -> None:
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
         "fused_lora": cfg.training.fused_lora, "fused_backward": fused_backward(trainer.model), "fp8_base": "backward" if a.fp8_backward else a.fp8_base,
-        "accumulate_in_base": a.accumulate, "nf4_kernel": a.nf4_kernel,
-        "lean_mlp": lean_mlps(trainer.model), "dropout_kernels": dropout_kernels(trainer.model), "keys_repeated": keys_repeated(trainer.model, cfg, a.before_lean),
+        "levers": levers,
+        "lean_mlp": lean_mlps(trainer.model), "dropout_kernels": dropout_kernels(trainer.model), "keys_repeated": keys_repeated(trainer.model, levers),
         "cuda_graphs": cfg.training.cuda_graphs, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,
         "gradient_checkpointing": cfg.lora.gradient_checkpointing,
@@ -368,15 +358,13 @@ def main() -> None:
 
 def fused_backward(model) -> bool:
     """Whether the LoRA layers run medtune.fast_lora's fused backward (what this line measured)."""
-    from medtune import fast_lora
-
     return any(getattr(vars(m).get("forward"), "__func__", None) is fast_lora.fused_forward_backward
                for m in model.modules())
 
 
 def dropout_kernels(model) -> bool:
     """Whether the LoRA dropout masks were drawn inside medtune.lora_dropout's kernels."""
-    from medtune import fast_lora, lora_dropout
+    from medtune import lora_dropout
 
     return lora_dropout._kernels() is not None and any(
         fast_lora.dropout_mode(m) == "kernel" for m in model.modules() if hasattr(m, "dropout_kernels"))
@@ -389,14 +377,11 @@ def lean_mlps(model) -> int:
     return sum(getattr(vars(m).get("forward"), "__func__", None) is lean_mlp.forward for m in model.modules())
 
 
-def keys_repeated(model, cfg, before_lean: bool) -> bool:
+def keys_repeated(model, levers: list[str]) -> bool:
     """Whether the varlen attention's backward kept k and v repeated to every query head."""
-    from medtune import attention
-
     c = model.config
     return (c._attn_implementation == attention.VARLEN and c.num_key_value_heads != c.num_attention_heads
-            and "enable_gqa" not in attention._supported() and attention.REPEAT_KV
-            and (before_lean or bool(cfg.lora.gradient_checkpointing)))
+            and "enable_gqa" not in attention._supported() and "repeatkv" in levers)
 
 
 if __name__ == "__main__":

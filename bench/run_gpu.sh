@@ -110,14 +110,15 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 200 "$run" python3 bench/accumulate_check.py ;;
     bins_nogc_fp8bwd)  # bins_nogc with each nf4 projection's input-gradient GEMM in float8 (--fp8-backward)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --fp8-backward --label "$run" ;;
-    bins_nogc_acc)  # bins_nogc with the base's GEMMs accumulating into the adapter's part (--accumulate)
-      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --accumulate --label "$run" ;;
-    ab_flashgqa|ab_accumulate|ab_nf4kernel)  # bins_nogc alternating ABBA, step by step, between the default path
-      # and a lever (flashgqa: the path before it, --repeat-kv; accumulate, nf4kernel: the lever against the default)
+    bins_nogc_acc)  # bins_nogc with the base's GEMMs accumulating into the adapter's part (lever accumulate)
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --lever accumulate --label "$run" ;;
+    ab_repeatkv|ab_accumulate|ab_nf4kernel)  # bins_nogc alternating ABBA, step by step, between a lever (bench/
+      # gpu_train.py LEVERS) and the default path
       n=16; [ -n "${AB_STEPS:-}" ] && n=$AB_STEPS
       step 400 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps $n --warm 2 --no-gc --ab ${run#ab_} --label "$run" ;;
-    bins_nogc_repkv)  # bins_nogc with k/v repeated for varlen_attn (keep_unrepeated), the default before attention.FlashGqa
-      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --repeat-kv --label "$run" ;;
+    bins_nogc_repkv)  # bins_nogc with k/v repeated for varlen_attn, as before attention.FlashGqa (lever repeatkv; calls
+      # 2026-11-29 a-d ran it with keep_unrepeated's hooks, which kept the shared heads only for the backward)
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --lever repeatkv --label "$run" ;;
     bins_nogc_torchdrop)  # bins_nogc with PyTorch's dropout in the fused backward (the default before 2026-11-28 23:00)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --torch-dropout --label "$run" ;;
     fp8check)  # bench/fp8_rows_check.py: the float8 row kernel against its reference, float8 against bf16 GEMMs

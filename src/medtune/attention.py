@@ -13,7 +13,6 @@ through `FlashGqa`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from typing import Any
@@ -79,28 +78,18 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
             scale: float | None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
-    params, extra, keep = _supported(), {}, contextlib.nullcontext()
+    params, extra = _supported(), {}
     if k.shape[1] != q.shape[1]:
-        if "enable_gqa" in params:
-            extra["enable_gqa"] = True
-        elif not REPEAT_KV:  # PyTorch 2.10/2.11: varlen_attn cannot say so, the flash kernels can
+        if "enable_gqa" not in params:  # PyTorch 2.10/2.11: varlen_attn cannot say so, the flash kernels can
             return FlashGqa.apply(q, k, v, cu, longest, scale)
-        else:  # expand the shared key/value heads (what these versions' varlen_attn needs)
-            groups, shared = q.shape[1] // k.shape[1], (k, v)
-            k, v = (t.repeat_interleave(groups, dim=1) for t in shared)
-            if not _outer_hooks():  # under activation recompute nothing of the layer is kept anyway
-                keep = keep_unrepeated(dict(zip((k, v), shared)), groups)
+        extra["enable_gqa"] = True
     if "scale" in params:
         extra["scale"] = scale
     elif scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-9:
         raise ValueError("this PyTorch's varlen_attn has no `scale`; use attn_implementation=sdpa for this model")
     # PyTorch 2.10 spells causality `is_causal`; later versions a (left, right) window.
     extra.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
-    with keep:
-        return varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
-
-
-REPEAT_KV = False  # bench/gpu_train.py --repeat-kv: the expanded heads through varlen_attn, for comparison
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
 
 
 class FlashGqa(torch.autograd.Function):
@@ -134,33 +123,3 @@ class FlashGqa(torch.autograd.Function):
 def _flash_ops() -> tuple[Any, Any]:
     """PyTorch's flash kernels (CUDA only; the CPU tests put a reference in their place)."""
     return torch.ops.aten._flash_attention_forward, torch.ops.aten._flash_attention_backward
-
-
-def keep_unrepeated(expanded: dict[torch.Tensor, torch.Tensor], groups: int) -> Any:
-    """Saved-tensor hooks under which the attention's backward keeps the shared key/value heads
-    (`expanded` maps each repeated tensor to its source), not their copies repeated to every query
-    head (Llama-3.1-8B: 8 heads instead of 32, 3 GiB of an 8,192-token micro batch); the backward
-    repeats them again. A saved tensor is matched by storage and shape; the repeated tensors
-    themselves are not held."""
-    sources = {(t.data_ptr(), tuple(t.shape)): source for t, source in expanded.items()}
-
-    def pack(t: torch.Tensor) -> Any:
-        source = sources.get((t.data_ptr(), tuple(t.shape)))
-        return (_REPEATED, source) if source is not None else t
-
-    def unpack(packed: Any) -> torch.Tensor:
-        if isinstance(packed, tuple) and packed[0] is _REPEATED:
-            return packed[1].repeat_interleave(groups, dim=1)
-        return packed
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
-
-
-_REPEATED = object()
-
-
-def _outer_hooks() -> bool:
-    """Saved-tensor hooks are already active (non-reentrant activation checkpointing, offloading):
-    the innermost hooks alone apply, so ours would keep what those drop."""
-    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is None or top(False) is not None
