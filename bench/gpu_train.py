@@ -89,7 +89,8 @@ class StepTimer(TrainerCallback):
 
 
 class Alternate(TrainerCallback):
-    """A/B within one run: after `warm` steps, the timed steps take a lever's two settings in ABBA order
+    """A/B within one run: after `warm` steps (which alternate the two settings, so that one-time costs such as
+    Triton's compiles fall there), the timed steps take a lever's two settings in ABBA order
     (A B B A A B B A ...: a drift of the card's clock over the run weighs on both alike), set by `switch(on)`
     at each step's start. Each step is timed alone, from its start to its end with a device sync at both
     (the logging between steps and the checkpoint after the last one fall outside). `result`: tokens/s of
@@ -104,7 +105,8 @@ class Alternate(TrainerCallback):
         self.result: dict[str, Any] = {}
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if state.global_step < self.warm:
+        if state.global_step < self.warm:  # both settings in the warm-up: one-time costs (Triton's compiles) fall there
+            self.switch(state.global_step % 2 == 0)
             return
         on = self.ORDER[(state.global_step - self.warm) % len(self.ORDER)]
         self.switch(on)
@@ -147,8 +149,9 @@ class RepeatedHeads:
 # `--lever NAME` switches one on for the run, `--ab NAME` alternates it with the default step by step.
 LEVERS = {
     "repeatkv": (attention, "FlashGqa", RepeatedHeads, attention.FlashGqa),  # the path before FlashGqa
-    "accumulate": (fast_lora, "ACCUMULATE_IN_BASE", True, False),  # the base's GEMMs add into the adapter's part
-    "nf4kernel": (fast_lora, "NF4_KERNEL", True, False),  # medtune.nf4's kernel dequantizes the 4-bit bases
+    # before 2026-11-29 02:30: the adapter's part added to the base's product by its own GEMM
+    "noaccumulate": (fast_lora, "ACCUMULATE_IN_BASE", False, True),
+    "nonf4kernel": (fast_lora, "NF4_KERNEL", False, True),  # before 2026-11-29 02:30: bitsandbytes' dequantize
 }
 
 

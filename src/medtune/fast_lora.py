@@ -169,8 +169,10 @@ def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.
     return flat.view(result.shape), kept, draw
 
 
-ACCUMULATE_IN_BASE = False  # a lever under measurement: bench/gpu_train.py --lever/--ab accumulate
-NF4_KERNEL = False  # a lever under measurement: medtune.nf4's kernel for 4-bit bases (--lever nf4kernel)
+# The base's GEMMs add into the adapter's part (`accumulates`); bench/gpu_train.py --ab noaccumulate
+ACCUMULATE_IN_BASE = True
+# medtune.nf4's kernel dequantizes 4-bit bases where it can (`nf4.usable`); bench/gpu_train.py --ab nonf4kernel
+NF4_KERNEL = True
 
 
 def _base_product(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:

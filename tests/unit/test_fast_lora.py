@@ -135,7 +135,7 @@ def test_fused_backward_on_a_4bit_base_matches_peft():
 @pytest.mark.parametrize("four_bit", [False, True], ids=["bf16 base", "nf4 base"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_accumulating_into_the_base_gemm_matches_peft(monkeypatch, four_bit, dropout):
-    """`ACCUMULATE_IN_BASE` (a lever under measurement): the adapter's part is computed first and the base's
+    """`ACCUMULATE_IN_BASE` (the default path): the adapter's part is computed first and the base's
     GEMMs add into it, forward and backward. In bf16, as PEFT in bf16: logits, loss, and every adapter gradient
     pointing the same way (the lean MLP's down projection included), on a plain bf16 base and on nf4."""
     monkeypatch.setattr(fast_lora, "ACCUMULATE_IN_BASE", True)
@@ -171,9 +171,10 @@ def test_the_accumulating_path_applies_only_where_the_base_computes_the_same():
 
     plain = torch.nn.Linear(8, 4, bias=False).to(torch.bfloat16)
     x16, x32 = torch.randn(3, 8, dtype=torch.bfloat16), torch.randn(3, 8)
-    assert not fast_lora.accumulates(x16, plain, False)  # off unless asked for
-    fast_lora.ACCUMULATE_IN_BASE = True
+    fast_lora.ACCUMULATE_IN_BASE = False
     try:
+        assert not fast_lora.accumulates(x16, plain, False)  # switched off
+        fast_lora.ACCUMULATE_IN_BASE = True
         assert fast_lora.accumulates(x16, plain, False)
         assert not fast_lora.accumulates(x32, plain, False)  # float32 activations: the base's own call
         assert not fast_lora.accumulates(x16, plain, True)  # float8 GEMMs
@@ -183,7 +184,7 @@ def test_the_accumulating_path_applies_only_where_the_base_computes_the_same():
         nf4 = bnb.nn.Linear4bit(8, 4, bias=False, compute_dtype=torch.float32, quant_type="nf4")
         assert not fast_lora.accumulates(x16, nf4, False)  # computes in float32
     finally:
-        fast_lora.ACCUMULATE_IN_BASE = False
+        fast_lora.ACCUMULATE_IN_BASE = True
 
 
 @pytest.mark.parametrize("backward", [False, True])
@@ -209,9 +210,11 @@ def test_fp8_base_gemms_stay_close_to_the_bf16_path_on_an_nf4_base(backward):
         assert cos > 0.98, (name, float(cos))
 
 
-def test_fp8_in_the_backward_only_keeps_the_forward_and_the_loss_bf16():
+def test_fp8_in_the_backward_only_keeps_the_forward_and_the_loss_bf16(monkeypatch):
     """`install(fp8_base="backward")`: the forward (and so the loss) is the bf16 path's to the bit; only the
-    input-gradient GEMMs run in float8, so the adapter gradients stay close (cosine > 0.98)."""
+    input-gradient GEMMs run in float8, so the adapter gradients stay close (cosine > 0.98). Float8 GEMMs do not
+    accumulate into the adapter's part, so the bf16 path compared is the one that does not either."""
+    monkeypatch.setattr(fast_lora, "ACCUMULATE_IN_BASE", False)
     bf16 = _four_bit_lora_model(0.0)
     fp8 = copy.deepcopy(bf16)
     fast_lora.install(bf16, backward=True)
