@@ -149,9 +149,9 @@ class RepeatedHeads:
 # `--lever NAME` switches one on for the run, `--ab NAME` alternates it with the default step by step.
 LEVERS = {
     "repeatkv": (attention, "FlashGqa", RepeatedHeads, attention.FlashGqa),  # the path before FlashGqa
-    # before 2026-11-29 02:30: the adapter's part added to the base's product by its own GEMM
+    # before 2026-11-29 02:05: the adapter's part added to the base's product by its own GEMM
     "noaccumulate": (fast_lora, "ACCUMULATE_IN_BASE", False, True),
-    "nonf4kernel": (fast_lora, "NF4_KERNEL", False, True),  # before 2026-11-29 02:30: bitsandbytes' dequantize
+    "nonf4kernel": (fast_lora, "NF4_KERNEL", False, True),  # before 2026-11-29 02:05: bitsandbytes' dequantize
 }
 
 

@@ -131,4 +131,11 @@ THROUGHPUT: tuple[Throughput, ...] = (
     # 22:10); among runs as close as each other the plan takes the latest, listed last
     Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 13355.0,
                "bench/results/2026-11-28-h200-ak.jsonl bins_nogc"),
+    # From here: timed to the last step's end (before, the Trainer's final checkpoint was inside the time)
+    Throughput(H200, L8B, "none", True, False, "varlen", 8058, 15313.0,
+               "bench/results/2026-11-29-h200-g.jsonl bins_bf16_nogc"),
+    # The base's GEMMs accumulating into the adapter's part and medtune.nf4's dequantize (the default since
+    # 2026-11-29 02:05)
+    Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 15668.0,
+               "bench/results/2026-11-29-h200-i.jsonl bins_nogc"),
 )
