@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -93,14 +94,14 @@ class Alternate(TrainerCallback):
     Triton's compiles fall there), the timed steps take a lever's two settings in ABBA order
     (A B B A A B B A ...: a drift of the card's clock over the run weighs on both alike), set by `switch(on)`
     at each step's start. Each step is timed alone, from its start to its end with a device sync at both
-    (the logging between steps and the checkpoint after the last one fall outside). `result`: tokens/s of
-    the steps with the lever on and off, their ratio, and [on, seconds, tokens] for every timed step."""
+    (the logging between steps and the checkpoint after the last one fall outside). `result`: `ab_summary`
+    of [on, seconds, tokens, cudaMalloc calls] for every timed step."""
 
     ORDER = (True, False, False, True)
 
     def __init__(self, warm: int, switch) -> None:
         self.warm, self.switch = warm, switch
-        self.started: tuple[bool, float, int] | None = None
+        self.started: tuple[bool, float, int, int] | None = None
         self.each: list[list[float]] = []
         self.result: dict[str, Any] = {}
 
@@ -110,24 +111,46 @@ class Alternate(TrainerCallback):
             return
         on = self.ORDER[(state.global_step - self.warm) % len(self.ORDER)]
         self.switch(on)
-        torch.cuda.synchronize()
-        self.started = (on, time.perf_counter(), int(state.num_input_tokens_seen))
+        _sync()
+        self.started = (on, time.perf_counter(), int(state.num_input_tokens_seen), _device_allocs())
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.started is None:
             return
-        torch.cuda.synchronize()
-        on, start, tokens = self.started
-        self.each.append([int(on), round(time.perf_counter() - start, 3), int(state.num_input_tokens_seen) - tokens])
+        _sync()
+        on, start, tokens, allocs = self.started
+        self.each.append([int(on), round(time.perf_counter() - start, 3), int(state.num_input_tokens_seen) - tokens,
+                          _device_allocs() - allocs])
         self.started = None
 
     def on_train_end(self, args, state, control, **kwargs):
-        rate = {}
-        for on in (1, 0):
-            seconds = sum(e[1] for e in self.each if e[0] == on)
-            rate[on] = round(sum(e[2] for e in self.each if e[0] == on) / seconds) if seconds else 0
-        self.result = {"ab_tokens_per_s_on": rate[1], "ab_tokens_per_s_off": rate[0],
-                       "ab_ratio": round(rate[1] / rate[0], 4) if rate[0] else 0.0, "ab_steps": self.each}
+        self.result = ab_summary(self.each)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _device_allocs() -> int:
+    """cudaMalloc calls so far by PyTorch's caching allocator (0 without CUDA)."""
+    return int(torch.cuda.memory_stats().get("num_device_alloc", 0)) if torch.cuda.is_available() else 0
+
+
+def ab_summary(each: list[list[float]]) -> dict[str, Any]:
+    """tokens/s of the steps with the lever on and off and their ratio, over all steps (`ab_ratio`) and as
+    the ratio of each arm's median step rate (`ab_median_ratio`): a one-off slow step (a compile, the
+    allocator's first cudaMalloc of a size) moves the first, hardly the second. `ab_steps`: `each`."""
+    rate, median = {}, {}
+    for on in (1, 0):
+        steps = [e for e in each if e[0] == on]
+        seconds = sum(e[1] for e in steps)
+        rate[on] = round(sum(e[2] for e in steps) / seconds) if seconds else 0
+        rates = [e[2] / e[1] for e in steps if e[1]]
+        median[on] = statistics.median(rates) if rates else 0.0
+    return {"ab_tokens_per_s_on": rate[1], "ab_tokens_per_s_off": rate[0],
+            "ab_ratio": round(rate[1] / rate[0], 4) if rate[0] else 0.0,
+            "ab_median_ratio": round(median[1] / median[0], 4) if median[0] else 0.0, "ab_steps": each}
 
 
 class RepeatedHeads:
