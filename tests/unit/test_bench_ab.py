@@ -3,21 +3,14 @@ are compared. Runs on the CPU: the harness syncs the device only where there is 
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def gpu_train():
-    spec = importlib.util.spec_from_file_location("gpu_train", ROOT / "bench" / "gpu_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def gpu_train(bench_script):
+    return bench_script("gpu_train")
 
 
 def test_the_warm_up_takes_both_settings_then_the_timed_steps_go_abba(gpu_train):

@@ -3,7 +3,6 @@ and the committed H200 measurements stay within the issue's ±20% memory goal.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -15,11 +14,8 @@ IDS = ROOT.parent / "shared" / "bench" / "medical_token_ids.json"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("plan_vs_measured", ROOT / "bench" / "plan_vs_measured.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(bench_script):
+    return bench_script("plan_vs_measured")
 
 
 def _rows(out: str) -> dict[str, list[str]]:
