@@ -10,8 +10,8 @@ block's scale in float32, rounded once. With nested (double) quantization the bl
 dequantized first by bitsandbytes itself, as its own dequantize does. The CPU tests find the same values
 bit for bit (Triton's interpreter against bitsandbytes' CPU kernel). On an H200 (bench/nf4_check.py) it
 equals the CUDA kernel bit for bit on all four Llama-3.1-8B projection shapes and is faster on the MLP's
-(1.05-1.08x), slower on the attention's; through the Trainer an 8B QLoRA step ran 2.8 % faster with it
-(ABBA, docs/benchmarks.md).
+(1.05-1.08x), slower on the attention's; through the Trainer an 8B QLoRA step ran 1.1 % and 2.8 % faster
+with it in two calls (ABBA, docs/benchmarks.md).
 """
 
 from __future__ import annotations
