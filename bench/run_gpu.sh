@@ -7,11 +7,14 @@
 #            llama3-tok/ (a BPE tokenizer with the Llama 3 special tokens, for the end-to-end run) and
 #            medical_600.jsonl (the first 600 rows of ../shared/datasets/medical_mistral_instruct_dataset_short)
 #   .whl2/   only for the `unsloth*` runs: Unsloth and its dependencies (../shared/bench/README.md)
+#   .whlpytest/  only for `fsdp_test`: pytest, pluggy, iniconfig (apart from .whl/ so that .whl/ + .bench/ fit the
+#            64 MiB a call carries; fsdp_test needs no .bench/)
 # Writes one JSON line per run to $OUT/results.jsonl (copy it to bench/results/<date>-<card>-x.jsonl).
 set -u
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
 if [ ! -f /tmp/site/.done ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    $(ls .whlpytest/*.whl 2>/dev/null) \
     && touch /tmp/site/.done || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD/src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
