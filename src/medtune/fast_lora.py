@@ -180,7 +180,8 @@ def _base_product(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
     its compute dtype: what bitsandbytes' forward computes for training-sized inputs (dequantize, linear)."""
     if NF4_KERNEL and _four_bit(base, bias=False) and nf4.usable(base):
         dtype = base.compute_dtype or x.dtype
-        return F.linear(x.to(dtype), _base_weight(base, dtype)).to(x.dtype)
+        weight = nf4.dequantize(base, base.weight.quant_state.dtype).to(dtype)  # as `_base_weight`, checked once
+        return F.linear(x.to(dtype), weight).to(x.dtype)
     return base(x)
 
 
