@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from medtune import attention, fast_lora
+from medtune import attention, fast_lora, lora_dropout
 from medtune.config_io import load_config
 from medtune.rundir import RunDir
 from medtune.train import build_trainer, resolve_recompute
@@ -175,6 +175,7 @@ LEVERS = {
     # before 2026-11-29 02:05: the adapter's part added to the base's product by its own GEMM
     "noaccumulate": (fast_lora, "ACCUMULATE_IN_BASE", False, True),
     "nonf4kernel": (fast_lora, "NF4_KERNEL", False, True),  # before 2026-11-29 02:05: bitsandbytes' dequantize
+    "elementhash": (lora_dropout, "PAIRED", False, True),  # before 2026-11-29 04:30: one dropout hash per element
 }
 
 

@@ -13,8 +13,12 @@ masked is written:
   backward  grad_A = dh.T @ (x * keep / (1 - p))          (split over tokens, partial sums added)
             grad_x += keep / (1 - p) * (dh @ A)           (in the epilogue of the small GEMM)
 
-The hash is murmur3's 32-bit finalizer; an element is kept when its hash is at least p * 2**32, so the
-keep rate is 1 - p to 2**-32. The seed is drawn from PyTorch's CPU generator for each projection call:
+The hash is murmur3's 32-bit finalizer over a counter. With `PAIRED` (the default) one hash decides two
+neighbouring columns of a row, its low 16 bits the first and its high 16 bits the second, each kept
+when its half is at least round(p * 2**16): half the hashing, which is most of what the kernels
+compute (their memory traffic is one read of the input). Otherwise one hash per element, kept when it
+is at least p * 2**32. Either way the kept values are scaled by 1 / (1 - the drop rate drawn), so the
+update's expectation is exact; the rate drawn is p to 2**-16 (p = 0.05: 3,277 / 65,536 = 0.050003). The seed is drawn from PyTorch's CPU generator for each projection call:
 `torch.manual_seed` reproduces it, and activation checkpointing, which restores that generator before
 recomputing, draws the same one. The masks are not PyTorch's dropout masks (another generator), so a
 run with this path matches PEFT's in distribution, not mask for mask; `reference_keep` is the same hash
@@ -38,6 +42,9 @@ SPLIT_ROWS = 1024  # tokens per program of grad_a's split: 8 splits x 64 column 
 # own row and column; the sums' rounding may).
 FORWARD = {"BLOCK_M": BM, "num_warps": 4, "num_stages": 3}
 GRAD_X = {"BLOCK_M": BM, "num_warps": 4, "num_stages": 3}
+# One hash per two neighbouring elements; False: one per element, the kernels before 2026-11-29
+# (bench/gpu_train.py --ab elementhash). Read at each call: a forward and its backward must agree.
+PAIRED = True
 
 
 def usable(x: torch.Tensor, a: torch.Tensor, p: float) -> bool:
@@ -58,8 +65,16 @@ def new_seed() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-def threshold(p: float) -> int:
-    return int(p * 2**32)
+def threshold(p: float, paired: bool | None = None) -> int:
+    """The hash (or its 16-bit half, `paired`; default `PAIRED`) at which an element is kept."""
+    paired = PAIRED if paired is None else paired
+    return round(p * 2**16) if paired else int(p * 2**32)
+
+
+def keep_scale(p: float, paired: bool | None = None) -> float:
+    """1 / (1 - the drop rate the threshold draws): the kept values' scale, unbiased."""
+    paired = PAIRED if paired is None else paired
+    return 1.0 / (1.0 - threshold(p, paired) / 2.0 ** (16 if paired else 32))
 
 
 def forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, launch: dict[str, int] | None = None) -> torch.Tensor:
@@ -69,8 +84,8 @@ def forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, launch: dict[
     launch = launch or FORWARD
     h = torch.empty((m, r), dtype=x.dtype, device=x.device)
     _kernels()["forward"][(triton_cdiv(m, launch["BLOCK_M"]),)](
-        x, a, h, m, seed, threshold(p), 1.0 / (1.0 - p), x.stride(0), a.stride(0), h.stride(0),
-        K=k, R=r, BLOCK_K=BK, **launch)
+        x, a, h, m, seed, threshold(p), keep_scale(p), x.stride(0), a.stride(0), h.stride(0),
+        K=k, R=r, BLOCK_K=BK, PAIRED=PAIRED, **launch)
     return h
 
 
@@ -82,8 +97,8 @@ def grad_a(x: torch.Tensor, dh: torch.Tensor, p: float, seed: int) -> torch.Tens
     parts = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
     _kernels()["grad_a"][(triton_cdiv(k, BK), splits)](
         x, dh, parts, m, seed, threshold(p), x.stride(0), dh.stride(0), K=k, R=r, ROWS=SPLIT_ROWS,
-        BLOCK_M=BM, BLOCK_K=BK)
-    return parts.sum(0).mul_(1.0 / (1.0 - p))
+        BLOCK_M=BM, BLOCK_K=BK, PAIRED=PAIRED)
+    return parts.sum(0).mul_(keep_scale(p))
 
 
 def add_grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, seed: int,
@@ -105,25 +120,35 @@ def _grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, s
             launch: dict[str, int]) -> None:
     m, k = grad_x.shape
     _kernels()["grad_x"][(triton_cdiv(m, launch["BLOCK_M"]), triton_cdiv(k, BK))](
-        grad_x, dh, a, m, seed, threshold(p), 1.0 / (1.0 - p), grad_x.stride(0), dh.stride(0), a.stride(0),
-        K=k, R=a.shape[0], BLOCK_K=BK, ACCUMULATE=accumulate, **launch)
+        grad_x, dh, a, m, seed, threshold(p), keep_scale(p), grad_x.stride(0), dh.stride(0), a.stride(0),
+        K=k, R=a.shape[0], BLOCK_K=BK, ACCUMULATE=accumulate, PAIRED=PAIRED, **launch)
 
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def reference_keep(seed: int, rows: int, cols: int, p: float) -> torch.Tensor:
-    """The kernels' mask in PyTorch ops (int64 arithmetic, low 32 bits kept): True where kept."""
+def reference_keep(seed: int, rows: int, cols: int, p: float, paired: bool | None = None) -> torch.Tensor:
+    """The kernels' mask in PyTorch ops (int64 arithmetic, low 32 bits kept): True where kept. `paired`:
+    default `PAIRED`."""
+    paired = PAIRED if paired is None else paired
+    if paired:
+        pairs = (cols + 1) // 2
+        h = _reference_mix(seed, torch.arange(rows * pairs, dtype=torch.int64).reshape(rows, pairs))
+        halves = torch.stack((h & 0xFFFF, h >> 16), dim=-1).reshape(rows, 2 * pairs)[:, :cols]
+        return halves >= threshold(p, True)
+    return _reference_mix(seed, torch.arange(rows * cols, dtype=torch.int64).reshape(rows, cols)) >= threshold(p, False)
+
+
+def _reference_mix(seed: int, h: torch.Tensor) -> torch.Tensor:
     low = 0xFFFFFFFF
-    h = torch.arange(rows * cols, dtype=torch.int64).reshape(rows, cols)
     h = (h * MIX[0] + seed) & low
     h ^= h >> 16
     h = (h * MIX[1]) & low
     h ^= h >> 13
     h = (h * MIX[2]) & low
     h ^= h >> 16
-    return h >= threshold(p)
+    return h
 
 
 @functools.cache

@@ -5,51 +5,71 @@ import triton.language as tl
 
 
 @triton.jit
-def keep(seed, rows, cols, k, limit):
-    # the element's index in uint32 (below 2**32 elements: `usable`), wrapping like the hash itself
-    h = rows.to(tl.uint32) * k + cols.to(tl.uint32)
+def mix(h, seed):
+    # murmur3's 32-bit finalizer over the counter (an odd multiple of it, plus the seed), in uint32
     h = h * tl.full((), 0x9E3779B1, tl.uint32) + seed.to(tl.uint32)
     h ^= h >> 16
     h *= tl.full((), 0x85EBCA6B, tl.uint32)
     h ^= h >> 13
     h *= tl.full((), 0xC2B2AE35, tl.uint32)
     h ^= h >> 16
-    return h >= limit.to(tl.uint32)
+    return h
 
 
 @triton.jit
-def dropped_tile(x_ptr, rows, cols, m, k, stride_x, seed, limit):
+def keep_tile(seed, rows, start, k, limit, BLOCK_K: tl.constexpr, PAIRED: tl.constexpr):
+    """Which elements of the tile (rows, start .. start + BLOCK_K) are kept. PAIRED: one hash per two
+    neighbouring columns (2j, 2j + 1), its low 16 bits deciding the first, its high 16 bits the second;
+    else one hash per element. `start` and BLOCK_K are even; the counter wraps like the hash (`usable`)."""
+    if PAIRED:
+        pairs = start // 2 + tl.arange(0, BLOCK_K // 2)
+        h = mix(rows[:, None].to(tl.uint32) * ((k + 1) // 2) + pairs[None, :].to(tl.uint32), seed)
+        low = (h & 0xFFFF) >= limit.to(tl.uint32)
+        high = (h >> 16) >= limit.to(tl.uint32)
+        return tl.interleave(low, high)
+    cols = start + tl.arange(0, BLOCK_K)
+    return mix(rows[:, None].to(tl.uint32) * k + cols[None, :].to(tl.uint32), seed) >= limit.to(tl.uint32)
+
+
+@triton.jit
+def dropped_tile(x_ptr, rows, start, m, k, stride_x, seed, limit, BLOCK_K: tl.constexpr, PAIRED: tl.constexpr):
+    cols = start + tl.arange(0, BLOCK_K)
     inside = (rows[:, None] < m) & (cols[None, :] < k)
     x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=inside, other=0.0)
-    return tl.where(keep(seed, rows[:, None], cols[None, :], k, limit), x, tl.zeros_like(x))
+    return tl.where(keep_tile(seed, rows, start, k, limit, BLOCK_K, PAIRED), x, tl.zeros_like(x))
 
 
-@triton.jit
+# `m` (the micro batch's tokens) and `seed` vary from call to call: Triton would otherwise compile another
+# variant the first time either is a multiple of 16, a stall of seconds inside a training step
+@triton.jit(do_not_specialize=["m", "seed"])
 def forward_kernel(x_ptr, a_ptr, h_ptr, m, seed, limit, scale, stride_x, stride_a, stride_h,
-                   K: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                   K: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PAIRED: tl.constexpr):
     # K (the input width) a constant: the loop bound, one compiled kernel per width
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.arange(0, R)
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for start in range(0, K, BLOCK_K):
         cols = start + tl.arange(0, BLOCK_K)
-        x = dropped_tile(x_ptr, rows, cols, m, K, stride_x, seed, limit)
+        x = dropped_tile(x_ptr, rows, start, m, K, stride_x, seed, limit, BLOCK_K, PAIRED)
         a_t = tl.load(a_ptr + ranks[None, :] * stride_a + cols[:, None], mask=cols[:, None] < K, other=0.0)
         acc += tl.dot(x, a_t)
     out = (acc * scale).to(h_ptr.dtype.element_ty)
     tl.store(h_ptr + rows[:, None].to(tl.int64) * stride_h + ranks[None, :], out, mask=rows[:, None] < m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m", "seed"])
 def grad_a_kernel(x_ptr, dh_ptr, parts_ptr, m, seed, limit, stride_x, stride_dh, K: tl.constexpr,
-                  R: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    cols = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+                  R: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                  PAIRED: tl.constexpr):
+    start = tl.program_id(0) * BLOCK_K
+    cols = start + tl.arange(0, BLOCK_K)
     split = tl.program_id(1)
     ranks = tl.arange(0, R)
     acc = tl.zeros((R, BLOCK_K), dtype=tl.float32)
     for step in range(0, ROWS, BLOCK_M):
         rows = split * ROWS + step + tl.arange(0, BLOCK_M)
-        x = dropped_tile(x_ptr, rows, cols, m, K, stride_x, seed, limit)
+        x = dropped_tile(x_ptr, rows, start, m, K, stride_x, seed, limit, BLOCK_K, PAIRED)
         dh = tl.load(dh_ptr + rows[:, None].to(tl.int64) * stride_dh + ranks[None, :], mask=rows[:, None] < m,
                      other=0.0)
         acc += tl.dot(tl.trans(dh), x)
@@ -57,13 +77,14 @@ def grad_a_kernel(x_ptr, dh_ptr, parts_ptr, m, seed, limit, stride_x, stride_dh,
     tl.store(out, acc, mask=cols[None, :] < K)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["m", "seed"])
 def grad_x_kernel(gx_ptr, dh_ptr, a_ptr, m, seed, limit, scale, stride_gx, stride_dh, stride_a,
                   K: tl.constexpr, R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                  ACCUMULATE: tl.constexpr):
+                  ACCUMULATE: tl.constexpr, PAIRED: tl.constexpr):
     # ACCUMULATE: add the masked update to gx; else write it (gx read nowhere)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    start = tl.program_id(1) * BLOCK_K
+    cols = start + tl.arange(0, BLOCK_K)
     ranks = tl.arange(0, R)
     dh = tl.load(dh_ptr + rows[:, None].to(tl.int64) * stride_dh + ranks[None, :], mask=rows[:, None] < m,
                  other=0.0)
@@ -71,7 +92,7 @@ def grad_x_kernel(gx_ptr, dh_ptr, a_ptr, m, seed, limit, scale, stride_gx, strid
     update = tl.dot(dh, a) * scale
     inside = (rows[:, None] < m) & (cols[None, :] < K)
     where = gx_ptr + rows[:, None].to(tl.int64) * stride_gx + cols[None, :]
-    gx = tl.where(keep(seed, rows[:, None], cols[None, :], K, limit), update, tl.zeros_like(update))
+    gx = tl.where(keep_tile(seed, rows, start, K, limit, BLOCK_K, PAIRED), update, tl.zeros_like(update))
     if ACCUMULATE:
         gx += tl.load(where, mask=inside, other=0.0).to(tl.float32)
     tl.store(where, gx.to(gx_ptr.dtype.element_ty), mask=inside)

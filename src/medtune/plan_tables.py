@@ -138,4 +138,10 @@ THROUGHPUT: tuple[Throughput, ...] = (
     # 2026-11-29 02:05)
     Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 15668.0,
                "bench/results/2026-11-29-h200-i.jsonl bins_nogc"),
+    # medtune.lora_dropout's paired hash (the default since 2026-11-29 04:10); m: its kernels no longer
+    # specialised on the token count and seed
+    Throughput(H200, L8B, "none", True, False, "varlen", 8058, 15795.0,
+               "bench/results/2026-11-29-h200-k.jsonl bins_bf16_nogc"),
+    Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 15339.0,
+               "bench/results/2026-11-29-h200-m.jsonl bins_nogc"),
 )

@@ -2,7 +2,7 @@
 
 Without recompute an 8B LoRA step does ~30% less arithmetic (33.5 instead of 48.5 GFLOP per token) but
 keeps every layer's activations: on one H200 (QLoRA, Llama-3.1-8B shape) 8,192-token micro batches
-trained at 15,668 tok/s in 36.0 GiB without recompute (the default path since 2026-11-29 02:05),
+trained at 15,339 tok/s in 36.0 GiB without recompute (the default path since 2026-11-29 04:10),
 16,384-token ones at 9,121 tok/s in 16.0 GiB with it (an earlier path; docs/benchmarks.md). Which one a card can take is known before loading anything: with
 token-bounded micro batches (`training.micro_batch_tokens`) the largest micro batch is the budget
 itself, and medtune's memory model (plan_memory, within -2 % ... +8 % of every measured single-GPU
