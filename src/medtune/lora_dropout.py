@@ -15,10 +15,11 @@ masked is written:
 
 The hash is murmur3's 32-bit finalizer over a counter. With `PAIRED` (the default) one hash decides two
 neighbouring columns of a row, its low 16 bits the first and its high 16 bits the second, each kept
-when its half is at least round(p * 2**16): half the hashing, which is most of what the kernels
-compute (their memory traffic is one read of the input). Otherwise one hash per element, kept when it
-is at least p * 2**32. Either way the kept values are scaled by 1 / (1 - the drop rate drawn), so the
-update's expectation is exact; the rate drawn is p to 2**-16 (p = 0.05: 3,277 / 65,536 = 0.050003). The seed is drawn from PyTorch's CPU generator for each projection call:
+when its half is at least round(p * 2**16): half the hashing (the three kernels 1.15x faster on an H200,
+a step +2 %: docs/benchmarks.md). Otherwise one hash per element, kept when it is at least p * 2**32.
+Either way the kept values are scaled by 1 / (1 - the drop rate drawn), so the update's expectation is
+exact; the rate drawn is p to 2**-16 (p = 0.05: 3,277 / 65,536 = 0.050003).
+The seed is drawn from PyTorch's CPU generator for each projection call:
 `torch.manual_seed` reproduces it, and activation checkpointing, which restores that generator before
 recomputing, draws the same one. The masks are not PyTorch's dropout masks (another generator), so a
 run with this path matches PEFT's in distribution, not mask for mask; `reference_keep` is the same hash
