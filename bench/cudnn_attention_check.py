@@ -8,12 +8,11 @@ not a path medtune takes."""
 from __future__ import annotations
 
 import json
-import random
 
 import torch
 
 from medtune import attention
-from gqa_check import packed_lengths
+from gqa_check import attention_inputs
 from kernel_timing import rel, timed
 
 
@@ -24,13 +23,7 @@ def cudnn(q, k, v, cu, longest, grad):
 
 
 def main() -> None:
-    torch.manual_seed(0)
-    lengths = packed_lengths(8192, random.Random(0))
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
-    longest, heads, shared, dim = max(lengths), 32, 8, 128
-    q = torch.randn(8192, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    k, v = (torch.randn(8192, shared, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    grad = torch.randn(8192, heads, dim, device="cuda", dtype=torch.bfloat16)
+    lengths, cu, longest, q, k, v, grad = attention_inputs()
     line = {"run": "cudnncheck", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
             "cudnn": torch.backends.cudnn.version(), "tokens": 8192, "examples": len(lengths)}
     out = attention.FlashGqa.apply(q, k, v, cu, longest, None)

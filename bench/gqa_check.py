@@ -23,14 +23,21 @@ def packed_lengths(total: int, rng: random.Random) -> list[int]:
     return lengths
 
 
-def main() -> None:
+def attention_inputs(heads: int = 32, shared: int = 8, dim: int = 128):
+    """One 8,192-token micro batch of packed examples (seeded): lengths, cumulative lengths, the longest, q,
+    k, v (requiring gradients) and an output gradient, bf16 on the GPU."""
     torch.manual_seed(0)
     lengths = packed_lengths(8192, random.Random(0))
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
-    longest, heads, shared, dim = max(lengths), 32, 8, 128
     q = torch.randn(8192, heads, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k, v = (torch.randn(8192, shared, dim, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
     grad = torch.randn(8192, heads, dim, device="cuda", dtype=torch.bfloat16)
+    return lengths, cu, max(lengths), q, k, v, grad
+
+
+def main() -> None:
+    lengths, cu, longest, q, k, v, grad = attention_inputs()
+    heads, shared = q.shape[1], k.shape[1]
     window = {"window_size": (-1, 0)} if "window_size" in attention._supported() else {"is_causal": True}
 
     def repeated():
