@@ -43,7 +43,7 @@ def main() -> None:
 
         keep = ld.reference_keep(SEED, TOKENS, n_in, P).cuda()
         want_y = x.float() @ w.float().t() + SCALE * h.float() @ b.float().t()
-        want_gx = g.float() @ w.float() + torch.where(keep, dh.float() @ a.float(), 0.0) / (1 - P)
+        want_gx = g.float() @ w.float() + torch.where(keep, dh.float() @ a.float(), 0.0) * ld.keep_scale(P)
         line = {"run": "accumulate_check", "gpu": torch.cuda.get_device_name(), "shape": name, "in": n_in,
                 "out": n_out, "tokens": TOKENS}
         for label, fn, want in (("forward_default", forward_default, want_y),
