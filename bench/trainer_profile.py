@@ -113,6 +113,7 @@ def summarize(prof: Any) -> dict[str, Any]:
     out["kernels_ms_count"] = kernel_table([e for e in events if e.get("cat") == "kernel" and e.get("ph") == "X"
                                             and start <= e["ts"] < end])
     out["matmuls_ms_count"] = matmul_table(prof)
+    out["ops_self_ms_count"] = op_table(prof)
     out["idle_before_launch_ms_count"] = idle_causes(events, idle)
     return out
 
@@ -164,11 +165,21 @@ MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")
 
 def matmul_table(prof: Any, top: int = 30) -> dict[str, list[float]]:
     """GPU time of the matmul ops by input shapes over the profiled span: {"op shapes": [ms, calls]}."""
+    return _shape_table(prof, lambda key: key in MATMULS, "device_time_total", "cuda_time_total", top)
+
+
+def op_table(prof: Any, top: int = 30) -> dict[str, list[float]]:
+    """GPU time of the other ops by input shapes, each op's own kernels only (not its children's), so that an
+    elementwise kernel of the kernel table can be traced to the op and tensor sizes that launched it."""
+    return _shape_table(prof, lambda key: key not in MATMULS, "self_device_time_total", "self_cuda_time_total", top)
+
+
+def _shape_table(prof: Any, keep: Any, attribute: str, legacy: str, top: int) -> dict[str, list[float]]:
     rows = []
     for avg in prof.key_averages(group_by_input_shape=True):
-        if avg.key in MATMULS:
-            us = getattr(avg, "device_time_total", None) or getattr(avg, "cuda_time_total", 0.0)
-            rows.append((f"{avg.key} {avg.input_shapes}"[:120], us / 1e3, avg.count))
+        us = getattr(avg, attribute, None) or getattr(avg, legacy, 0.0)
+        if keep(avg.key) and us > 0:
+            rows.append((f"{avg.key} {avg.input_shapes}"[:160], us / 1e3, avg.count))
     rows.sort(key=lambda r: -r[1])
     return {name: [round(ms, 2), n] for name, ms, n in rows[:top]}
 
