@@ -281,6 +281,9 @@ def main() -> None:
     ap.add_argument("--hf-loop", action="store_true",
                     help="the Trainer's own loop settings medtune replaced: the NaN filter and the token count that read "
                     "every micro batch's loss and length on the host")
+    ap.add_argument("--host-lead", action="store_true",
+                    help="how far the GPU runs behind the host at each forward, backward and optimizer step of the "
+                         "timed steps, from CUDA events, no profiler (bench/host_lead.py)")
     ap.add_argument("--profile", action="store_true",
                     help="profile the first timed optimizer step through the Trainer (bench/trainer_profile.py)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a further config override")
@@ -351,6 +354,12 @@ def main() -> None:
         # the timed steps start.
         profiler = TrainerProfile(trainer, max(0, a.warm - 1))
         trainer.callback_handler.callbacks.insert(0, profiler)
+    lead = None
+    if a.host_lead:
+        from host_lead import HostLead
+
+        lead = HostLead(trainer, a.warm)
+        trainer.add_callback(lead)
     shapes = BatchShapes(trainer.data_collator)
     trainer.data_collator = shapes
     trainer.train()
@@ -378,7 +387,7 @@ def main() -> None:
         "mfu_pct": round(100 * tps * MODEL_GFLOP_PER_TOKEN * 1e9 / (PEAK_TFLOPS * 1e12), 1),
         "losses": losses, "micro_batches": timed,
         **merged, **({"trainer_profile": profiler.result} if profiler else {}),
-        **(alternate.result if alternate else {}),
+        **(alternate.result if alternate else {}), **(lead.result if lead else {}),
         "date": time.strftime("%Y-%m-%d"),
     }), flush=True)
 
