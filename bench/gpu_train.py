@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from medtune import attention, fast_lora, lora_dropout
+from medtune import attention, divergence, fast_lora, lora_dropout
 from medtune.config_io import load_config
 from medtune.rundir import RunDir
 from medtune.train import build_trainer, resolve_recompute
@@ -176,6 +176,7 @@ LEVERS = {
     "noaccumulate": (fast_lora, "ACCUMULATE_IN_BASE", False, True),
     "nonf4kernel": (fast_lora, "NF4_KERNEL", False, True),  # before 2026-11-29 02:05: bitsandbytes' dequantize
     "elementhash": (lora_dropout, "PAIRED", False, True),  # before 2026-11-29 04:30: one dropout hash per element
+    "deferdivergence": (divergence, "DEFER", True, False),  # NaN flags read a step late, without a sync
 }
 
 
@@ -324,7 +325,8 @@ def main() -> None:
     cfg = resolve_recompute(cfg, a.model_dir)
     timer = StepTimer(a.warm)
     t0 = time.perf_counter()
-    trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer,))
+    # StopOnDivergence as `medtune run` has it (its flags read once per step; not in lines before 2026-11-29 r)
+    trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer, divergence.StopOnDivergence()))
     load_s = time.perf_counter() - t0
     if a.forward_only or a.fp8_base or a.fp8_backward or a.torch_dropout:  # medtune.train installed the fused path
         # under CUDA graphs the fused backward keeps its dropout masks (a graph cannot replay the generator state)

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from medtune.cli import main
 from medtune.config_io import load_config
+from medtune import divergence
 from medtune.divergence import PATIENCE, TrainingDiverged
 from medtune.oom import TrainingOutOfMemory
 from medtune.preemption import last_complete_checkpoint
@@ -174,12 +175,17 @@ def _poison_weights_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(torch.optim.AdamW, "step", poisoned)
 
 
-def test_nan_weights_stop_training_and_keep_the_checkpoint_before(tiny_overrides, monkeypatch):
+@pytest.mark.parametrize("defer", [False, True], ids=["read-at-once", "read-a-step-late"])
+def test_nan_weights_stop_training_and_keep_the_checkpoint_before(tiny_overrides, monkeypatch, defer):
+    """With `divergence.DEFER` step 5's flags are read at step 6, which saves a checkpoint: read before the save,
+    they stop it; the divergence is reported at step 5 either way."""
+    monkeypatch.setattr(divergence, "DEFER", defer)
     _poison_weights_at(monkeypatch, step=5)
-    cfg = _cfg(tiny_overrides, "nan", "training.max_steps=12", "training.save_steps=2", "training.save_total_limit=2")
+    cfg = _cfg(tiny_overrides, f"nan{int(defer)}", "training.max_steps=12", "training.save_steps=2",
+               "training.save_total_limit=2")
     with pytest.raises(TrainingDiverged) as caught:
         run_workflow(cfg)
-    root = Path(cfg.output.output_root) / "medical-finetune-nan"
+    root = Path(cfg.output.output_root) / f"medical-finetune-nan{int(defer)}"
     message = str(caught.value)
     assert "the LoRA weights became NaN/inf at step 5" in message
     assert "learning rate 0.01 is high for LoRA: try training.learning_rate=0.001" in message
