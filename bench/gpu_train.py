@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from medtune import attention, divergence, fast_lora, lora_dropout
+from medtune import attention, divergence, fast_lora, lora_dropout, nf4
 from medtune.config_io import load_config
 from medtune.rundir import RunDir
 from medtune.train import build_trainer, resolve_recompute
@@ -177,6 +177,9 @@ LEVERS = {
     "nonf4kernel": (fast_lora, "NF4_KERNEL", False, True),  # before 2026-11-29 02:05: bitsandbytes' dequantize
     "elementhash": (lora_dropout, "PAIRED", False, True),  # before 2026-11-29 04:30: one dropout hash per element
     "deferdivergence": (divergence, "DEFER", True, False),  # NaN flags read a step late, without a sync
+    # before 2026-11-29 06:30: bitsandbytes dequantized the nested block scales before medtune.nf4's kernel
+    "nestedbybnb": (nf4, "NESTED_IN_KERNEL", False, True),
+    "castpercall": (fast_lora, "CAST_ONCE_PER_STEP", False, True),  # before 2026-11-29 06:30: a cast per call
 }
 
 

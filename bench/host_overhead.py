@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from medtune import fast_lora, lora_dropout
+from medtune import fast_lora, lora_dropout, nf4
 
 TOKENS, WIDTH, RANK, P = 64, 4096, 64, 0.05
 
@@ -81,8 +81,17 @@ def main() -> None:
         line["dropout_grad_x_kernel"] = per_call_us(lambda: lora_dropout.add_grad_x(gx, dh, a16, P, 7))
         line["bnb_dequantize_4bit"] = per_call_us(lambda: bnb.functional.dequantize_4bit(base.weight.data, state))
         line["bnb_linear4bit_forward"] = per_call_us(lambda: base(x))
+        line["nf4_dequantize"] = per_call_us(lambda: nf4.dequantize(base, state.dtype))
+        nf4.NESTED_IN_KERNEL = False
+        line["nf4_dequantize_scales_apart"] = per_call_us(lambda: nf4.dequantize(base, state.dtype))
+        nf4.NESTED_IN_KERNEL = True
     line["lora_forward"] = per_call_us(lambda: layer(x))
     line["lora_forward_backward"] = per_call_us(forward_backward)
+    steps = fast_lora.StepCasts()  # within an optimizer step: the adapter's 16-bit copies kept
+    steps.on_step_begin(None, None, None)
+    line["lora_forward_in_step"] = per_call_us(lambda: layer(x))
+    line["lora_forward_backward_in_step"] = per_call_us(forward_backward)
+    steps.on_train_end(None, None, None)
     print(json.dumps(line))
 
 

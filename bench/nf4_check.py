@@ -1,6 +1,7 @@
 """medtune.nf4's kernel on the GPU against bitsandbytes' dequantize, in bf16, on Llama-3.1-8B's projection
 shapes quantized as the presets load them (nf4, blocksize 64, double quantization): equal bit for bit, and
-the time of each. One JSON line per shape."""
+the time of each, also of the kernel with the block scales dequantized by bitsandbytes first (`scales_apart_ms`,
+the path before 2026-11-29 06:30). One JSON line per shape."""
 
 from __future__ import annotations
 
@@ -31,9 +32,14 @@ def main() -> None:
         got = nf4.dequantize(base, state.dtype)
         bnb_ms = timed(lambda: bnb.functional.dequantize_4bit(base.weight.data, state))
         kernel_ms = timed(lambda: nf4.dequantize(base, state.dtype))
+        nf4.NESTED_IN_KERNEL = False  # the block scales dequantized by bitsandbytes first (before 2026-11-29 06:30)
+        apart = nf4.dequantize(base, state.dtype)
+        apart_ms = timed(lambda: nf4.dequantize(base, state.dtype))
+        nf4.NESTED_IN_KERNEL = True
         traffic = n_out * n_in * (0.5 + 2)  # packed bytes read, bf16 written
         print(json.dumps({"run": "nf4_check", "gpu": torch.cuda.get_device_name(), "shape": name, "out": n_out,
                           "in": n_in, "equal": torch.equal(got, want),
+                          "equal_scales_apart": torch.equal(apart, want), "scales_apart_ms": round(apart_ms, 4),
                           "max_abs_diff": float((got.float() - want.float()).abs().max()),
                           "bnb_ms": round(bnb_ms, 4), "kernel_ms": round(kernel_ms, 4),
                           "speedup": round(bnb_ms / kernel_ms, 3), "kernel_tb_s": round(traffic / kernel_ms / 1e9, 2),

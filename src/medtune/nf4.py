@@ -6,8 +6,11 @@ the input gradient's. In the Trainer's profile of an 8B step (docs/benchmarks.md
 kernel took 71 ms for 1,780 weights: about 2 TB/s by the bytes it reads and writes, on a card with 4.8.
 This kernel reads the packed bytes and the block scales and writes the 16-bit weight in one pass, with
 bitsandbytes' arithmetic: each weight is the nf4 code of its nibble (the high nibble first) times its
-block's scale in float32, rounded once. With nested (double) quantization the block scales are
-dequantized first by bitsandbytes itself, as its own dequantize does. The CPU tests find the same values
+block's scale in float32, rounded once. With nested (double) quantization (the presets' setting) the
+block scales are dequantized inside the same kernel, with bitsandbytes' arithmetic too (its 8-bit code's
+value times its group's scale, plus the offset, each rounded in float32): bitsandbytes runs a kernel of its
+own and an addition for them first, two more launches and their host time per weight, in a forward the host
+only just keeps ahead of the GPU (docs/benchmarks.md, call 2026-11-29 s). The CPU tests find the same values
 bit for bit (Triton's interpreter against bitsandbytes' CPU kernel). On an H200 (bench/nf4_check.py) it
 equals the CUDA kernel bit for bit on all four Llama-3.1-8B projection shapes and is faster on the MLP's
 (1.05-1.08x), slower on the attention's; through the Trainer an 8B QLoRA step ran 1.1 % and 2.8 % faster
@@ -22,6 +25,8 @@ from typing import Any
 import torch
 
 BLOCK = 1024  # packed bytes per program
+# doubly quantized block scales dequantized inside the kernel (`run_nested`); bench/gpu_train.py --ab nestedbybnb
+NESTED_IN_KERNEL = True
 
 
 def usable(base: torch.nn.Module) -> bool:
@@ -35,8 +40,11 @@ def dequantize(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The weight (out x in) of a bitsandbytes 4-bit layer in `dtype`."""
     state = base.weight.quant_state
     out = torch.empty(tuple(state.shape), dtype=dtype, device=base.weight.device)
-    run(base.weight.data.view(torch.uint8).reshape(-1), _code(state, out.device), block_scales(state), out,
-        state.blocksize)
+    packed = base.weight.data.view(torch.uint8).reshape(-1)
+    if state.nested and NESTED_IN_KERNEL:
+        run_nested(packed, _code(state, out.device), state, out)
+    else:
+        run(packed, _code(state, out.device), block_scales(state), out, state.blocksize)
     return out
 
 
@@ -46,6 +54,18 @@ def run(packed: torch.Tensor, code: torch.Tensor, scales: torch.Tensor, out: tor
     assert out.numel() == 2 * n_bytes and out.is_contiguous()
     _kernel()[(-(-n_bytes // BLOCK),)](packed, code, scales, out, n_bytes, BLOCK=BLOCK,
                                        BYTES_PER_SCALE=blocksize // 2)
+
+
+def run_nested(packed: torch.Tensor, code: torch.Tensor, state: Any, out: torch.Tensor) -> None:
+    """`run` for a doubly quantized weight: the block scales from `state`'s 8-bit codes, their groups' scales
+    (`state.state2`) and `state.offset`, computed in the kernel as `block_scales` computes them."""
+    n_bytes = packed.numel()
+    assert out.numel() == 2 * n_bytes and out.is_contiguous()
+    assert state.offset.dtype == state.state2.absmax.dtype == torch.float32
+    _kernels().dequantize_nested_kernel[(-(-n_bytes // BLOCK),)](
+        packed, code, state.absmax, state.state2.code, state.state2.absmax, state.offset, out, n_bytes,
+        BLOCK=BLOCK, BYTES_PER_SCALE=state.blocksize // 2, SCALES_PER_SCALE2=state.state2.blocksize,
+        enable_fp_fusion=False)
 
 
 def block_scales(state: Any) -> torch.Tensor:
@@ -69,9 +89,14 @@ def _code(state: Any, device: torch.device) -> torch.Tensor:
 
 
 @functools.cache
-def _kernel() -> Any:
+def _kernels() -> Any:
     try:
-        from medtune.nf4_kernels import dequantize_kernel
+        from medtune import nf4_kernels
     except ImportError:  # no Triton
         return None
-    return dequantize_kernel
+    return nf4_kernels
+
+
+def _kernel() -> Any:
+    kernels = _kernels()
+    return None if kernels is None else kernels.dequantize_kernel

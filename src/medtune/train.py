@@ -177,7 +177,7 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
     eval_ds = load_from_disk(str(eval_path)) if eval_path.exists() else None
 
     args = training_args(cfg, run, device, eval_ds is not None)
-    t, extra = cfg.training, [lean_mlp.AtTrainStart()]  # before any graph capture
+    t, extra = cfg.training, [lean_mlp.AtTrainStart(), fast_lora.StepCasts()]  # AtTrainStart: before graph capture
     graphs = bool(t.micro_batch_tokens) and layer_graphs.wanted(t.cuda_graphs, device, args.world_size,
                                                                  bool(cfg.lora.gradient_checkpointing))
     model = load_for_training(cfg, model_path, device, place=args.device, graphs=graphs)  # torchrun: this rank's GPU

@@ -374,3 +374,64 @@ def test_training_installs_the_lean_mlp_when_it_starts(tiny_model_dir, tmp_path)
     lean_mlp.AtTrainStart().on_train_begin(None, None, None, model=model)
     mlp = model.get_base_model().model.layers[0].mlp
     assert mlp.forward.__func__ is lean_mlp.forward and mlp.gated_act.liger is False
+
+
+def test_adapter_weight_copies_live_within_one_optimizer_step():
+    """`adapter_weight` reuses a 16-bit copy only between `StepCasts`' step begin and the optimizer, for the
+    same tensor unchanged, in the same dtype; an update the version counter cannot see (an 8-bit optimizer
+    writes through raw pointers, here `.data`) is read after the next step begins."""
+    weight, bf16 = torch.randn(4, 8, requires_grad=True), torch.bfloat16
+    casts = fast_lora.StepCasts()
+    assert fast_lora.adapter_weight(weight, bf16) is not fast_lora.adapter_weight(weight, bf16)  # outside a step
+    casts.on_step_begin(None, None, None)
+    first = fast_lora.adapter_weight(weight, bf16)
+    assert fast_lora.adapter_weight(weight, bf16) is first and torch.equal(first, weight.detach().to(bf16))
+    assert fast_lora.adapter_weight(weight, torch.float16).dtype == torch.float16
+    assert fast_lora.adapter_weight(weight, torch.float32) is weight  # no copy where none is needed
+    with torch.no_grad():
+        weight.mul_(2)  # in place: the version counter moves
+    second = fast_lora.adapter_weight(weight, bf16)
+    assert second is not first and torch.equal(second, weight.detach().to(bf16))
+    casts.on_pre_optimizer_step(None, None, None)
+    assert fast_lora._casts is None
+    weight.data.mul_(3)
+    casts.on_step_begin(None, None, None)
+    assert torch.equal(fast_lora.adapter_weight(weight, bf16), weight.detach().to(bf16))
+    casts.on_train_end(None, None, None)
+    assert fast_lora._casts is None
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_casting_once_per_step_trains_bit_for_bit_as_casting_per_call(monkeypatch, dropout):
+    """Two optimizer steps of two micro batches each (float32 adapters, bf16 activations): with the copies
+    kept across the micro batches, the losses and every weight after the steps are those of a cast per call."""
+    from medtune import lean_mlp
+
+    ids = torch.randint(0, 97, (4, 2, 24), generator=torch.Generator().manual_seed(3))
+    results = []
+    for once in (False, True):
+        monkeypatch.setattr(fast_lora, "CAST_ONCE_PER_STEP", once)
+        model = _lora_model(dropout)
+        fast_lora.install(model, backward=True)
+        lean_mlp.install(model)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        casts, losses, kept = fast_lora.StepCasts(), [], []
+        torch.manual_seed(11)
+        for step in range(2):
+            casts.on_step_begin(None, None, None)
+            for micro in ids[2 * step:2 * step + 2]:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(input_ids=micro, labels=micro).loss
+                loss.backward()
+                losses.append(loss.detach())
+            kept.append(len(fast_lora._casts))
+            casts.on_pre_optimizer_step(None, None, None)
+            optimizer.step()
+            optimizer.zero_grad()
+        assert kept == ([28, 28] if once else [0, 0])  # 2 layers x 7 projections x (A, B)
+        results.append((losses, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (losses_a, weights_a), (losses_b, weights_b) = results
+    assert all(torch.equal(a, b) for a, b in zip(losses_a, losses_b))
+    for name in weights_a:
+        assert torch.equal(weights_a[name], weights_b[name]), name

@@ -26,6 +26,21 @@ for shape, nested in (((48, 64), True), ((40, 128), False), ((96, 192), True)):
                 state.blocksize)
         assert want.dtype == out.dtype and want.shape == out.shape
         assert torch.equal(out, want), (shape, nested, dtype, (out.float() - want.float()).abs().max())
+        if nested:  # the block scales dequantized inside the kernel
+            inside = torch.full_like(out, float("nan"))
+            nf4.run_nested(packed.view(torch.uint8).reshape(-1), nf4._code(state, out.device), state, inside)
+            assert torch.equal(inside, want), (shape, dtype, (inside.float() - want.float()).abs().max())
+# double quantization over more than one group of 256 block scales, a partial program at the end and
+# scales whose offset is not small against them
+weight = torch.randn(300, 320) * 0.05 + torch.linspace(0, 0.4, 320)
+packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+assert state.nested and state.absmax.numel() > 2 * state.state2.blocksize
+want = bnb.functional.dequantize_4bit(packed, state)
+out = torch.empty(300, 320)
+nf4.run_nested(packed.view(torch.uint8).reshape(-1), nf4._code(state, out.device), state, out)
+assert torch.equal(out, want), (out - want).abs().max()
+scales = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+assert torch.equal(nf4.block_scales(state), scales)
 # blocks across rows: against the layout written out in PyTorch ops, and close to the weight itself
 weight = torch.randn(40, 96) * 0.05
 packed, state = bnb.functional.quantize_4bit(weight, blocksize=64, quant_type="nf4")
@@ -64,8 +79,8 @@ import torch
 from medtune import fast_lora, nf4
 
 nf4.usable = lambda base: True  # the interpreter runs the kernel on CPU tensors (float16: it has no bf16)
-calls, kernel = [], nf4.run
-nf4.run = lambda *args: calls.append(1) or kernel(*args)
+calls, kernel = [], nf4.run_nested
+nf4.run_nested = lambda *args: calls.append(1) or kernel(*args)
 torch.manual_seed(0)
 base = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float16, quant_type="nf4")
 base.weight = bnb.nn.Params4bit(torch.randn(64, 128, dtype=torch.float16) * 0.05, requires_grad=False,
