@@ -363,7 +363,8 @@ def main() -> None:
     if a.host_lead:
         from host_lead import HostLead
 
-        lead = HostLead(trainer, a.warm)
+        layers = [m for m in trainer.model.modules() if type(m).__name__.endswith("DecoderLayer")]
+        lead = HostLead(trainer, a.warm, layers=layers)
         trainer.add_callback(lead)
     shapes = BatchShapes(trainer.data_collator)
     trainer.data_collator = shapes

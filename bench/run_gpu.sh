@@ -130,8 +130,10 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
     bins_nogc_prof|bins_nogc_hf_prof)  # one optimizer step through the Trainer under torch.profiler (bench/trainer_profile.py)
       f=""; [ $run = bins_nogc_hf_prof ] && f=--hf-loop
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 2 --warm 2 --no-gc --profile $f --label "$run" ;;
-    bins_nogc_lead)  # bins_nogc with bench/host_lead.py: the GPU's lead over the host at each forward, backward, optimizer step
-      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --host-lead --label "$run" ;;
+    bins_nogc_lead|bins_nogc_defer_lead)  # bins_nogc with bench/host_lead.py: the GPU's lead over the host at each forward,
+      # backward, optimizer step and decoder layer (_defer: with the NaN flags read a step late, lever deferdivergence)
+      f=""; [ $run = bins_nogc_defer_lead ] && f="--lever deferdivergence"
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --host-lead $f --label "$run" ;;
     bins_nogc_dropout0)  # bins_nogc with LoRA dropout 0, as Unsloth's best (unsloth0) runs
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --dropout 0 --label "$run" ;;
     bins_nogc_before)  # bins_nogc as the default path was before 2026-11-28 22:30: the down projection's input

@@ -75,3 +75,36 @@ def test_nothing_is_reported_before_the_timed_steps(bench_script):
     model.compute_loss()
     lead.on_train_end(None, state, None)
     assert lead.result == {} and lead.marks == []
+
+
+def test_each_layers_forward_and_backward_start_is_marked_by_index(bench_script):
+    """`layers`: a mark at each layer's forward start and at its backward start (its output's gradient), summed
+    up per layer index. Here the host issues 5 ms per layer for 1 ms of GPU work, and 50 ms more after each
+    forward: the lead falls by 4 ms per layer in the forward and the backward starts 50 ms ahead."""
+    import torch
+
+    host_lead = bench_script("host_lead")
+    t = Timeline()
+    layers = [torch.nn.Linear(3, 3) for _ in range(2)]
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda module, args: t.launch(0.005, 0.001))
+    trainer = SimpleNamespace(compute_loss=lambda: None, accelerator=SimpleNamespace(backward=lambda: None))
+    lead = host_lead.HostLead(trainer, warm=0, event=t.event, sync=t.sync, clock=lambda: t.host,
+                              sm_clock=lambda: None, layers=layers)
+    args, state = SimpleNamespace(max_steps=1), SimpleNamespace(global_step=0)
+    lead.on_step_begin(args, state, None)
+    for _ in range(3):  # micro batches
+        out = layers[1](layers[0](torch.ones(1, 3, requires_grad=True)))
+        t.launch(0.0, 0.050)  # 50 ms of work queued at once: the backward starts with it ahead
+        out.sum().backward()
+    state.global_step = 1
+    lead.on_step_end(args, state, None)
+    result = lead.result["host_lead"]
+    assert result["layer_fwd"]["marks"] == 6 and result["layer_bwd"]["marks"] == 6
+    # micro batch 1 starts on an idle GPU (1 ms queued at each layer); 2 and 3 start on the 50 ms and more
+    assert result["layer_fwd"]["min_ms"] == pytest.approx([1.0, 1.0])
+    assert result["layer_fwd"]["median_ms"] == pytest.approx([47.0, 43.0])
+    assert result["layer_bwd"]["min_ms"] == pytest.approx([51.0, 51.0])
+    assert result["layer_bwd"]["median_ms"] == pytest.approx([93.0, 93.0])
+    assert result["layer_fwd"]["under_1ms"] == 0
+    assert result["marks"] == 1  # the step start (the Trainer's forward and backward are not called here)
