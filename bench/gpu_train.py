@@ -177,9 +177,9 @@ LEVERS = {
     "nonf4kernel": (fast_lora, "NF4_KERNEL", False, True),  # before 2026-11-29 02:05: bitsandbytes' dequantize
     "elementhash": (lora_dropout, "PAIRED", False, True),  # before 2026-11-29 04:30: one dropout hash per element
     "deferdivergence": (divergence, "DEFER", True, False),  # NaN flags read a step late, without a sync
-    # before 2026-11-29 06:30: bitsandbytes dequantized the nested block scales before medtune.nf4's kernel
+    # before 2026-11-29 05:40: bitsandbytes dequantized the nested block scales before medtune.nf4's kernel
     "nestedbybnb": (nf4, "NESTED_IN_KERNEL", False, True),
-    "castpercall": (fast_lora, "CAST_ONCE_PER_STEP", False, True),  # before 2026-11-29 06:30: a cast per call
+    "castpercall": (fast_lora, "CAST_ONCE_PER_STEP", False, True),  # before 2026-11-29 05:40: a cast per call
 }
 
 

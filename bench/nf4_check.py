@@ -1,7 +1,7 @@
 """medtune.nf4's kernel on the GPU against bitsandbytes' dequantize, in bf16, on Llama-3.1-8B's projection
 shapes quantized as the presets load them (nf4, blocksize 64, double quantization): equal bit for bit, and
 the time of each, also of the kernel with the block scales dequantized by bitsandbytes first (`scales_apart_ms`,
-the path before 2026-11-29 06:30). One JSON line per shape."""
+the path before 2026-11-29 05:40). One JSON line per shape."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def main() -> None:
         got = nf4.dequantize(base, state.dtype)
         bnb_ms = timed(lambda: bnb.functional.dequantize_4bit(base.weight.data, state))
         kernel_ms = timed(lambda: nf4.dequantize(base, state.dtype))
-        nf4.NESTED_IN_KERNEL = False  # the block scales dequantized by bitsandbytes first (before 2026-11-29 06:30)
+        nf4.NESTED_IN_KERNEL = False  # the block scales dequantized by bitsandbytes first (before 2026-11-29 05:40)
         apart = nf4.dequantize(base, state.dtype)
         apart_ms = timed(lambda: nf4.dequantize(base, state.dtype))
         nf4.NESTED_IN_KERNEL = True

@@ -149,12 +149,12 @@ def main() -> None:
     # `dequantized_base`, `torch_compile`, `fp8_base`, `cuda_graphs` and `levers` lines measured levers that are not the
     # default (docs/benchmarks.md, machines eight, ten and fourteen to eighteen); a `trainer_profile` line's steps ran under the profiler; an empty
     # `micro_batches` was collated in dataloader workers (call w), so what its micro batches held is unknown;
-    # an `ab_ratio` line alternated two paths; NOT_LANDED files measured a tree with a lever that was not kept
+    # an `ab_ratio` line alternated two paths; a `_pyspy` line ran under py-spy's sampler; NOT_LANDED files measured a tree with a lever that was not kept
     lines = [(p, d) for p, d in lines
              if p.name not in NOT_LANDED and "ab_ratio" not in d and d.get("peak_mem_gib") and ("micro_batch" in d or d.get("mode") in ANCHORS) and "merge_s" not in d
              and d.get("world_size", 1) == 1 and not d.get("dequantized_base") and not d.get("torch_compile")
              and not d.get("fp8_base") and not d.get("cuda_graphs") and not d.get("levers")
-             and "trainer_profile" not in d and d.get("micro_batches") != []]
+             and "trainer_profile" not in d and d.get("micro_batches") != [] and not d.get("run", "").endswith("_pyspy")]
     print("| run | recipe | largest timed micro batch, tokens | measured GiB | estimated GiB (peak at) | error "
           "| measured tok/s | estimated tok/s | error |")
     print("|---|---|---|---|---|---|---|---|---|")

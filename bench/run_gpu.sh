@@ -134,6 +134,11 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       # backward, optimizer step and decoder layer (_defer: with the NaN flags read a step late, lever deferdivergence)
       f=""; [ $run = bins_nogc_defer_lead ] && f="--lever deferdivergence"
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --host-lead $f --label "$run" ;;
+    bins_nogc_pyspy)  # bins_nogc under py-spy (carried in .whlspy/): where the host's time goes, every thread, as
+      # collapsed stacks in $OUT/pyspy.txt (bench/pyspy_summary.py reads them)
+      [ -x /tmp/spy/bin/py-spy ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/spy .whlspy/*.whl
+      step 300 "$run" /tmp/spy/bin/py-spy record --format raw --rate 200 --threads --idle --nonblocking -o "$OUT/pyspy.txt" -- \
+        $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
     bins_nogc_dropout0)  # bins_nogc with LoRA dropout 0, as Unsloth's best (unsloth0) runs
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --dropout 0 --label "$run" ;;
     bins_nogc_before)  # bins_nogc as the default path was before 2026-11-28 22:30: the down projection's input
