@@ -179,7 +179,10 @@ LEVERS = {
     "deferdivergence": (divergence, "DEFER", True, False),  # NaN flags read a step late, without a sync
     # before 2026-11-29 05:40: bitsandbytes dequantized the nested block scales before medtune.nf4's kernel
     "nestedbybnb": (nf4, "NESTED_IN_KERNEL", False, True),
-    "castpercall": (fast_lora, "CAST_ONCE_PER_STEP", False, True),  # before 2026-11-29 05:40: a cast per call
+    "castpercall": (fast_lora, "CAST_ONCE_PER_STEP", False, True),
+    # the input gradient's GEMMs in float8, the weight written transposed from nf4 (not the default)
+    "fp8inputgrad": (fast_lora, "FP8_INPUT_GRAD", True, False),
+    "fp8viabf16": (fast_lora, "FP8_TRANSPOSED", False, True),  # with fp8inputgrad: the three-pass weight  # before 2026-11-29 05:40: a cast per call
 }
 
 

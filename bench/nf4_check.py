@@ -1,7 +1,9 @@
 """medtune.nf4's kernel on the GPU against bitsandbytes' dequantize, in bf16, on Llama-3.1-8B's projection
 shapes quantized as the presets load them (nf4, blocksize 64, double quantization): equal bit for bit, and
 the time of each, also of the kernel with the block scales dequantized by bitsandbytes first (`scales_apart_ms`,
-the path before 2026-11-29 05:40). One JSON line per shape."""
+the path before 2026-11-29 05:40), and of the input gradient's float8 weight written transposed by one kernel
+(`nf4.fp8_transposed`: equal to PyTorch's ops on the same float32 values, and its time against the three passes
+it replaces). One JSON line per shape."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import json
 import torch
 
 from kernel_timing import timed
-from medtune import nf4
+from medtune import fp8_rows, nf4
 
 SHAPES = {"q_proj/o_proj": (4096, 4096), "k_proj/v_proj": (1024, 4096), "gate_proj/up_proj": (14336, 4096),
           "down_proj": (4096, 14336)}
@@ -36,6 +38,18 @@ def main() -> None:
         apart = nf4.dequantize(base, state.dtype)
         apart_ms = timed(lambda: nf4.dequantize(base, state.dtype))
         nf4.NESTED_IN_KERNEL = True
+        # the input gradient's float8 weight, transposed, from the nf4 bytes in one kernel, against PyTorch's ops on
+        # the same float32 values (the cast included) and against the three passes it replaces
+        inverse = (1.0 / fp8_rows.row_amax_scale(want)).reshape(-1)
+        w32 = (nf4.fp8_transposed(base, torch.ones_like(inverse), fp8=False)).t()
+        fp8_want = (w32 * inverse[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).t().contiguous()
+        fp8_got = nf4.fp8_transposed(base, inverse)
+        fp8_ms = timed(lambda: nf4.fp8_transposed(base, inverse))
+        scale = fp8_rows.row_amax_scale(want)
+        three_ms = timed(lambda: fp8_rows.rowwise_fp8(nf4.dequantize(base, state.dtype), row_scale=scale)[0].t().contiguous())
+        fp8_fields = {"fp8_equal": torch.equal(fp8_got.view(torch.uint8), fp8_want.view(torch.uint8)),
+                      "fp8_w32_equal_bnb": torch.equal(w32.to(torch.bfloat16), want),
+                      "fp8_transposed_ms": round(fp8_ms, 4), "fp8_three_pass_ms": round(three_ms, 4)}
         traffic = n_out * n_in * (0.5 + 2)  # packed bytes read, bf16 written
         print(json.dumps({"run": "nf4_check", "gpu": torch.cuda.get_device_name(), "shape": name, "out": n_out,
                           "in": n_in, "equal": torch.equal(got, want),
@@ -43,7 +57,7 @@ def main() -> None:
                           "max_abs_diff": float((got.float() - want.float()).abs().max()),
                           "bnb_ms": round(bnb_ms, 4), "kernel_ms": round(kernel_ms, 4),
                           "speedup": round(bnb_ms / kernel_ms, 3), "kernel_tb_s": round(traffic / kernel_ms / 1e9, 2),
-                          "bnb_tb_s": round(traffic / bnb_ms / 1e9, 2)}), flush=True)
+                          "bnb_tb_s": round(traffic / bnb_ms / 1e9, 2), **fp8_fields}), flush=True)
 
 
 if __name__ == "__main__":

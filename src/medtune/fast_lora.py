@@ -20,6 +20,7 @@ own forward, so the swap can never change what a configuration means.
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any
 
@@ -48,7 +49,9 @@ def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool | str
         if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module) and _linear(module):
             whole = backward and _plain_or_4bit(module.get_base_layer())
             module.forward = types.MethodType(fused_forward_backward if whole else fused_forward, module)
-            module.fp8_base = fp8_base if fp8_base and _four_bit(module.get_base_layer(), bias=False) else False
+            four_bit = _four_bit(module.get_base_layer(), bias=False)
+            module.fp8_base = fp8_base if fp8_base and four_bit else False
+            module.fp8_capable = whole and four_bit  # for FP8_INPUT_GRAD
             module.keep_mask = keep_mask
             module.dropout_kernels = dropout_kernels
             count += 1
@@ -101,7 +104,7 @@ def fused_forward_backward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
     return LoraLinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                            self.scaling[name], p, getattr(self, "fp8_base", False), dropout_mode(self))
+                            self.scaling[name], p, fp8_mode(self, x), dropout_mode(self))
 
 
 class LoraLinear(torch.autograd.Function):
@@ -120,7 +123,7 @@ class LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
                 scaling: float, p: float, fp8: bool | str = False, mode: str = "replay") -> torch.Tensor:
-        ctx.accumulate = accumulates(x, base, fp8)
+        ctx.accumulate = accumulates(x, base, fp8 is True)  # "backward": the forward's GEMM stays bf16
         out, (h, a16, b16, mask), ctx.draw = lora_forward(x, a, b, base, scaling, p, fp8, mode, ctx.accumulate)
         ctx.save_for_backward(x, h, a16, b16, mask)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.dtypes = base, scaling, p, fp8, (x.dtype, a.dtype, b.dtype)
@@ -131,6 +134,25 @@ class LoraLinear(torch.autograd.Function):
         x, *kept = ctx.saved_tensors
         grad_x, grad_a, grad_b = lora_backward(ctx, grad, x, *kept, ctx.needs_input_grad[0])
         return grad_x, grad_a, grad_b, None, None, None, None, None
+
+
+# The input gradient's GEMM of every 4-bit base in float8 where the card has float8 GEMMs (`fp8_mode`), as
+# install(fp8_base="backward") does for the layers it is given; bench/gpu_train.py --ab fp8inputgrad
+FP8_INPUT_GRAD = False
+
+
+def fp8_mode(layer: Any, x: torch.Tensor) -> bool | str:
+    """How the fused backward runs a layer's base GEMMs: `install`'s `fp8_base`, else with `FP8_INPUT_GRAD`
+    "backward" (the input gradient in float8) for a 4-bit base without bias on an Ada/Hopper or newer GPU."""
+    mode = getattr(layer, "fp8_base", False)
+    if mode or not FP8_INPUT_GRAD or not getattr(layer, "fp8_capable", False) or not x.is_cuda:
+        return mode
+    return "backward" if _float8_gemms(x.device.index) else False
+
+
+@functools.cache
+def _float8_gemms(index: int | None) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 9)
 
 
 def dropout_mode(layer: Any) -> str:
@@ -273,7 +295,7 @@ def lora_backward(ctx: Any, grad: torch.Tensor, x: torch.Tensor, h: torch.Tensor
         grad_a = dh.t().mm(dropped.to(h.dtype)).to(a_dtype)
         del dropped
     grad_x = None
-    if need_x and ctx.accumulate:
+    if need_x and ctx.accumulate and not ctx.fp8:
         # the adapter's part written first, then the base's input gradient accumulated into it by its GEMM
         if kernels:
             grad_x = lora_dropout.grad_x(dh, a16, ctx.p, ctx.draw)
@@ -347,18 +369,38 @@ def fp8_linear(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
 
 def fp8_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
     """`grad @ W` (tokens x out times out x in) in float8 with the forward's quantized weight: for
-    W = diag(s) Wq, `grad @ W = (grad * s) @ Wq`, the column scaling done inside the gradient's quantization."""
-    wq, ws = _fp8_weight(base)
+    W = diag(s) Wq, `grad @ W = (grad * s) @ Wq`, the column scaling done inside the gradient's quantization.
+    The GEMM wants Wq column-major, (in x out) in memory: with `FP8_TRANSPOSED` an nf4 weight is written that
+    way by one kernel from its 4-bit bytes (`nf4.fp8_transposed`); otherwise it is dequantized to bf16,
+    quantized, and copied transposed, three passes that cost more than the float8 GEMM saved
+    (docs/benchmarks.md, machines seventeen and twenty-seven)."""
+    if FP8_TRANSPOSED and _four_bit(base, bias=False) and nf4.usable(base):
+        ws = _fp8_row_scale(base)
+        wt = nf4.fp8_transposed(base, base.fp8_row_inverse)
+    else:
+        wq, ws = _fp8_weight(base)
+        wt = wq.t().contiguous()
     gq, gs = fp8_rows.rowwise_fp8(grad, col_scale=ws.reshape(-1))
-    ones = torch.ones(1, wq.shape[1], dtype=torch.float32, device=wq.device)
-    # the float8 GEMM wants its second operand column-major: (out, in) with unit stride along `out`
-    return torch._scaled_mm(gq, wq.t().contiguous().t(), scale_a=gs, scale_b=ones, out_dtype=torch.bfloat16)
+    ones = torch.ones(1, wt.shape[0], dtype=torch.float32, device=wt.device)
+    return torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=ones, out_dtype=torch.bfloat16)
+
+
+# The input gradient's float8 weight written transposed from the nf4 bytes by one kernel (`fp8_input_grad`)
+FP8_TRANSPOSED = True
+
+
+def _fp8_row_scale(base: torch.nn.Module) -> torch.Tensor:
+    """The frozen weight's per-output-channel float8 scale (out, 1) and its inverse (`base.fp8_row_inverse`,
+    as `fp8_rows.rowwise_fp8` multiplies by it), computed from the dequantized weight on the first call."""
+    if getattr(base, "fp8_row_scale", None) is None:
+        base.fp8_row_scale = fp8_rows.row_amax_scale(_base_weight(base, torch.bfloat16))
+    if getattr(base, "fp8_row_inverse", None) is None:
+        base.fp8_row_inverse = (1.0 / base.fp8_row_scale).reshape(-1)
+    return base.fp8_row_scale
 
 
 def _fp8_weight(base: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen base weight dequantized (as bitsandbytes does) and quantized to float8 rows, one scale per
     output channel; the scales are computed on the first call and kept, the weight being frozen."""
     w = _base_weight(base, torch.bfloat16)
-    if getattr(base, "fp8_row_scale", None) is None:
-        base.fp8_row_scale = fp8_rows.row_amax_scale(w)
-    return fp8_rows.rowwise_fp8(w, row_scale=base.fp8_row_scale)
+    return fp8_rows.rowwise_fp8(w, row_scale=_fp8_row_scale(base))

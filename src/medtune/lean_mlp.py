@@ -66,7 +66,7 @@ def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     drop = down.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
     return GatedDown.apply(gate, up, down.lora_A[name].weight, down.lora_B[name].weight, down.base_layer,
-                           down.scaling[name], p, getattr(down, "fp8_base", False), fast_lora.dropout_mode(down), act)
+                           down.scaling[name], p, fast_lora.fp8_mode(down, gate), fast_lora.dropout_mode(down), act)
 
 
 class _Act:
@@ -102,7 +102,7 @@ class GatedDown(torch.autograd.Function):
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
                 base: torch.nn.Module, scaling: float, p: float, fp8: bool | str, mode: str, act: _Act) -> torch.Tensor:
         product = act.forward(gate, up)
-        ctx.accumulate = fast_lora.accumulates(product, base, fp8)
+        ctx.accumulate = fast_lora.accumulates(product, base, fp8 is True)
         out, kept, ctx.draw = fast_lora.lora_forward(product, a, b, base, scaling, p, fp8, mode, ctx.accumulate)
         ctx.save_for_backward(gate, up, *kept)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.act = base, scaling, p, fp8, act

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 BLOCK = 1024  # packed bytes per program
+FP8_TILE = (64, 128)  # weight rows x columns per program of `fp8_transposed`
 # doubly quantized block scales dequantized inside the kernel (`run_nested`); bench/gpu_train.py --ab nestedbybnb
 NESTED_IN_KERNEL = True
 
@@ -66,6 +67,26 @@ def run_nested(packed: torch.Tensor, code: torch.Tensor, state: Any, out: torch.
         packed, code, state.absmax, state.state2.code, state.state2.absmax, state.offset, out, n_bytes,
         BLOCK=BLOCK, BYTES_PER_SCALE=state.blocksize // 2, SCALES_PER_SCALE2=state.state2.blocksize,
         enable_fp_fusion=False)
+
+
+def fp8_transposed(base: torch.nn.Module, inverse: torch.Tensor, fp8: bool = True) -> torch.Tensor:
+    """The weight W (out x in) of a bitsandbytes nf4 layer as the float8 e4m3 second operand of the input
+    gradient's GEMM: row o times `inverse[o]` (float32, out), clamped to e4m3's range, written transposed
+    (in x out, contiguous) in one pass from the 4-bit bytes, no 16-bit copy between. `fp8=False`: the same
+    values in float32 before the cast (the CPU tests; Triton's interpreter rounds float8 differently)."""
+    state = base.weight.quant_state
+    n_out, n_in = state.shape
+    assert n_in % 2 == 0 and inverse.dtype == torch.float32 and inverse.numel() == n_out
+    out = torch.empty((n_in, n_out), dtype=torch.float8_e4m3fn if fp8 else torch.float32, device=base.weight.device)
+    nested = bool(state.nested)
+    scales = state.absmax
+    code2, absmax2, offset = (state.state2.code, state.state2.absmax, state.offset) if nested else (scales,) * 3
+    _kernels().fp8_transposed_kernel[(-(-n_out // FP8_TILE[0]), -(-n_in // FP8_TILE[1]))](
+        base.weight.data.view(torch.uint8).reshape(-1), _code(state, out.device), scales, code2, absmax2, offset,
+        inverse.reshape(-1), out, n_out, n_in, NESTED=nested, BYTES_PER_SCALE=state.blocksize // 2,
+        SCALES_PER_SCALE2=state.state2.blocksize if nested else 1, BLOCK_O=FP8_TILE[0], BLOCK_I=FP8_TILE[1], FP8=fp8,
+        enable_fp_fusion=False)
+    return out
 
 
 def block_scales(state: Any) -> torch.Tensor:

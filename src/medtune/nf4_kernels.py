@@ -38,3 +38,38 @@ def dequantize_nested_kernel(packed_ptr, code_ptr, scale_codes_ptr, code2_ptr, a
     values = tl.interleave(high, low)
     e = tl.program_id(0).to(tl.int64) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + e, values.to(out_ptr.dtype.element_ty), mask=e < 2 * n_bytes)
+
+
+@triton.jit
+def fp8_transposed_kernel(packed_ptr, code_ptr, scale_codes_ptr, code2_ptr, absmax2_ptr, offset_ptr, inverse_ptr,
+                          out_ptr, n_out, n_in, NESTED: tl.constexpr, BYTES_PER_SCALE: tl.constexpr,
+                          SCALES_PER_SCALE2: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+                          FP8: tl.constexpr):
+    # One tile of the weight W (BLOCK_O rows, BLOCK_I columns) from its nf4 bytes, each row o times inverse[o],
+    # written transposed: out[i, o], float8 e4m3 (FP8) or float32 (the interpreter's tests: its float8 rounding
+    # is not the GPU's). In float32 and rounded after each product: weight, then times the row's inverse scale.
+    o = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    pair = tl.program_id(1).to(tl.int64) * (BLOCK_I // 2) + tl.arange(0, BLOCK_I // 2)
+    rows = o < n_out
+    inside = rows[:, None] & (pair < n_in // 2)[None, :]
+    j = o[:, None] * (n_in // 2) + pair[None, :]  # the byte of columns 2 * pair and 2 * pair + 1
+    byte = tl.load(packed_ptr + j, mask=inside, other=0).to(tl.int32)
+    block = j // BYTES_PER_SCALE
+    if NESTED:
+        scale_code = tl.load(scale_codes_ptr + block, mask=inside, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + scale_code) * tl.load(absmax2_ptr + block // SCALES_PER_SCALE2, mask=inside,
+                                                         other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(scale_codes_ptr + block, mask=inside, other=0.0)
+    inverse = tl.load(inverse_ptr + o, mask=rows, other=0.0)[:, None]
+    high = tl.load(code_ptr + (byte >> 4)) * scale * inverse
+    low = tl.load(code_ptr + (byte & 15)) * scale * inverse
+    values = tl.minimum(tl.maximum(tl.interleave(high, low), -448.0), 448.0)
+    i = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
+    where = out_ptr + i[:, None] * n_out + o[None, :]
+    keep = (i < n_in)[:, None] & rows[None, :]
+    if FP8:
+        tl.store(where, tl.trans(values).to(tl.float8e4nv), mask=keep)
+    else:
+        tl.store(where, tl.trans(values), mask=keep)

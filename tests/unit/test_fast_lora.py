@@ -210,11 +210,12 @@ def test_fp8_base_gemms_stay_close_to_the_bf16_path_on_an_nf4_base(backward):
         assert cos > 0.98, (name, float(cos))
 
 
-def test_fp8_in_the_backward_only_keeps_the_forward_and_the_loss_bf16(monkeypatch):
-    """`install(fp8_base="backward")`: the forward (and so the loss) is the bf16 path's to the bit; only the
-    input-gradient GEMMs run in float8, so the adapter gradients stay close (cosine > 0.98). Float8 GEMMs do not
-    accumulate into the adapter's part, so the bf16 path compared is the one that does not either."""
-    monkeypatch.setattr(fast_lora, "ACCUMULATE_IN_BASE", False)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_fp8_in_the_backward_only_keeps_the_forward_and_the_loss_bf16(monkeypatch, accumulate):
+    """`install(fp8_base="backward")`: the forward (and so the loss) is the bf16 path's to the bit, its base GEMM
+    accumulating into the adapter's part as the bf16 path's does (`accumulate`); only the input-gradient GEMMs
+    run in float8 (never accumulating), so the adapter gradients stay close (cosine > 0.98)."""
+    monkeypatch.setattr(fast_lora, "ACCUMULATE_IN_BASE", accumulate)
     bf16 = _four_bit_lora_model(0.0)
     fp8 = copy.deepcopy(bf16)
     fast_lora.install(bf16, backward=True)
@@ -435,3 +436,25 @@ def test_casting_once_per_step_trains_bit_for_bit_as_casting_per_call(monkeypatc
     assert all(torch.equal(a, b) for a, b in zip(losses_a, losses_b))
     for name in weights_a:
         assert torch.equal(weights_a[name], weights_b[name]), name
+
+
+def test_fp8_input_grad_applies_to_4bit_bases_on_float8_cards_only(monkeypatch):
+    """`FP8_INPUT_GRAD` (off by default): "backward" for a layer `install` marked capable (fused backward, 4-bit
+    base without bias), on a CUDA card with float8 GEMMs; never on the CPU; `install`'s own fp8_base first."""
+    from types import SimpleNamespace
+
+    cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
+    layer = SimpleNamespace(fp8_base=False, fp8_capable=True)
+    monkeypatch.setattr(fast_lora, "_float8_gemms", lambda index: True)
+    assert fast_lora.fp8_mode(layer, cuda) is False  # off by default
+    monkeypatch.setattr(fast_lora, "FP8_INPUT_GRAD", True)
+    assert fast_lora.fp8_mode(layer, cuda) == "backward"
+    assert fast_lora.fp8_mode(layer, torch.zeros(1)) is False  # CPU
+    assert fast_lora.fp8_mode(SimpleNamespace(fp8_base=False, fp8_capable=False), cuda) is False
+    assert fast_lora.fp8_mode(SimpleNamespace(fp8_base=True, fp8_capable=True), cuda) is True
+    monkeypatch.setattr(fast_lora, "_float8_gemms", lambda index: False)  # an Ampere card
+    assert fast_lora.fp8_mode(layer, cuda) is False
+    model = _four_bit_lora_model(0.0)
+    fast_lora.install(model, backward=True)
+    attn = model.get_base_model().model.layers[0].self_attn
+    assert attn.q_proj.fp8_capable and attn.q_proj.fp8_base is False

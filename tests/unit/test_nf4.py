@@ -109,3 +109,38 @@ def test_the_lora_layer_computes_the_same_with_the_kernels_weight():
     """`fast_lora.NF4_KERNEL`: the forward's base GEMM and the input gradient's on the kernel's weight give
     the same outputs and gradients as bitsandbytes' dequantize, bit for bit."""
     run_under_triton_interpreter(LAYER_CHECK)
+
+
+FP8_CHECK = r"""
+import bitsandbytes as bnb
+import torch
+from medtune import nf4
+
+torch.manual_seed(0)
+for (n_out, n_in), nested in (((70, 200), True), ((64, 256), False), ((130, 96), True)):
+    weight = torch.randn(n_out, n_in) * 0.05 + torch.linspace(0, 0.2, n_in)
+    base = bnb.nn.Linear4bit(n_in, n_out, bias=False, compress_statistics=nested, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=nested, quant_type="nf4").to("cpu")
+    packed, state = base.weight.data, base.weight.quant_state
+    assert state.nested == nested
+    # the reference in float32 PyTorch ops: nf4 code times block scale, then times the row's inverse scale
+    raw = packed.view(torch.uint8).reshape(-1).long()
+    nibbles = torch.stack([raw >> 4, raw & 15], 1).reshape(-1)
+    scales = nf4.block_scales(state)
+    w = (nf4._code(state, "cpu")[nibbles] * scales[torch.arange(n_out * n_in) // 64]).reshape(n_out, n_in)
+    inverse = (448.0 / w.abs().amax(1)).float() * torch.linspace(0.5, 1.2, n_out)  # some rows past e4m3's range
+    want = (w * inverse[:, None]).clamp(-448.0, 448.0).t().contiguous()
+    got = nf4.fp8_transposed(base, inverse, fp8=False)
+    assert got.shape == (n_in, n_out) and got.is_contiguous()
+    assert torch.equal(got, want), ((n_out, n_in), nested, (got - want).abs().max())
+    assert got.abs().max() == 448.0
+print("ok")
+"""
+
+
+@needs_triton
+def test_the_float8_weight_is_written_transposed_and_scaled_per_row():
+    """`nf4.fp8_transposed`: the nf4 weight times each row's inverse scale, clamped, transposed, as PyTorch's
+    float32 ops give it (nested and plain block scales, tiles cut at both edges). The float8 cast itself is
+    checked on a GPU (bench/nf4_check.py): Triton's interpreter rounds float8 differently."""
+    run_under_triton_interpreter(FP8_CHECK)
