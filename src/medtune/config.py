@@ -256,6 +256,15 @@ class TrainingConfig(Section):
         "(the update is rounded once instead of three times, tests/unit/test_fast_lora.py); the kernels' masks "
         "come from another generator, the same in distribution (losses within 0.05 % of PEFT's over 20 steps).",
     )
+    fp8_input_gradients: bool = Field(
+        True,
+        description="With `fused_lora` on an Ada, Hopper or newer GPU, the frozen 4-bit base's input-gradient "
+        "GEMMs (the gradient passed back through each nf4 projection) run in float8 e4m3: the gradient quantized "
+        "per token, the weight per output channel, written for the GEMM straight from its 4-bit bytes. The "
+        "forward, the loss and the adapters' own gradients stay 16-bit. An 8B QLoRA step on an H200: 2.2 % "
+        "faster, losses within 0.06 % of the plain PEFT path over 20 steps (docs/benchmarks.md). False keeps "
+        "those GEMMs in bf16.",
+    )
     cuda_graphs: bool | Literal["auto"] = Field(
         False,
         description="Replay each decoder layer's forward and backward as CUDA graphs (one launch each, where "

@@ -32,7 +32,7 @@ from medtune import fp8_rows, lora_dropout, nf4
 
 
 def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool | str = False, keep_mask: bool = False,
-            dropout_kernels: bool = True) -> int:
+            dropout_kernels: bool = True, fp8_input_grad: bool = False) -> int:
     """Give every LoRA linear layer of `model` the fused forward (with `backward`, also the fused
     backward of `LoraLinear`, where the base is a plain or bitsandbytes 4-bit linear; with `fp8_base`,
     a bitsandbytes 4-bit base's two GEMMs in float8, see `Fp8Base`, or with `fp8_base="backward"` and the
@@ -41,7 +41,9 @@ def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool | str
     `keep_mask`: the fused backward keeps each dropout mask (one byte per element) instead of replaying
     it from the saved random-number state, which a CUDA graph cannot do (medtune.layer_graphs).
     `dropout_kernels`: with the fused backward on a GPU, the dropout mask is drawn inside the adapter's
-    GEMMs (`medtune.lora_dropout`) instead of by PyTorch's dropout (not with `keep_mask`)."""
+    GEMMs (`medtune.lora_dropout`) instead of by PyTorch's dropout (not with `keep_mask`).
+    `fp8_input_grad` (`training.fp8_input_gradients`): with the fused backward, a 4-bit base's input gradient in
+    float8 on a card with float8 GEMMs (`fp8_mode`)."""
     from peft.tuners.lora import LoraLayer
 
     count = 0
@@ -51,7 +53,7 @@ def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool | str
             module.forward = types.MethodType(fused_forward_backward if whole else fused_forward, module)
             four_bit = _four_bit(module.get_base_layer(), bias=False)
             module.fp8_base = fp8_base if fp8_base and four_bit else False
-            module.fp8_capable = whole and four_bit  # for FP8_INPUT_GRAD
+            module.fp8_capable = fp8_input_grad and whole and four_bit
             module.keep_mask = keep_mask
             module.dropout_kernels = dropout_kernels
             count += 1
@@ -136,14 +138,15 @@ class LoraLinear(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
-# The input gradient's GEMM of every 4-bit base in float8 where the card has float8 GEMMs (`fp8_mode`), as
-# install(fp8_base="backward") does for the layers it is given; bench/gpu_train.py --ab fp8inputgrad
-FP8_INPUT_GRAD = False
+# The input gradient's GEMM in float8 for the layers `install` made capable (`fp8_mode`); bench/gpu_train.py
+# --ab fp8inputgrad switches it off and on (the default since 2026-11-29 06:30: +2.2 %, docs/benchmarks.md)
+FP8_INPUT_GRAD = True
 
 
 def fp8_mode(layer: Any, x: torch.Tensor) -> bool | str:
     """How the fused backward runs a layer's base GEMMs: `install`'s `fp8_base`, else with `FP8_INPUT_GRAD`
-    "backward" (the input gradient in float8) for a 4-bit base without bias on an Ada/Hopper or newer GPU."""
+    "backward" (the input gradient in float8) where `install` made the layer capable (`fp8_input_grad`, a 4-bit
+    base without bias) on an Ada/Hopper or newer GPU."""
     mode = getattr(layer, "fp8_base", False)
     if mode or not FP8_INPUT_GRAD or not getattr(layer, "fp8_capable", False) or not x.is_cuda:
         return mode

@@ -99,7 +99,8 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
     if cfg.training.fused_lora:
         # The fused backward is left out under FSDP, where it has not been measured on sharded parameters.
         whole = not uses_fsdp(cfg)
-        count = fast_lora.install(model, backward=whole, keep_mask=graphs)
+        count = fast_lora.install(model, backward=whole, keep_mask=graphs,
+                                  fp8_input_grad=cfg.training.fp8_input_gradients)
         log.info("finetune: fused LoRA %s on %d projections", "forward and backward" if whole else "forward", count)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("finetune: %s base on %s, quantization %s, LoRA r=%d alpha=%d: %.2fM trainable of %.0fM parameters",

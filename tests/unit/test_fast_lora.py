@@ -439,22 +439,46 @@ def test_casting_once_per_step_trains_bit_for_bit_as_casting_per_call(monkeypatc
 
 
 def test_fp8_input_grad_applies_to_4bit_bases_on_float8_cards_only(monkeypatch):
-    """`FP8_INPUT_GRAD` (off by default): "backward" for a layer `install` marked capable (fused backward, 4-bit
-    base without bias), on a CUDA card with float8 GEMMs; never on the CPU; `install`'s own fp8_base first."""
+    """`training.fp8_input_gradients` (on by default): "backward" for a layer `install` made capable (the fused
+    backward, a 4-bit base without bias, the setting on), on a CUDA card with float8 GEMMs; never on the CPU or
+    an Ampere card; `install`'s own fp8_base first; `FP8_INPUT_GRAD` (the bench's switch) off turns it off."""
     from types import SimpleNamespace
 
     cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
     layer = SimpleNamespace(fp8_base=False, fp8_capable=True)
     monkeypatch.setattr(fast_lora, "_float8_gemms", lambda index: True)
-    assert fast_lora.fp8_mode(layer, cuda) is False  # off by default
-    monkeypatch.setattr(fast_lora, "FP8_INPUT_GRAD", True)
     assert fast_lora.fp8_mode(layer, cuda) == "backward"
     assert fast_lora.fp8_mode(layer, torch.zeros(1)) is False  # CPU
     assert fast_lora.fp8_mode(SimpleNamespace(fp8_base=False, fp8_capable=False), cuda) is False
     assert fast_lora.fp8_mode(SimpleNamespace(fp8_base=True, fp8_capable=True), cuda) is True
+    monkeypatch.setattr(fast_lora, "FP8_INPUT_GRAD", False)
+    assert fast_lora.fp8_mode(layer, cuda) is False
+    monkeypatch.setattr(fast_lora, "FP8_INPUT_GRAD", True)
     monkeypatch.setattr(fast_lora, "_float8_gemms", lambda index: False)  # an Ampere card
     assert fast_lora.fp8_mode(layer, cuda) is False
+    for setting in (True, False):
+        model = _four_bit_lora_model(0.0)
+        fast_lora.install(model, backward=True, fp8_input_grad=setting)
+        attn = model.get_base_model().model.layers[0].self_attn
+        assert attn.q_proj.fp8_capable is setting and attn.q_proj.fp8_base is False
     model = _four_bit_lora_model(0.0)
-    fast_lora.install(model, backward=True)
-    attn = model.get_base_model().model.layers[0].self_attn
-    assert attn.q_proj.fp8_capable and attn.q_proj.fp8_base is False
+    fast_lora.install(model, backward=False, fp8_input_grad=True)  # the fused forward alone: no such backward
+    assert not model.get_base_model().model.layers[0].self_attn.q_proj.fp8_capable
+
+
+def test_training_passes_the_fp8_setting_to_the_fused_layers(tiny_model_dir, tmp_path, monkeypatch):
+    """`load_for_training` hands `training.fp8_input_gradients` to `fast_lora.install` (the tiny model's base is
+    not 4-bit, so no layer is made capable either way; the 4-bit case is the test above)."""
+    from medtune.config_io import load_config
+    from medtune.train import load_for_training
+
+    seen = []
+    install = fast_lora.install
+    monkeypatch.setattr(fast_lora, "install", lambda *a, **k: seen.append(k["fp8_input_grad"]) or install(*a, **k))
+    for setting in ("true", "false"):
+        cfg = load_config(preset="smollm2-135m-medical", env={}, overrides=[
+            "model.model_source=local", f"model.local_model_path={tiny_model_dir}", f"output.output_root={tmp_path}",
+            "lora.quantization=none", f"training.fp8_input_gradients={setting}"])
+        model = load_for_training(cfg, str(tiny_model_dir), "cpu")
+        assert not any(getattr(m, "fp8_capable", False) for m in model.modules())
+    assert seen == [True, False]
