@@ -180,10 +180,10 @@ LEVERS = {
     # before 2026-11-29 05:40: bitsandbytes dequantized the nested block scales before medtune.nf4's kernel
     "nestedbybnb": (nf4, "NESTED_IN_KERNEL", False, True),
     "castpercall": (fast_lora, "CAST_ONCE_PER_STEP", False, True),  # before 2026-11-29 05:40: a cast per call
-    # before 2026-11-29 06:30: a 4-bit base's input-gradient GEMMs in bf16 (call 2026-11-29 y ran this pair as
+    # before 2026-11-29 06:20: a 4-bit base's input-gradient GEMMs in bf16 (call 2026-11-29 y ran this pair as
     # `fp8inputgrad`, the lever then being float8)
     "bf16inputgrad": (fast_lora, "FP8_INPUT_GRAD", False, True),
-    # the float8 weight by three passes (dequantized to bf16, quantized, copied transposed), as before 06:10
+    # the float8 weight by three passes (dequantized to bf16, quantized, copied transposed), as before f13226f (06:11)
     "fp8viabf16": (fast_lora, "FP8_TRANSPOSED", False, True),
 }
 
@@ -385,7 +385,7 @@ def main() -> None:
         "run": a.label, "gpu": torch.cuda.get_device_name(0), "world_size": trainer.args.world_size, "quantization": a.quantization,
         "micro_batch": cfg.training.micro_batch_size, "micro_batch_tokens": cfg.training.micro_batch_tokens,
         "fused_lora": cfg.training.fused_lora, "fused_backward": fused_backward(trainer.model), "fp8_base": "backward" if a.fp8_backward else a.fp8_base,
-        # projections whose input gradient ran in float8 (training.fp8_input_gradients; 0 in lines before 06:30)
+        # projections whose input gradient ran in float8 (training.fp8_input_gradients; absent from lines before 06:20)
         "fp8_input_grad": sum(bool(getattr(m, "fp8_capable", False)) for m in trainer.model.modules())
         if fast_lora.FP8_INPUT_GRAD and torch.cuda.get_device_capability() >= (8, 9) else 0,
         "levers": levers,

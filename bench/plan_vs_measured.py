@@ -135,7 +135,7 @@ def compare(path: Path, line: dict, lengths: list[int] | None, lines: list[tuple
 # block scales kept: +0.41 GiB) that did not pay and was not kept (docs/benchmarks.md, machines 22-26).
 NOT_LANDED = {"2026-11-29-h200-b.jsonl", "2026-11-29-h200-c.jsonl", "2026-11-29-h200-d.jsonl"}
 # levers that became the default path after the lines naming them were measured (2026-11-29 z: float8 input
-# gradients, the default since 06:30)
+# gradients, the default since 06:20)
 LANDED_LEVERS = {"fp8inputgrad"}
 
 

@@ -139,7 +139,7 @@ class LoraLinear(torch.autograd.Function):
 
 
 # The input gradient's GEMM in float8 for the layers `install` made capable (`fp8_mode`); bench/gpu_train.py
-# --ab fp8inputgrad switches it off and on (the default since 2026-11-29 06:30: +2.2 %, docs/benchmarks.md)
+# --ab bf16inputgrad switches it off and on (the default since 2026-11-29 06:20: +2.2 %, docs/benchmarks.md)
 FP8_INPUT_GRAD = True
 
 

@@ -148,7 +148,7 @@ THROUGHPUT: tuple[Throughput, ...] = (
     # default since 2026-11-29 05:40); u: beside Unsloth on the same machine
     Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 15604.0,
                "bench/results/2026-11-29-h200-u.jsonl bins_nogc"),
-    # a 4-bit base's input-gradient GEMMs in float8 (the default since 2026-11-29 06:30; z ran it as a lever,
+    # a 4-bit base's input-gradient GEMMs in float8 (the default since 2026-11-29 06:20; z ran it as a lever,
     # beside Unsloth on the same machine)
     Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 15938.0,
                "bench/results/2026-11-29-h200-z.jsonl bins_nogc_fp8inputgrad"),
