@@ -53,8 +53,9 @@ def run(packed: torch.Tensor, code: torch.Tensor, scales: torch.Tensor, out: tor
     """Fill `out` (its elements in order) from `packed` (two weights per byte) with `code` and `scales`."""
     n_bytes = packed.numel()
     assert out.numel() == 2 * n_bytes and out.is_contiguous()
-    _kernel()[(-(-n_bytes // BLOCK),)](packed, code, scales, out, n_bytes, BLOCK=BLOCK,
-                                       BYTES_PER_SCALE=blocksize // 2)
+    _kernel()[(-(-n_bytes // BLOCK),)](packed, code, scales, scales, scales, scales, out, n_bytes, BLOCK=BLOCK,
+                                       BYTES_PER_SCALE=blocksize // 2, NESTED=False, SCALES_PER_SCALE2=1,
+                                       enable_fp_fusion=False)
 
 
 def run_nested(packed: torch.Tensor, code: torch.Tensor, state: Any, out: torch.Tensor) -> None:
@@ -62,11 +63,16 @@ def run_nested(packed: torch.Tensor, code: torch.Tensor, state: Any, out: torch.
     (`state.state2`) and `state.offset`, computed in the kernel as `block_scales` computes them."""
     n_bytes = packed.numel()
     assert out.numel() == 2 * n_bytes and out.is_contiguous()
+    _kernel()[(-(-n_bytes // BLOCK),)](packed, code, *_nested(state), out, n_bytes, BLOCK=BLOCK,
+                                       BYTES_PER_SCALE=state.blocksize // 2, NESTED=True,
+                                       SCALES_PER_SCALE2=state.state2.blocksize, enable_fp_fusion=False)
+
+
+def _nested(state: Any) -> tuple[torch.Tensor, ...]:
+    """The kernels' scale arguments of a doubly quantized state: 8-bit codes, their code book, group scales,
+    offset."""
     assert state.offset.dtype == state.state2.absmax.dtype == torch.float32
-    _kernels().dequantize_nested_kernel[(-(-n_bytes // BLOCK),)](
-        packed, code, state.absmax, state.state2.code, state.state2.absmax, state.offset, out, n_bytes,
-        BLOCK=BLOCK, BYTES_PER_SCALE=state.blocksize // 2, SCALES_PER_SCALE2=state.state2.blocksize,
-        enable_fp_fusion=False)
+    return state.absmax, state.state2.code, state.state2.absmax, state.offset
 
 
 def fp8_transposed(base: torch.nn.Module, inverse: torch.Tensor, fp8: bool = True) -> torch.Tensor:
@@ -79,10 +85,9 @@ def fp8_transposed(base: torch.nn.Module, inverse: torch.Tensor, fp8: bool = Tru
     assert n_in % 2 == 0 and inverse.dtype == torch.float32 and inverse.numel() == n_out
     out = torch.empty((n_in, n_out), dtype=torch.float8_e4m3fn if fp8 else torch.float32, device=base.weight.device)
     nested = bool(state.nested)
-    scales = state.absmax
-    code2, absmax2, offset = (state.state2.code, state.state2.absmax, state.offset) if nested else (scales,) * 3
+    scales = _nested(state) if nested else (state.absmax,) * 4
     _kernels().fp8_transposed_kernel[(-(-n_out // FP8_TILE[0]), -(-n_in // FP8_TILE[1]))](
-        base.weight.data.view(torch.uint8).reshape(-1), _code(state, out.device), scales, code2, absmax2, offset,
+        base.weight.data.view(torch.uint8).reshape(-1), _code(state, out.device), *scales,
         inverse.reshape(-1), out, n_out, n_in, NESTED=nested, BYTES_PER_SCALE=state.blocksize // 2,
         SCALES_PER_SCALE2=state.state2.blocksize if nested else 1, BLOCK_O=FP8_TILE[0], BLOCK_I=FP8_TILE[1], FP8=fp8,
         enable_fp_fusion=False)

@@ -1,17 +1,35 @@
-"""The Triton kernel of `medtune.nf4` (imported only where Triton is installed)."""
+"""The Triton kernels of `medtune.nf4` (imported only where Triton is installed)."""
 
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr,
-                      BYTES_PER_SCALE: tl.constexpr):
+def block_scale(scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, inside, NESTED: tl.constexpr,
+                SCALES_PER_SCALE2: tl.constexpr):
+    # The float32 scale of each weight's block. Doubly quantized (NESTED): its 8-bit code's value times its
+    # group's float32 scale, plus the offset, rounded after each operation as bitsandbytes computes it (the
+    # kernels are launched without fused multiply-add)
+    if NESTED:
+        scale_code = tl.load(scales_ptr + block, mask=inside, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + scale_code) * tl.load(absmax2_ptr + block // SCALES_PER_SCALE2, mask=inside,
+                                                         other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(scales_ptr + block, mask=inside, other=0.0)
+    return scale
+
+
+@triton.jit
+def dequantize_kernel(packed_ptr, code_ptr, scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n_bytes,
+                      BLOCK: tl.constexpr, BYTES_PER_SCALE: tl.constexpr, NESTED: tl.constexpr,
+                      SCALES_PER_SCALE2: tl.constexpr):
     # BLOCK packed bytes per program: 2 * BLOCK weights, the high nibble first (bitsandbytes' layout)
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = j < n_bytes
     byte = tl.load(packed_ptr + j, mask=inside, other=0).to(tl.int32)
-    scale = tl.load(absmax_ptr + j // BYTES_PER_SCALE, mask=inside, other=0.0)
+    scale = block_scale(scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, j // BYTES_PER_SCALE, inside, NESTED,
+                        SCALES_PER_SCALE2)
     high = tl.load(code_ptr + (byte >> 4)) * scale  # float32, rounded once to the output dtype
     low = tl.load(code_ptr + (byte & 15)) * scale
     values = tl.interleave(high, low)
@@ -20,28 +38,7 @@ def dequantize_kernel(packed_ptr, code_ptr, absmax_ptr, out_ptr, n_bytes, BLOCK:
 
 
 @triton.jit
-def dequantize_nested_kernel(packed_ptr, code_ptr, scale_codes_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr,
-                             n_bytes, BLOCK: tl.constexpr, BYTES_PER_SCALE: tl.constexpr,
-                             SCALES_PER_SCALE2: tl.constexpr):
-    # As dequantize_kernel, with the block scales themselves quantized (double quantization): each scale is
-    # its 8-bit code's value times its group's float32 scale, plus the offset, in float32 and rounded after
-    # each operation as bitsandbytes does (launched without fused multiply-add)
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inside = j < n_bytes
-    byte = tl.load(packed_ptr + j, mask=inside, other=0).to(tl.int32)
-    block = j // BYTES_PER_SCALE
-    scale_code = tl.load(scale_codes_ptr + block, mask=inside, other=0).to(tl.int32)
-    scale = tl.load(code2_ptr + scale_code) * tl.load(absmax2_ptr + block // SCALES_PER_SCALE2, mask=inside, other=0.0)
-    scale = scale + tl.load(offset_ptr)
-    high = tl.load(code_ptr + (byte >> 4)) * scale
-    low = tl.load(code_ptr + (byte & 15)) * scale
-    values = tl.interleave(high, low)
-    e = tl.program_id(0).to(tl.int64) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + e, values.to(out_ptr.dtype.element_ty), mask=e < 2 * n_bytes)
-
-
-@triton.jit
-def fp8_transposed_kernel(packed_ptr, code_ptr, scale_codes_ptr, code2_ptr, absmax2_ptr, offset_ptr, inverse_ptr,
+def fp8_transposed_kernel(packed_ptr, code_ptr, scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, inverse_ptr,
                           out_ptr, n_out, n_in, NESTED: tl.constexpr, BYTES_PER_SCALE: tl.constexpr,
                           SCALES_PER_SCALE2: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
                           FP8: tl.constexpr):
@@ -54,14 +51,8 @@ def fp8_transposed_kernel(packed_ptr, code_ptr, scale_codes_ptr, code2_ptr, absm
     inside = rows[:, None] & (pair < n_in // 2)[None, :]
     j = o[:, None] * (n_in // 2) + pair[None, :]  # the byte of columns 2 * pair and 2 * pair + 1
     byte = tl.load(packed_ptr + j, mask=inside, other=0).to(tl.int32)
-    block = j // BYTES_PER_SCALE
-    if NESTED:
-        scale_code = tl.load(scale_codes_ptr + block, mask=inside, other=0).to(tl.int32)
-        scale = tl.load(code2_ptr + scale_code) * tl.load(absmax2_ptr + block // SCALES_PER_SCALE2, mask=inside,
-                                                         other=0.0)
-        scale = scale + tl.load(offset_ptr)
-    else:
-        scale = tl.load(scale_codes_ptr + block, mask=inside, other=0.0)
+    scale = block_scale(scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, j // BYTES_PER_SCALE, inside, NESTED,
+                        SCALES_PER_SCALE2)
     inverse = tl.load(inverse_ptr + o, mask=rows, other=0.0)[:, None]
     high = tl.load(code_ptr + (byte >> 4)) * scale * inverse
     low = tl.load(code_ptr + (byte & 15)) * scale * inverse

@@ -144,3 +144,54 @@ def test_the_float8_weight_is_written_transposed_and_scaled_per_row():
     float32 ops give it (nested and plain block scales, tiles cut at both edges). The float8 cast itself is
     checked on a GPU (bench/nf4_check.py): Triton's interpreter rounds float8 differently."""
     run_under_triton_interpreter(FP8_CHECK)
+
+
+@needs_triton
+def test_the_kernels_compile_for_hopper_without_fused_multiply_add(monkeypatch):
+    """Bit for bit bitsandbytes' values rests on two things the CPU interpreter cannot show: each product
+    rounded on its own (the kernels launched with `enable_fp_fusion=False`: no `fma` in the PTX) and float8 by
+    round-to-nearest-even with saturation. Cross-compiled for sm_90 with Triton's own ptxas, no GPU needed; and
+    every launch in `medtune.nf4` passes the option."""
+    import re
+
+    import bitsandbytes as bnb
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from medtune import nf4, nf4_kernels
+
+    scales = {"packed_ptr": "*u8", "code_ptr": "*fp32", "scales_ptr": "*u8", "code2_ptr": "*fp32",
+              "absmax2_ptr": "*fp32", "offset_ptr": "*fp32"}
+    kernels = [
+        (nf4_kernels.dequantize_kernel, {**scales, "out_ptr": "*bf16", "n_bytes": "i64"},
+         {"BLOCK": 1024, "BYTES_PER_SCALE": 32, "NESTED": True, "SCALES_PER_SCALE2": 256}),
+        (nf4_kernels.fp8_transposed_kernel, {**scales, "inverse_ptr": "*fp32", "out_ptr": "*fp8e4nv", "n_out": "i32",
+                                             "n_in": "i32"},
+         {"NESTED": True, "BYTES_PER_SCALE": 32, "SCALES_PER_SCALE2": 256, "BLOCK_O": 64, "BLOCK_I": 128, "FP8": True}),
+    ]
+    for fn, signature, constants in kernels:
+        signature = {**signature, **{name: "constexpr" for name in constants}}
+        ptx = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
+                             target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
+        assert not re.search(r"\bfma\.r[nzmp]", ptx) and re.search(r"\bmul\.(rn\.)?f32", ptx), fn.__name__
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(kwargs)
+
+    monkeypatch.setattr(nf4, "_kernels", lambda: type("K", (), {"dequantize_kernel": Recorder(),
+                                                                "fp8_transposed_kernel": Recorder()}))
+    base = bnb.nn.Linear4bit(64, 32, bias=False, compress_statistics=True, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, compress_statistics=True,
+                                    quant_type="nf4").to("cpu")
+    state = base.weight.quant_state
+    packed, code = base.weight.data.view(torch.uint8).reshape(-1), nf4._code(state, "cpu")
+    nf4.run(packed, code, nf4.block_scales(state), torch.empty(32, 64), 64)
+    nf4.run_nested(packed, code, state, torch.empty(32, 64))
+    nf4.fp8_transposed(base, torch.ones(32))
+    assert len(launches) == 3 and all(k["enable_fp_fusion"] is False for k in launches)
