@@ -384,8 +384,9 @@ def fp8_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
         wq, ws = _fp8_weight(base)
         wt = wq.t().contiguous()
     gq, gs = fp8_rows.rowwise_fp8(grad, col_scale=ws.reshape(-1))
-    ones = torch.ones(1, wt.shape[0], dtype=torch.float32, device=wt.device)
-    return torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=ones, out_dtype=torch.bfloat16)
+    if getattr(base, "fp8_unit_scale", None) is None:  # the weight's scale is folded into the gradient: ones
+        base.fp8_unit_scale = torch.ones(1, wt.shape[0], dtype=torch.float32, device=wt.device)
+    return torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=base.fp8_unit_scale, out_dtype=torch.bfloat16)
 
 
 # The input gradient's float8 weight written transposed from the nf4 bytes by one kernel (`fp8_input_grad`)
