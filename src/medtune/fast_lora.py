@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -377,34 +377,37 @@ def fp8_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
     way by one kernel from its 4-bit bytes (`nf4.fp8_transposed`); otherwise it is dequantized to bf16,
     quantized, and copied transposed, three passes that cost more than the float8 GEMM saved
     (docs/benchmarks.md, machines seventeen and twenty-seven)."""
+    scales = _fp8_scales(base)
     if FP8_TRANSPOSED and _four_bit(base, bias=False) and nf4.usable(base):
-        ws = _fp8_row_scale(base)
-        wt = nf4.fp8_transposed(base, base.fp8_row_inverse)
+        wt = nf4.fp8_transposed(base, scales.inverse)
     else:
-        wq, ws = _fp8_weight(base)
-        wt = wq.t().contiguous()
-    gq, gs = fp8_rows.rowwise_fp8(grad, col_scale=ws.reshape(-1))
-    if getattr(base, "fp8_unit_scale", None) is None:  # the weight's scale is folded into the gradient: ones
-        base.fp8_unit_scale = torch.ones(1, wt.shape[0], dtype=torch.float32, device=wt.device)
-    return torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=base.fp8_unit_scale, out_dtype=torch.bfloat16)
+        wt = _fp8_weight(base)[0].t().contiguous()
+    gq, gs = fp8_rows.rowwise_fp8(grad, col_scale=scales.row.reshape(-1))
+    return torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=scales.unit, out_dtype=torch.bfloat16)
 
 
 # The input gradient's float8 weight written transposed from the nf4 bytes by one kernel (`fp8_input_grad`)
 FP8_TRANSPOSED = True
 
 
-def _fp8_row_scale(base: torch.nn.Module) -> torch.Tensor:
-    """The frozen weight's per-output-channel float8 scale (out, 1) and its inverse (`base.fp8_row_inverse`,
-    as `fp8_rows.rowwise_fp8` multiplies by it), computed from the dequantized weight on the first call."""
-    if getattr(base, "fp8_row_scale", None) is None:
-        base.fp8_row_scale = fp8_rows.row_amax_scale(_base_weight(base, torch.bfloat16))
-    if getattr(base, "fp8_row_inverse", None) is None:
-        base.fp8_row_inverse = (1.0 / base.fp8_row_scale).reshape(-1)
-    return base.fp8_row_scale
+class Fp8Scales(NamedTuple):
+    row: torch.Tensor  # (out, 1): the frozen weight's float8 scale per output channel
+    inverse: torch.Tensor  # (out,): 1 / row, as `fp8_rows.rowwise_fp8` multiplies by it
+    unit: torch.Tensor  # (1, in): ones, the input gradient GEMM's weight scale (`row` goes onto the gradient)
+
+
+def _fp8_scales(base: torch.nn.Module) -> Fp8Scales:
+    """A frozen base weight's float8 scales, computed from its dequantized weight on the first call and kept."""
+    if getattr(base, "fp8_scales", None) is None:
+        row = fp8_rows.row_amax_scale(_base_weight(base, torch.bfloat16))
+        n_in = base.in_features
+        base.fp8_scales = Fp8Scales(row, (1.0 / row).reshape(-1),
+                                    torch.ones(1, n_in, dtype=torch.float32, device=row.device))
+    return base.fp8_scales
 
 
 def _fp8_weight(base: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen base weight dequantized (as bitsandbytes does) and quantized to float8 rows, one scale per
     output channel; the scales are computed on the first call and kept, the weight being frozen."""
     w = _base_weight(base, torch.bfloat16)
-    return fp8_rows.rowwise_fp8(w, row_scale=_fp8_row_scale(base))
+    return fp8_rows.rowwise_fp8(w, row_scale=_fp8_scales(base).row)
