@@ -35,6 +35,11 @@ step() {  # step SECONDS LABEL CMD...: one run, its JSON line appended, its stde
   [ $rc -eq 0 ] || { echo "{\"run\": \"$label\", \"failed\": $rc}" | tee -a "$OUT/results.jsonl"; tail -25 "/tmp/$label.err" >&2; }
 }
 IDS=/tmp/ids.json
+if [ -n "${SMI:-}" ]; then  # SMI=1: the card's SM clock, power, temperature and clock-limit reasons every 500 ms
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv,noheader -lms 500 > "$OUT/smi.csv" 2>&1 &
+  SMI_PID=$!
+fi
 GT="python3 bench/gpu_train.py --model-dir $M --ids $IDS"
 for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
   case $run in
@@ -86,6 +91,8 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
         --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "medtune_bins16k_gpus$n" ;;
     bins_gc)  # QLoRA, 16384-token bins x GA 2, recompute on (fits a 24 GB card)
       step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "$run" ;;
+    bins_nogc_bf16ig)  # bins_nogc with the input-gradient GEMMs in bf16 (the path before float8), one whole run
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --lever bf16inputgrad --label "$run" ;;
     bins_nogc)  # QLoRA, 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an H100)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
     bins_nogc_fp8|bins_nogc_fbw_short|bins_nogc_fbw_fp8|bins_nogc_short|bins_nogc_graphs|bins_nogc_fbw_graphs|bins_nogc_fp8_graphs)
@@ -183,3 +190,5 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       cp /tmp/e2e/medical-finetune-quick/summary.md /tmp/e2e/medical-finetune-quick/logs/*.log "$OUT/" 2>/dev/null ;;
   esac
 done
+[ -n "${SMI_PID:-}" ] && kill "$SMI_PID" 2>/dev/null
+exit 0
