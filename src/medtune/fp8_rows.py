@@ -3,8 +3,9 @@
 `fast_lora.Fp8Base` multiplies an nf4 base projection in float8 on Hopper. In PyTorch ops each
 quantization is five passes over the tensor (abs, amax, a float32 copy, a division, the cast); measured on an
 H200 (docs/benchmarks.md, call z) they cost more than the float8 GEMMs saved (-19 %). The Triton kernel
-here reads each row twice (amax, then scale and cast; the second read mostly from L2) and writes the
-float8 row once. It can also multiply each column by a given factor first (`col_scale`), which moves a
+here reads a row once when it fits one block (up to `ONE_BLOCK` columns: every Llama-3.1-8B projection's
+width), keeping it in registers between the amax and the cast; a wider row is read twice (the second time
+mostly from L2). It writes the float8 row once. It can also multiply each column by a given factor first (`col_scale`), which moves a
 weight's per-output-channel scale onto the gradient in the backward: `g @ W = (g * s) @ Wq` for
 `W = diag(s) Wq`, so the backward reuses the forward's quantized weight.
 
@@ -31,11 +32,24 @@ def rowwise_fp8(t: torch.Tensor, col_scale: torch.Tensor | None = None,
     rows, cols = t.shape
     q = torch.empty((rows, cols), dtype=torch.float8_e4m3fn, device=t.device)
     scale = row_scale if row_scale is not None else torch.empty((rows, 1), dtype=torch.float32, device=t.device)
-    block = min(4096, 1 << (cols - 1).bit_length())
-    kernel[(rows,)](t, q, scale, col_scale if col_scale is not None else scale, t.stride(0), COLS=cols,
-                    HAS_COL=col_scale is not None, GIVEN=row_scale is not None, BLOCK=block,
-                    num_warps=8 if block >= 2048 else 4)
+    launch(kernel, t, q, scale, col_scale, row_scale is not None)
     return q, scale
+
+
+# Rows up to this many columns are read once, held in registers (16 warps: 32 float32 values per thread)
+ONE_BLOCK = 16384
+LOOP_BLOCK = 4096
+
+
+def launch(kernel, t: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, col_scale: torch.Tensor | None,
+           given: bool, one_block: int | None = None) -> None:
+    """One program per row; a row of at most `one_block` (`ONE_BLOCK`) columns in one block, read once."""
+    rows, cols = t.shape
+    block = 1 << (cols - 1).bit_length()
+    block = block if block <= (ONE_BLOCK if one_block is None else one_block) else LOOP_BLOCK
+    warps = 16 if block >= 8192 else 8 if block >= 2048 else 4
+    kernel[(rows,)](t, q, scale, col_scale if col_scale is not None else scale, t.stride(0), COLS=cols,
+                    HAS_COL=col_scale is not None, GIVEN=given, BLOCK=block, num_warps=warps)
 
 
 def rowwise_reference(t: torch.Tensor, col_scale: torch.Tensor | None = None,
@@ -65,6 +79,20 @@ def _kernel():
                 GIVEN: tl.constexpr, BLOCK: tl.constexpr):  # COLS a constant: one compiled kernel per width
         row = tl.program_id(0).to(tl.int64)
         x_row, q_row = x_ptr + row * stride, q_ptr + row * COLS
+        if BLOCK >= COLS:  # the whole row in one block: read once
+            offs = tl.arange(0, BLOCK)
+            keep = offs < COLS
+            v = tl.load(x_row + offs, mask=keep, other=0.0).to(tl.float32)
+            if HAS_COL:
+                v = v * tl.load(c_ptr + offs, mask=keep, other=0.0).to(tl.float32)
+            if GIVEN:
+                scale = tl.load(s_ptr + row)
+            else:
+                scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / 448.0
+                tl.store(s_ptr + row, scale)
+            v = tl.minimum(tl.maximum(v * (1.0 / scale), -448.0), 448.0)
+            tl.store(q_row + offs, v.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=keep)
+            return
         if GIVEN:
             scale = tl.load(s_ptr + row)
         else:

@@ -46,24 +46,28 @@ torch.manual_seed(0)
 kernel = fp8_rows._kernel()
 
 
-def run(t, c, given):
+def run(t, c, given, one_block=fp8_rows.ONE_BLOCK):
     rows, cols = t.shape
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
     s = given if given is not None else torch.empty(rows, 1)
-    block = min(4096, 1 << (cols - 1).bit_length())
-    kernel[(rows,)](t, q, s, c if c is not None else s, t.stride(0), COLS=cols, HAS_COL=c is not None,
-                    GIVEN=given is not None, BLOCK=block)
+    fp8_rows.launch(kernel, t, q, s, c, given is not None, one_block)
     return q, s
 
 
-for rows, cols, col in [(5, 100, False), (3, 9000, True), (4, 64, False)]:
+# one block read once (100, 9000, 64 columns), and rows wider than a block read twice (20000; 9000 forced)
+for rows, cols, col, one_block in [(5, 100, False, fp8_rows.ONE_BLOCK), (3, 9000, True, fp8_rows.ONE_BLOCK),
+                                   (4, 64, False, fp8_rows.ONE_BLOCK), (2, 20000, True, fp8_rows.ONE_BLOCK),
+                                   (3, 9000, True, 1024)]:
     t = (torch.randn(rows, cols) * 3).to(torch.bfloat16)
     c = torch.rand(cols) + 0.5 if col else None
     want_q, want_s = fp8_rows.rowwise_reference(t, c)
-    q, s = run(t, c, None)
-    assert torch.allclose(s, want_s, rtol=1e-6), ("scales", rows, cols)
+    q, s = run(t, c, None, one_block)
+    assert torch.allclose(s, want_s, rtol=1e-6), ("scales", rows, cols, one_block)
+    # both paths do the same arithmetic: the same float8 bytes as the other path under this interpreter
+    other_q, other_s = run(t, c, None, 1 << 20 if one_block < cols else 1024)
+    assert torch.equal(q.view(torch.uint8), other_q.view(torch.uint8)) and torch.equal(s, other_s), ("paths", cols)
     given = want_s * 2
-    q, s = run(t, c, given)
+    q, s = run(t, c, given, one_block)
     assert s is given and torch.equal(given, want_s * 2), ("given scales", rows, cols)
     # Triton's CPU interpreter rounds float8 casts its own way (1.94 -> 1.0): the values are compared on a
     # GPU, where the cast is the hardware's (bench/fp8_rows_check.py); here only that they are float8 of the
