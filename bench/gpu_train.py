@@ -187,6 +187,8 @@ LEVERS = {
     "fp8viabf16": (fast_lora, "FP8_TRANSPOSED", False, True),
     # before 2026-11-29 (session 12): each gradient row read twice by the float8 quantization (amax, then cast)
     "rowstwice": (fp8_rows, "ONE_BLOCK", 0, fp8_rows.ONE_BLOCK),
+    # before 2026-11-29 (session 12): nf4.fp8_transposed computed each byte's block scale on its own
+    "scaleperbyte": (nf4, "ROW_BLOCKS", False, True),
 }
 
 

@@ -6,10 +6,13 @@ import torch
 
 
 def timed(fn, repeats: int = 20) -> float:
-    """Milliseconds of GPU time per call (CUDA events), after one untimed call."""
+    """Milliseconds of GPU time per call (CUDA events), after one untimed call. The calls are queued behind a
+    ~10 ms sleep kernel, so that the host's launch time, which can exceed a small kernel's, is not timed
+    (before session 12, 2026-11-29, it could be: a small kernel's time read as its launch's)."""
     fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     torch.cuda.synchronize()
+    torch.cuda._sleep(20_000_000)  # GPU clock cycles
     start.record()
     for _ in range(repeats):
         fn()

@@ -45,11 +45,17 @@ def main() -> None:
         fp8_want = (w32 * inverse[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).t().contiguous()
         fp8_got = nf4.fp8_transposed(base, inverse)
         fp8_ms = timed(lambda: nf4.fp8_transposed(base, inverse))
+        nf4.ROW_BLOCKS = False  # each byte's block scale computed on its own (before session 12)
+        per_byte = nf4.fp8_transposed(base, inverse)
+        per_byte_ms = timed(lambda: nf4.fp8_transposed(base, inverse))
+        nf4.ROW_BLOCKS = True
         scale = fp8_rows.row_amax_scale(want)
         three_ms = timed(lambda: fp8_rows.rowwise_fp8(nf4.dequantize(base, state.dtype), row_scale=scale)[0].t().contiguous())
         fp8_fields = {"fp8_equal": torch.equal(fp8_got.view(torch.uint8), fp8_want.view(torch.uint8)),
                       "fp8_w32_equal_bnb": torch.equal(w32.to(torch.bfloat16), want),
-                      "fp8_transposed_ms": round(fp8_ms, 4), "fp8_three_pass_ms": round(three_ms, 4)}
+                      "fp8_transposed_ms": round(fp8_ms, 4), "fp8_three_pass_ms": round(three_ms, 4),
+                      "fp8_scale_per_byte_ms": round(per_byte_ms, 4),
+                      "fp8_scale_per_byte_equal": torch.equal(per_byte.view(torch.uint8), fp8_got.view(torch.uint8))}
         traffic = n_out * n_in * (0.5 + 2)  # packed bytes read, bf16 written
         print(json.dumps({"run": "nf4_check", "gpu": torch.cuda.get_device_name(), "shape": name, "out": n_out,
                           "in": n_in, "equal": torch.equal(got, want),

@@ -90,8 +90,19 @@ def fp8_transposed(base: torch.nn.Module, inverse: torch.Tensor, fp8: bool = Tru
         base.weight.data.view(torch.uint8).reshape(-1), _code(state, out.device), *scales,
         inverse.reshape(-1), out, n_out, n_in, NESTED=nested, BYTES_PER_SCALE=state.blocksize // 2,
         SCALES_PER_SCALE2=state.state2.blocksize if nested else 1, BLOCK_O=FP8_TILE[0], BLOCK_I=FP8_TILE[1], FP8=fp8,
-        enable_fp_fusion=False)
+        ROW_BLOCKS=ROW_BLOCKS and row_blocks(n_in, state.blocksize), enable_fp_fusion=False)
     return out
+
+
+def row_blocks(n_in: int, blocksize: int) -> bool:
+    """`fp8_transposed` computes each scale block's scale once per tile: the blocks start at every row's start
+    (`n_in` a multiple of the block size) and a tile's row holds whole blocks."""
+    return n_in % blocksize == 0 and FP8_TILE[1] % blocksize == 0
+
+
+# fp8_transposed: one scale per block and tile row, broadcast (False: one per byte, the kernel before session 12;
+# bench/gpu_train.py --ab scaleperbyte)
+ROW_BLOCKS = True
 
 
 def block_scales(state: Any) -> torch.Tensor:

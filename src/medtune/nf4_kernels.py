@@ -41,18 +41,29 @@ def dequantize_kernel(packed_ptr, code_ptr, scales_ptr, code2_ptr, absmax2_ptr, 
 def fp8_transposed_kernel(packed_ptr, code_ptr, scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, inverse_ptr,
                           out_ptr, n_out, n_in, NESTED: tl.constexpr, BYTES_PER_SCALE: tl.constexpr,
                           SCALES_PER_SCALE2: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
-                          FP8: tl.constexpr):
+                          FP8: tl.constexpr, ROW_BLOCKS: tl.constexpr):
     # One tile of the weight W (BLOCK_O rows, BLOCK_I columns) from its nf4 bytes, each row o times inverse[o],
     # written transposed: out[i, o], float8 e4m3 (FP8) or float32 (the interpreter's tests: its float8 rounding
     # is not the GPU's). In float32 and rounded after each product: weight, then times the row's inverse scale.
+    # ROW_BLOCKS: the scale blocks start at each row's start and a tile's row holds whole blocks
+    # (`nf4.fp8_transposed`): each block's scale computed once and broadcast over its bytes, else per byte
     o = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
     pair = tl.program_id(1).to(tl.int64) * (BLOCK_I // 2) + tl.arange(0, BLOCK_I // 2)
     rows = o < n_out
     inside = rows[:, None] & (pair < n_in // 2)[None, :]
     j = o[:, None] * (n_in // 2) + pair[None, :]  # the byte of columns 2 * pair and 2 * pair + 1
     byte = tl.load(packed_ptr + j, mask=inside, other=0).to(tl.int32)
-    scale = block_scale(scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, j // BYTES_PER_SCALE, inside, NESTED,
-                        SCALES_PER_SCALE2)
+    if ROW_BLOCKS:
+        NB: tl.constexpr = BLOCK_I // 2 // BYTES_PER_SCALE
+        first = (o[:, None] * (n_in // 2) + tl.program_id(1).to(tl.int64) * (BLOCK_I // 2)) // BYTES_PER_SCALE
+        blocks = first + tl.arange(0, NB)[None, :]
+        in_row = (tl.program_id(1) * NB + tl.arange(0, NB)) * BYTES_PER_SCALE < n_in // 2
+        each = block_scale(scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, blocks, rows[:, None] & in_row[None, :],
+                           NESTED, SCALES_PER_SCALE2)
+        scale = tl.reshape(tl.broadcast_to(each[:, :, None], (BLOCK_O, NB, BYTES_PER_SCALE)), (BLOCK_O, BLOCK_I // 2))
+    else:
+        scale = block_scale(scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, j // BYTES_PER_SCALE, inside, NESTED,
+                            SCALES_PER_SCALE2)
     inverse = tl.load(inverse_ptr + o, mask=rows, other=0.0)[:, None]
     high = tl.load(code_ptr + (byte >> 4)) * scale * inverse
     low = tl.load(code_ptr + (byte & 15)) * scale * inverse

@@ -117,7 +117,12 @@ import torch
 from medtune import nf4
 
 torch.manual_seed(0)
-for (n_out, n_in), nested in (((70, 200), True), ((64, 256), False), ((130, 96), True)):
+# each block's scale once per tile row (the in-width a multiple of 64: 256, 384) and per byte (200, 96)
+# (192: a tile's second block past the row's end)
+cases = (((70, 200), True), ((64, 256), False), ((130, 96), True), ((70, 256), True), ((130, 384), True),
+         ((66, 384), False), ((40, 192), True))
+assert [nf4.row_blocks(n_in, 64) for (_, n_in), _ in cases] == [False, True, False, True, True, True, True]
+for (n_out, n_in), nested in cases:
     weight = torch.randn(n_out, n_in) * 0.05 + torch.linspace(0, 0.2, n_in)
     base = bnb.nn.Linear4bit(n_in, n_out, bias=False, compress_statistics=nested, quant_type="nf4")
     base.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=nested, quant_type="nf4").to("cpu")
@@ -169,7 +174,8 @@ def test_the_kernels_compile_for_hopper_without_fused_multiply_add(monkeypatch):
          {"BLOCK": 1024, "BYTES_PER_SCALE": 32, "NESTED": True, "SCALES_PER_SCALE2": 256}),
         (nf4_kernels.fp8_transposed_kernel, {**scales, "inverse_ptr": "*fp32", "out_ptr": "*fp8e4nv", "n_out": "i32",
                                              "n_in": "i32"},
-         {"NESTED": True, "BYTES_PER_SCALE": 32, "SCALES_PER_SCALE2": 256, "BLOCK_O": 64, "BLOCK_I": 128, "FP8": True}),
+         {"NESTED": True, "BYTES_PER_SCALE": 32, "SCALES_PER_SCALE2": 256, "BLOCK_O": 64, "BLOCK_I": 128, "FP8": True,
+          "ROW_BLOCKS": True}),
     ]
     for fn, signature, constants in kernels:
         signature = {**signature, **{name: "constexpr" for name in constants}}
