@@ -152,4 +152,7 @@ THROUGHPUT: tuple[Throughput, ...] = (
     # beside Unsloth on the same machine)
     Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 15938.0,
                "bench/results/2026-11-29-h200-z.jsonl bins_nogc_fp8inputgrad"),
+    # the same defaults beside Unsloth on another machine (2026-11-29 ac, session 12)
+    Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 15850.0,
+               "bench/results/2026-11-29-h200-ac.jsonl bins_nogc"),
 )
