@@ -1,6 +1,6 @@
 """On a GPU: medtune.fp8_rows' Triton kernel against its PyTorch reference (the float8 values and scales,
 and the time of each), and the float8 GEMM against the bf16 one at the 8B model's projection shapes,
-the forward's layout and the backward's (`fast_lora.fp8_linear`, `fp8_input_grad`). One JSON line each.
+the forward's layout and the backward's (`fp8_base.fp8_linear`, `fp8_input_grad`). One JSON line each.
 
     python bench/fp8_rows_check.py
 """

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from medtune import attention, divergence, fast_lora, fp8_rows, lora_dropout, nf4
+from medtune import attention, divergence, fast_lora, fp8_base, fp8_rows, lora_dropout, nf4
 from medtune.config_io import load_config
 from medtune.rundir import RunDir
 from medtune.train import build_trainer, resolve_recompute
@@ -184,7 +184,7 @@ LEVERS = {
     # `fp8inputgrad`, the lever then being float8)
     "bf16inputgrad": (fast_lora, "FP8_INPUT_GRAD", False, True),
     # the float8 weight by three passes (dequantized to bf16, quantized, copied transposed), as before f13226f (06:11)
-    "fp8viabf16": (fast_lora, "FP8_TRANSPOSED", False, True),
+    "fp8viabf16": (fp8_base, "FP8_TRANSPOSED", False, True),
     # before 2026-11-29 (session 12): each gradient row read twice by the float8 quantization (amax, then cast)
     "rowstwice": (fp8_rows, "ONE_BLOCK", 0, fp8_rows.ONE_BLOCK),
     # before 2026-11-29 (session 12): nf4.fp8_transposed computed each byte's block scale on its own

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import functools
 import types
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from medtune import fp8_rows, lora_dropout, nf4
+from medtune import lora_dropout, nf4
+from medtune.fp8_base import Fp8Base, fp8_input_grad, fp8_linear
 
 
 def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool | str = False, keep_mask: bool = False,
@@ -341,73 +342,3 @@ def _base_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
             return nf4.dequantize(base, state.dtype).to(dtype)
         return bnb.functional.dequantize_4bit(base.weight.data, state).to(dtype)
     return base.weight.to(dtype)
-
-
-class Fp8Base(torch.autograd.Function):
-    """`x @ W.T` for a frozen bitsandbytes nf4 weight with both of its GEMMs in float8 (a lever under
-    measurement, bench/gpu_train.py --fp8-base; not a config option). The weight stays nf4 in memory: each
-    call dequantizes it as bitsandbytes does, then quantizes weight and activations to e4m3 with one scale
-    per row of each operand (per token, per output channel; the backward reuses the weight's quantization,
-    its scales moved onto the gradient's columns; `medtune.fp8_rows`), and `torch._scaled_mm` multiplies them at float8 rate (Hopper and
-    newer) with a bf16 result. Nothing of the input is kept for the backward: the weight is frozen."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
-        ctx.base, ctx.shape, ctx.dtype = base, x.shape, x.dtype
-        return fp8_linear(x, base)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
-        dx = fp8_input_grad(grad.reshape(-1, grad.shape[-1]), ctx.base)
-        return dx.view(ctx.shape).to(ctx.dtype), None
-
-
-def fp8_linear(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
-    """`x @ W.T` in float8, one scale per token and per output channel; bf16 out."""
-    wq, ws = _fp8_weight(base)
-    xq, xs = fp8_rows.rowwise_fp8(x.reshape(-1, x.shape[-1]))
-    y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16)
-    return y.view(*x.shape[:-1], y.shape[-1])
-
-
-def fp8_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
-    """`grad @ W` (tokens x out times out x in) in float8 with the forward's quantized weight: for
-    W = diag(s) Wq, `grad @ W = (grad * s) @ Wq`, the column scaling done inside the gradient's quantization.
-    The GEMM wants Wq column-major, (in x out) in memory: with `FP8_TRANSPOSED` an nf4 weight is written that
-    way by one kernel from its 4-bit bytes (`nf4.fp8_transposed`); otherwise it is dequantized to bf16,
-    quantized, and copied transposed, three passes that cost more than the float8 GEMM saved
-    (docs/benchmarks.md, machines seventeen and twenty-seven)."""
-    scales = _fp8_scales(base)
-    if FP8_TRANSPOSED and _four_bit(base, bias=False) and nf4.usable(base):
-        wt = nf4.fp8_transposed(base, scales.inverse)
-    else:
-        wt = _fp8_weight(base)[0].t().contiguous()
-    gq, gs = fp8_rows.rowwise_fp8(grad, col_scale=scales.row.reshape(-1))
-    return torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=scales.unit, out_dtype=torch.bfloat16)
-
-
-# The input gradient's float8 weight written transposed from the nf4 bytes by one kernel (`fp8_input_grad`)
-FP8_TRANSPOSED = True
-
-
-class Fp8Scales(NamedTuple):
-    row: torch.Tensor  # (out, 1): the frozen weight's float8 scale per output channel
-    inverse: torch.Tensor  # (out,): 1 / row, as `fp8_rows.rowwise_fp8` multiplies by it
-    unit: torch.Tensor  # (1, in): ones, the input gradient GEMM's weight scale (`row` goes onto the gradient)
-
-
-def _fp8_scales(base: torch.nn.Module) -> Fp8Scales:
-    """A frozen base weight's float8 scales, computed from its dequantized weight on the first call and kept."""
-    if getattr(base, "fp8_scales", None) is None:
-        row = fp8_rows.row_amax_scale(_base_weight(base, torch.bfloat16))
-        n_in = base.in_features
-        base.fp8_scales = Fp8Scales(row, (1.0 / row).reshape(-1),
-                                    torch.ones(1, n_in, dtype=torch.float32, device=row.device))
-    return base.fp8_scales
-
-
-def _fp8_weight(base: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen base weight dequantized (as bitsandbytes does) and quantized to float8 rows, one scale per
-    output channel; the scales are computed on the first call and kept, the weight being frozen."""
-    w = _base_weight(base, torch.bfloat16)
-    return fp8_rows.rowwise_fp8(w, row_scale=_fp8_scales(base).row)

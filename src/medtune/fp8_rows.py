@@ -1,6 +1,6 @@
 """Row-wise float8 (e4m3) quantization in one kernel: `t ~= q * scale`, one float32 scale per row.
 
-`fast_lora.Fp8Base` multiplies an nf4 base projection in float8 on Hopper. In PyTorch ops each
+`medtune.fp8_base` multiplies an nf4 base projection in float8 on Hopper. In PyTorch ops each
 quantization is five passes over the tensor (abs, amax, a float32 copy, a division, the cast); measured on an
 H200 (docs/benchmarks.md, call z) they cost more than the float8 GEMMs saved (-19 %). The Triton kernel
 here reads a row once when it fits one block (up to `ONE_BLOCK` columns: every Llama-3.1-8B projection's

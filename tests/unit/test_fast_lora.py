@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from medtune import fast_lora
+from medtune import fast_lora, fp8_base
 
 
 def _lora_model(dropout: float):
@@ -245,7 +245,7 @@ def test_fp8_base_matches_a_float64_reference_within_float8_rounding():
                                     quant_type="nf4").to("cpu")
     w = fast_lora._base_weight(base, torch.float64)
     x = torch.randn(5, 7, 64, dtype=torch.bfloat16, requires_grad=True)
-    y = fast_lora.Fp8Base.apply(x, base)
+    y = fp8_base.Fp8Base.apply(x, base)
     g = torch.randn_like(y)
     y.backward(g)
     want_y, want_dx = x.double() @ w.t(), g.double() @ w
