@@ -28,6 +28,11 @@ if [ ! -f $M/config.json ] && [ "${RUNS:-}" != fsdp_test ]; then  # fsdp_test tr
 fi
 step() {  # step SECONDS LABEL CMD...: one run, its JSON line appended, its stderr kept on failure
   local limit=$1 label=$2; shift 2
+  # COOL=SECONDS: the card left idle that long before each run, so that runs compared start from the same
+  # thermal state (at the 700 W cap a warm card clocks lower: 2026-11-29 calls ae-ah, docs/benchmarks.md)
+  [ -n "${COOL:-}" ] && sleep "$COOL"
+  local state; state=$(nvidia-smi --query-gpu=temperature.gpu,clocks.sm,power.draw --format=csv,noheader,nounits 2>/dev/null | head -1)
+  echo "{\"run_start\": \"$label\", \"temp_c_mhz_w\": \"$state\"}" >> "$OUT/results.jsonl"
   echo "== $label $(date +%T)" >&2
   timeout "$limit" "$@" > "/tmp/$label.out" 2> "/tmp/$label.err"
   local rc=$?
