@@ -2,11 +2,12 @@
 # One device call: the seed anchors and medtune's training path on the same random Llama-3.1-8B and
 # the same real-length token ids. Expects (carried, git-ignored):
 #   .whl/    wheels: bitsandbytes peft liger-kernel datasets transformers pydantic(+core) ... (first call
-#            on a machine; later calls on the same warm machine reuse /tmp/site)
-#   .bench/  from ../shared/bench: seed_recipe_baseline.py, unsloth_anchor.py, medical_token_ids.json.gz;
+#            on a machine; later calls on the same warm machine reuse /tmp/site); bench/make_wheels.sh builds it
+#   .bench/  (bench/make_bench_dir.py) from ../shared/bench: seed_recipe_baseline.py, unsloth_anchor.py, medical_token_ids.json.gz;
 #            llama3-tok/ (a BPE tokenizer with the Llama 3 special tokens, for the end-to-end run) and
 #            medical_600.jsonl (the first 600 rows of ../shared/datasets/medical_mistral_instruct_dataset_short)
 #   .whl2/   only for the `unsloth*` runs: Unsloth and its dependencies (../shared/bench/README.md)
+#   .whlfa4a/, .whlfa4b/  only for `fa4stage`/`fa4check` (bench/make_fa4_wheels.sh), one per call
 #   .whlpytest/  only for `fsdp_test`: pytest, pluggy, iniconfig (apart from .whl/ so that .whl/ + .bench/ fit the
 #            64 MiB a call carries; fsdp_test needs no .bench/)
 # Writes one JSON line per run to $OUT/results.jsonl (copy it to bench/results/<date>-<card>-x.jsonl).
@@ -115,6 +116,16 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 200 "$run" python3 bench/lora_dropout_check.py ;;
     dropsweep)  # bench/lora_dropout_check.py --sweep: the forward and input-gradient kernels' launch settings
       step 300 "$run" python3 bench/lora_dropout_check.py --sweep ;;
+    fa4stage)  # FlashAttention 4's wheels, carried in two calls on one warm machine (bench/make_fa4_wheels.sh):
+      # .whlfa4a/ in one, .whlfa4b/ in the next, each copied here until fa4check joins and installs them
+      mkdir -p /tmp/fa4stage && cp .whlfa4a/* .whlfa4b/* /tmp/fa4stage/ 2>/dev/null; ls /tmp/fa4stage >&2 ;;
+    fa4check)  # bench/fa4_check.py: FlashAttention 4 against FlashGqa (after fa4stage twice)
+      if [ ! -f /tmp/site3/.done ]; then
+        for part in /tmp/fa4stage/*.whl.part0; do w=${part%.part0}; cat "$w".part* > "$w" && rm "$w".part*; done
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site3 /tmp/fa4stage/*.whl \
+          && touch /tmp/site3/.done
+      fi
+      step 400 "$run" env PYTHONPATH=/tmp/site3:$PYTHONPATH python3 bench/fa4_check.py ;;
     gqacheck)  # bench/gqa_check.py: attention.FlashGqa against varlen_attn with k/v repeated, values and time
       step 200 "$run" python3 bench/gqa_check.py ;;
     hostbench)  # bench/host_overhead.py: host time per call of one QLoRA projection's pieces
