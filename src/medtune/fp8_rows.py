@@ -3,11 +3,11 @@
 `medtune.fp8_base` multiplies an nf4 base projection in float8 on Hopper. In PyTorch ops each
 quantization is five passes over the tensor (abs, amax, a float32 copy, a division, the cast); measured on an
 H200 (docs/benchmarks.md, call z) they cost more than the float8 GEMMs saved (-19 %). The Triton kernel
-here reads a row once when it fits one block (up to `ONE_BLOCK` columns: every Llama-3.1-8B projection's
-width), keeping it in registers between the amax and the cast; a wider row is read twice (the second time
-mostly from L2). It writes the float8 row once. It can also multiply each column by a given factor first (`col_scale`), which moves a
-weight's per-output-channel scale onto the gradient in the backward: `g @ W = (g * s) @ Wq` for
-`W = diag(s) Wq`, so the backward reuses the forward's quantized weight.
+here (`medtune.fp8_rows_kernels`) reads a row once when it fits one block (up to `ONE_BLOCK` columns: every
+Llama-3.1-8B projection's width), keeping it in registers between the amax and the cast; a wider row is read
+twice (the second time mostly from L2). It writes the float8 row once. It can also multiply each column by a
+given factor first (`col_scale`), which moves a weight's per-output-channel scale onto the gradient in the
+backward: `g @ W = (g * s) @ Wq` for `W = diag(s) Wq`, so the backward reuses the forward's quantized weight.
 
 Without Triton or off CUDA the same arithmetic runs in PyTorch ops (`rowwise_reference`).
 """
@@ -69,51 +69,7 @@ def row_amax_scale(t: torch.Tensor) -> torch.Tensor:
 @functools.cache
 def _kernel():
     try:
-        import triton
-        import triton.language as tl
-    except ImportError:
+        from medtune import fp8_rows_kernels
+    except ImportError:  # no Triton
         return None
-
-    @triton.jit
-    def rowwise(x_ptr, q_ptr, s_ptr, c_ptr, stride, COLS: tl.constexpr, HAS_COL: tl.constexpr,
-                GIVEN: tl.constexpr, BLOCK: tl.constexpr):  # COLS a constant: one compiled kernel per width
-        row = tl.program_id(0).to(tl.int64)
-        x_row, q_row = x_ptr + row * stride, q_ptr + row * COLS
-        if BLOCK >= COLS:  # the whole row in one block: read once
-            offs = tl.arange(0, BLOCK)
-            keep = offs < COLS
-            v = tl.load(x_row + offs, mask=keep, other=0.0).to(tl.float32)
-            if HAS_COL:
-                v = v * tl.load(c_ptr + offs, mask=keep, other=0.0).to(tl.float32)
-            if GIVEN:
-                scale = tl.load(s_ptr + row)
-            else:
-                scale = tl.maximum(tl.max(tl.abs(v), axis=0), 1e-12) / 448.0
-                tl.store(s_ptr + row, scale)
-            v = tl.minimum(tl.maximum(v * (1.0 / scale), -448.0), 448.0)
-            tl.store(q_row + offs, v.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=keep)
-            return
-        if GIVEN:
-            scale = tl.load(s_ptr + row)
-        else:
-            amax = tl.zeros((BLOCK,), dtype=tl.float32)
-            for start in range(0, COLS, BLOCK):
-                offs = start + tl.arange(0, BLOCK)
-                keep = offs < COLS
-                v = tl.load(x_row + offs, mask=keep, other=0.0).to(tl.float32)
-                if HAS_COL:
-                    v = v * tl.load(c_ptr + offs, mask=keep, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.abs(v))
-            scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
-            tl.store(s_ptr + row, scale)
-        inv = 1.0 / scale
-        for start in range(0, COLS, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            keep = offs < COLS
-            v = tl.load(x_row + offs, mask=keep, other=0.0).to(tl.float32)
-            if HAS_COL:
-                v = v * tl.load(c_ptr + offs, mask=keep, other=0.0).to(tl.float32)
-            v = tl.minimum(tl.maximum(v * inv, -448.0), 448.0)
-            tl.store(q_row + offs, v.to(tl.float8e4nv, fp_downcast_rounding="rtne"), mask=keep)
-
-    return rowwise
+    return fp8_rows_kernels.rowwise
