@@ -80,3 +80,23 @@ print("ok")
 @needs_triton
 def test_the_triton_kernel_computes_the_reference():
     run_under_triton_interpreter(KERNEL_CHECK)
+
+
+@needs_triton
+def test_the_kernel_compiles_for_hopper_in_both_paths():
+    """Cross-compiled for sm_90 with Triton's own ptxas, no GPU needed: the one-block path (a row read once) and
+    the block-by-block path both cast by round-to-nearest-even with saturation, as the GPU checks assume
+    (bench/fp8_rows_check.py: the same bytes as PyTorch's cast)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from medtune import fp8_rows_kernels
+
+    signature = {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32", "c_ptr": "*fp32", "stride": "i64"}
+    for block in (4096, 1024):
+        constants = {"COLS": 4096, "HAS_COL": False, "GIVEN": False, "BLOCK": block}
+        ptx = triton.compile(ASTSource(fn=fp8_rows_kernels.rowwise,
+                                       signature={**signature, **{n: "constexpr" for n in constants}},
+                                       constexprs=constants), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+        assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, block
