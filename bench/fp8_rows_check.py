@@ -12,18 +12,8 @@ import time
 
 import torch
 
+from kernel_timing import timed  # GPU time only (before session 12 this script timed on the host)
 from medtune import fp8_rows
-
-
-def timed(fn, repeats: int = 20) -> float:
-    """Milliseconds per call, after one untimed call."""
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3 / repeats
 
 
 def kernel_vs_reference(rows: int, cols: int, col: bool) -> dict:
