@@ -189,6 +189,8 @@ LEVERS = {
     "rowstwice": (fp8_rows, "ONE_BLOCK", 0, fp8_rows.ONE_BLOCK),
     # before 2026-11-29 (session 12): nf4.fp8_transposed computed each byte's block scale on its own
     "scaleperbyte": (nf4, "ROW_BLOCKS", False, True),
+    # FlashAttention 4 (flash_attn.cute, staged by bench/run_gpu.sh fa4stage) for the packed attention
+    "fa4": (attention, "FLASH4", True, False),
 }
 
 
@@ -392,7 +394,7 @@ def main() -> None:
         # projections whose input gradient ran in float8 (training.fp8_input_gradients; absent from lines before 06:20)
         "fp8_input_grad": sum(bool(getattr(m, "fp8_capable", False)) for m in trainer.model.modules())
         if fast_lora.FP8_INPUT_GRAD and torch.cuda.get_device_capability() >= (8, 9) else 0,
-        "levers": levers,
+        "levers": levers, "flash4_importable": attention._flash4() is not None,
         "lean_mlp": lean_mlps(trainer.model), "dropout_kernels": dropout_kernels(trainer.model), "keys_repeated": keys_repeated(trainer.model, levers),
         "cuda_graphs": cfg.training.cuda_graphs, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,

@@ -126,6 +126,11 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
           && touch /tmp/site3/.done
       fi
       step 400 "$run" env PYTHONPATH=/tmp/site3:$PYTHONPATH python3 bench/fa4_check.py ;;
+    ab_fa4|bins_nogc_fa4)  # FlashAttention 4 for the packed attention (lever fa4, after fa4check installed it): ABBA
+      # against PyTorch's flash kernels step by step, or one whole bins_nogc run with it
+      f="--ab fa4 --steps ${AB_STEPS:-16}"; [ $run = bins_nogc_fa4 ] && f="--lever fa4 --steps 6"
+      step 400 "$run" env PYTHONPATH=/tmp/site3:$PYTHONPATH $GT --quantization 4bit --tokens 8192 --grad-accum 4 $f \
+        --warm 2 --no-gc --label "$run" ;;
     gqacheck)  # bench/gqa_check.py: attention.FlashGqa against varlen_attn with k/v repeated, values and time
       step 200 "$run" python3 bench/gqa_check.py ;;
     hostbench)  # bench/host_overhead.py: host time per call of one QLoRA projection's pieces

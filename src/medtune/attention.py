@@ -8,7 +8,10 @@ attends causally to itself only. It is registered with transformers' AttentionIn
 `VARLEN`; without a mask function registered for that name, transformers builds no attention mask.
 Grouped-query attention (fewer key/value heads than query heads, as Llama 3 and Mistral have) goes to
 `varlen_attn(enable_gqa=True)` where PyTorch has it, else (2.10, 2.11) to the same flash kernels
-through `FlashGqa`.
+through `FlashGqa`. With `FLASH4` (off by default, a bench lever until measured on a GPU) and FlashAttention 4
+installed (`pip install flash-attn-4`: CuTe DSL kernels for Hopper and Blackwell), the same packed call goes to
+`flash_attn.cute.flash_attn_varlen_func` on Hopper or newer GPUs; it shares each key/value head among its group
+of query heads itself.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from typing import Any
 import torch
 
 VARLEN = "medtune_varlen"
+# FlashAttention 4 for the packed attention where installed, on Hopper or newer (bench/gpu_train.py --ab fa4)
+FLASH4 = False
 
 
 def flash_capable() -> bool:
@@ -78,6 +83,9 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
             scale: float | None) -> torch.Tensor:
     from torch.nn.attention.varlen import varlen_attn
 
+    if FLASH4 and _hopper(q.device) and (flash4 := _flash4()) is not None:
+        return flash4(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest, max_seqlen_k=longest,
+                      softmax_scale=scale, causal=True)[0]
     params, extra = _supported(), {}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" not in params:  # PyTorch 2.10/2.11: varlen_attn cannot say so, the flash kernels can
@@ -90,6 +98,21 @@ def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor,
     # PyTorch 2.10 spells causality `is_causal`; later versions a (left, right) window.
     extra.update({"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True})
     return varlen_attn(q, k, v, cu, cu, longest, longest, **extra)
+
+
+def _hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+@functools.cache
+def _flash4() -> Any | None:
+    """FlashAttention 4's variable-length function (returns the output and the log-sum-exp), or None where
+    `flash_attn.cute` or its compiler's libraries cannot be imported."""
+    try:
+        from flash_attn.cute import flash_attn_varlen_func
+    except Exception:  # not installed, or its CUDA libraries missing: PyTorch's kernels then
+        return None
+    return flash_attn_varlen_func
 
 
 class FlashGqa(torch.autograd.Function):

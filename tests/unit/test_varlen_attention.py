@@ -115,6 +115,47 @@ def test_packed_varlen_loss_and_grads_equal_padded_sdpa(tiny_model_dir, fake_ker
     torch.testing.assert_close(grad_fast, grad_plain, atol=1e-6, rtol=1e-4)
 
 
+FLASH4_CALLS: list[dict] = []
+
+
+def fake_flash4(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal):
+    """`flash_attn.cute.flash_attn_varlen_func`'s keywords: (out, lse), grouped heads taken unrepeated."""
+    assert causal and cu_seqlens_k is cu_seqlens_q and max_seqlen_k == max_seqlen_q
+    FLASH4_CALLS.append({"heads": (q.shape[1], k.shape[1]), "examples": len(cu_seqlens_q) - 1})
+    out = reference_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale=softmax_scale,
+                           enable_gqa=True, is_causal=True)
+    return out, torch.zeros(q.shape[1], q.shape[0])
+
+
+@pytest.mark.parametrize("flash4", [True, False], ids=["FLASH4", "off"])
+def test_flash_attention_4_takes_the_packed_call_where_switched_on(tiny_model_dir, fake_kernel, monkeypatch, flash4):
+    fake_kernel(legacy_varlen)  # without FLASH4: PyTorch's flash ops through FlashGqa
+    monkeypatch.setattr(attention, "FLASH4", flash4)
+    monkeypatch.setattr(attention, "_hopper", lambda device: True)
+    monkeypatch.setattr(attention, "_flash4", lambda: fake_flash4)
+    FLASH4_CALLS.clear()
+    packed, padded = packed_and_padded(tiny_model_dir)
+    loss_fast, grad_fast = loss_and_grads(tiny_model_dir, attention.register(), packed)
+    loss_plain, grad_plain = loss_and_grads(tiny_model_dir, "sdpa", padded)
+    if flash4:  # both layers, the 2 key/value heads unrepeated, three examples each; PyTorch's kernels unused
+        assert FLASH4_CALLS == [{"heads": (4, 2), "examples": 3}] * 2 and not FLASH_HEADS, (FLASH4_CALLS, FLASH_HEADS)
+    else:
+        assert not FLASH4_CALLS and FLASH_HEADS == [(4, 2)] * 4
+    assert abs(loss_fast - loss_plain) < TOLERANCE, (loss_fast, loss_plain)
+    torch.testing.assert_close(grad_fast, grad_plain, atol=1e-6, rtol=1e-4)
+
+
+def test_flash_attention_4_is_not_used_without_hopper_or_the_package(monkeypatch):
+    monkeypatch.setattr(attention, "FLASH4", True)
+    assert not attention._hopper(torch.device("cpu"))
+    attention._flash4.cache_clear()
+    monkeypatch.setitem(__import__("sys").modules, "flash_attn.cute", None)  # an import of it fails
+    try:
+        assert attention._flash4() is None
+    finally:
+        attention._flash4.cache_clear()
+
+
 def test_boundaries_without_flash_kwargs_come_from_position_ids():
     pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
     cu, longest = attention.boundaries({"position_ids": pos}, 1, 9, torch.device("cpu"))
