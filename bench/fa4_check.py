@@ -2,8 +2,9 @@
 medtune's attention path (`medtune.attention.FlashGqa`: PyTorch's FlashAttention 2 kernels) for Llama-3.1-8B's
 attention (32 query heads, 8 key/value heads, head size 128) over 8,192-token micro batches of packed examples of
 the bench data's lengths, causal within each example, bf16: the output's and the gradients' relative difference,
-forward and forward + backward time of each, and the first call's time (the DSL compiles its kernels then). A
-second micro batch with other lengths shows whether a new packing compiles again. One JSON line; where
+forward and forward + backward time of each (GPU), the host's time per forward + backward and whether a call waits
+for the GPU, and the first call's time (the DSL compiles its kernels then). Packings of 2 to 64 examples show
+whether another example count compiles again. One JSON line; where
 `flash_attn.cute` cannot be imported, a line with the error.
 
 Attention was 8 % of an 8B QLoRA step's GPU time on an H200 (docs/benchmarks.md, machines thirty-nine to
@@ -21,7 +22,7 @@ import time
 import torch
 
 from gqa_check import attention_inputs, packed_lengths
-from kernel_timing import rel, timed
+from kernel_timing import host_ms, rel, timed
 
 
 def main() -> None:
@@ -62,14 +63,22 @@ def main() -> None:
             line[f"{name}_fwd_ms"] = round(timed(fn), 3)
         line[f"{name}_fwd_bwd_ms"] = round(timed(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad)), 3)
     line["speedup_fwd_bwd"] = round(line["flash_gqa_fwd_bwd_ms"] / line["fa4_fwd_bwd_ms"], 3)
-    # another packing of the same size: does the first call compile again?
-    other = packed_lengths(8192, random.Random(1))
-    cu2 = torch.tensor([0, *torch.tensor(other).cumsum(0).tolist()], device="cuda", dtype=torch.int32)
-    start = time.perf_counter()
-    out = flash4(cu=cu2, longest=max(other))
-    torch.autograd.grad(out, (q, k, v), grad)
-    torch.cuda.synchronize()
-    line["other_packing_first_call_s"] = round(time.perf_counter() - start, 3)
+    # the host's time per forward + backward (a training step issues 128 of each for an 8B at 4 x 8,192 tokens)
+    for name, fn in (("flash_gqa", flash_gqa), ("fa4", flash4)):
+        ms, waited = host_ms(lambda fn=fn: torch.autograd.grad(fn(), (q, k, v), grad))
+        line[f"{name}_host_ms_fwd_bwd"], line[f"{name}_waited_for_gpu"] = round(ms, 3), waited
+    # packings of other example counts (a training micro batch held 5 to 61): does a first call compile again?
+    firsts = {}
+    for count in (2, 6, 12, 24, 40, 64):
+        cuts = sorted(random.Random(count).sample(range(1, 8192), count - 1))
+        bounds = [0, *cuts, 8192]
+        cu2 = torch.tensor(bounds, device="cuda", dtype=torch.int32)
+        longest2 = max(b - a for a, b in zip(bounds, bounds[1:]))
+        start = time.perf_counter()
+        torch.autograd.grad(flash4(cu=cu2, longest=longest2), (q, k, v), grad)
+        torch.cuda.synchronize()
+        firsts[count] = round(time.perf_counter() - start, 3)
+    line["first_call_s_by_examples"] = firsts
     print(json.dumps(line))
 
 

@@ -1,6 +1,8 @@
-"""What the kernel checks (bench/*_check.py) share: GPU time per call and the relative error of a tensor."""
+"""What the kernel checks (bench/*_check.py) share: GPU and host time per call, the relative error of a tensor."""
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -19,6 +21,25 @@ def timed(fn, repeats: int = 20) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / repeats
+
+
+def host_ms(fn, repeats: int = 10, sleep_cycles: int = 4_000_000_000) -> tuple[float, bool]:
+    """Milliseconds of host time per call, the calls queued behind a long sleep kernel (~2 s at 2 GHz), and
+    whether a call waited for the GPU: then the calls' host time covers the sleep, which a launch that only
+    queues work never does."""
+    fn()
+    torch.cuda.synchronize()
+    start_gpu = torch.cuda.Event(enable_timing=True)
+    start_gpu.record()
+    torch.cuda._sleep(sleep_cycles)
+    slept = torch.cuda.Event(enable_timing=True)
+    slept.record()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return host * 1e3 / repeats, host * 1e3 >= start_gpu.elapsed_time(slept)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -47,6 +47,9 @@ if [ -n "${SMI:-}" ]; then  # SMI=1: the card's SM clock, power, temperature and
   SMI_PID=$!
 fi
 GT="python3 bench/gpu_train.py --model-dir $M --ids $IDS"
+# FlashAttention 4's install (fa4check): the CuTe DSL's `cutlass` package sits where its .pth file (not read from
+# a --target folder) would have put it on sys.path
+FA4PATH=/tmp/site3:/tmp/site3/nvidia_cutlass_dsl/dsl_packages
 for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
   case $run in
     seed|seedfast|tuned_gc|tuned_nogc|bf16lora)
@@ -125,11 +128,11 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site3 /tmp/fa4stage/*.whl \
           && touch /tmp/site3/.done
       fi
-      step 400 "$run" env PYTHONPATH=/tmp/site3:$PYTHONPATH python3 bench/fa4_check.py ;;
+      step 400 "$run" env PYTHONPATH=$FA4PATH:$PYTHONPATH python3 bench/fa4_check.py ;;
     ab_fa4|bins_nogc_fa4)  # FlashAttention 4 for the packed attention (lever fa4, after fa4check installed it): ABBA
       # against PyTorch's flash kernels step by step, or one whole bins_nogc run with it
       f="--ab fa4 --steps ${AB_STEPS:-16}"; [ $run = bins_nogc_fa4 ] && f="--lever fa4 --steps 6"
-      step 400 "$run" env PYTHONPATH=/tmp/site3:$PYTHONPATH $GT --quantization 4bit --tokens 8192 --grad-accum 4 $f \
+      step 400 "$run" env PYTHONPATH=$FA4PATH:$PYTHONPATH $GT --quantization 4bit --tokens 8192 --grad-accum 4 $f \
         --warm 2 --no-gc --label "$run" ;;
     gqacheck)  # bench/gqa_check.py: attention.FlashGqa against varlen_attn with k/v repeated, values and time
       step 200 "$run" python3 bench/gqa_check.py ;;
