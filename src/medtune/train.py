@@ -26,7 +26,8 @@ from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
-from medtune import attention, base_eval_cache, batch_auto, fast_lora, layer_graphs, lean_mlp, recompute, token_bins
+from medtune import (attention, base_eval_cache, batch_auto, fast_lora, layer_graphs, lean_mlp, loss_positions, recompute,
+                     token_bins)
 from medtune.config import MedtuneConfig
 from medtune.divergence import StopOnDivergence, diverged_error
 from medtune.errors import EnvironmentProblem
@@ -191,6 +192,9 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
             slots = layer_graphs.slots_for(max(map(len, train_ds[token_bins.BIN_ROWS])), *pad_to[:2])
             extra.append(layer_graphs.CaptureAtStart(*pad_to[:2], slots, compute_dtype(cfg, device)))
         collator = token_bins.BinCollator(rows, collator, pad_to)
+    if loss_positions.supported(model):
+        collator = loss_positions.LossPositions(collator)
+        log.info("finetune: output layer and loss on the trained positions only (medtune.loss_positions)")
     trainer = LeanTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
                           callbacks=[ProgressLog(run.logs, device), _tensorboard(run), *extra, *callbacks])
     trainer.remove_callback(PrinterCallback)  # ProgressLog writes the log lines
