@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from gqa_check import attention_inputs, packed_lengths
+from gqa_check import attention_inputs
 from kernel_timing import host_ms, rel, timed
 
 

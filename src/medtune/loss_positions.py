@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from medtune.data.render import IGNORE
 
 
-def supported(model: Any) -> bool:
-    """The causal LM's forward takes `logits_to_keep` and passes other keywords (`shift_labels`) on to its
-    loss, as transformers' causal LMs do; remote code may not."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(inner.forward).parameters
+def supported(causal_lm: Any) -> bool:
+    """The causal LM's forward (under PEFT: its base model's) takes `logits_to_keep` and passes other keywords
+    (`shift_labels`) on to its loss, as transformers' causal LMs do; remote code may not."""
+    params = inspect.signature(causal_lm.forward).parameters
     return "logits_to_keep" in params and any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 

@@ -192,7 +192,7 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
             slots = layer_graphs.slots_for(max(map(len, train_ds[token_bins.BIN_ROWS])), *pad_to[:2])
             extra.append(layer_graphs.CaptureAtStart(*pad_to[:2], slots, compute_dtype(cfg, device)))
         collator = token_bins.BinCollator(rows, collator, pad_to)
-    if loss_positions.supported(model):
+    if loss_positions.supported(model.get_base_model()):
         collator = loss_positions.LossPositions(collator)
         log.info("finetune: output layer and loss on the trained positions only (medtune.loss_positions)")
     trainer = LeanTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,

@@ -45,7 +45,7 @@ def loss_grads_and_rows(model_dir, batch):
             torch.nn.init.normal_(p, std=0.02)
     rows: list[int] = []
     model.get_base_model().lm_head.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[:-1].numel()))
-    assert loss_positions.supported(model)
+    assert loss_positions.supported(model.get_base_model())
     loss = model(**batch).loss
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
