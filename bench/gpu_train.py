@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from medtune import attention, divergence, fast_lora, fp8_base, fp8_rows, lora_dropout, nf4
+from medtune import attention, divergence, fast_lora, fp8_base, fp8_rows, lora_dropout, nf4, shared_input
 from medtune.config_io import load_config
 from medtune.rundir import RunDir
 from medtune.train import build_trainer, resolve_recompute
@@ -191,6 +191,8 @@ LEVERS = {
     "scaleperbyte": (nf4, "ROW_BLOCKS", False, True),
     # FlashAttention 4 (flash_attn.cute, staged by bench/run_gpu.sh fa4stage) for the packed attention
     "fa4": (attention, "FLASH4", True, False),
+    # before 2026-11-29 (session 14): q/k/v and gate/up each run alone instead of one node per group
+    "noshared": (shared_input, "SHARED_INPUT", False, True),
 }
 
 
@@ -395,7 +397,8 @@ def main() -> None:
         "fp8_input_grad": sum(bool(getattr(m, "fp8_capable", False)) for m in trainer.model.modules())
         if fast_lora.FP8_INPUT_GRAD and torch.cuda.get_device_capability() >= (8, 9) else 0,
         "levers": levers, "flash4_importable": attention._flash4() is not None,
-        "lean_mlp": lean_mlps(trainer.model), "dropout_kernels": dropout_kernels(trainer.model), "keys_repeated": keys_repeated(trainer.model, levers),
+        "lean_mlp": lean_mlps(trainer.model), "dropout_kernels": dropout_kernels(trainer.model),
+        "shared_input_groups": shared_groups(trainer.model), "keys_repeated": keys_repeated(trainer.model, levers),
         "cuda_graphs": cfg.training.cuda_graphs, "grad_accum": cfg.training.gradient_accumulation,
         "packing": cfg.lora.packing,
         "gradient_checkpointing": cfg.lora.gradient_checkpointing,
@@ -424,6 +427,13 @@ def dropout_kernels(model) -> bool:
 
     return lora_dropout._kernels() is not None and any(
         fast_lora.dropout_mode(m) == "kernel" for m in model.modules() if hasattr(m, "dropout_kernels"))
+
+
+def shared_groups(model) -> int:
+    """How many groups of projections ran as one node (medtune.shared_input; none switched off)."""
+    groups = {id(m.shared_group): m.shared_group for m in model.modules()
+              if getattr(vars(m).get("forward"), "__func__", None) is shared_input.forward}
+    return sum(not g.off for g in groups.values())
 
 
 def lean_mlps(model) -> int:

@@ -5,7 +5,9 @@ added in two passes). Both masks: one hash per two elements (`PAIRED`, the defau
 (before 2026-11-29), each checked element for element against `reference_keep` and timed in the same
 process. One JSON line per shape and mask. With `--sweep`: the forward and input-gradient kernels'
 launch settings (`lora_dropout.FORWARD`, `GRAD_X`: token rows per program, warps, stages) timed over a grid,
-each checked equal to the default's result; one JSON line per shape with every setting's time."""
+each checked equal to the default's result; one JSON line per shape with every setting's time. With `--group`:
+a group of adapters reading one input (`medtune.shared_input`: q/k/v, gate/up) in one launch per kernel against
+one launch per adapter and the sums autograd adds; one JSON line per group size."""
 
 from __future__ import annotations
 
@@ -94,5 +96,56 @@ def sweep() -> None:
                           "default": {"forward": ld.FORWARD, "grad_x": ld.GRAD_X}, "best": best, **times}), flush=True)
 
 
+def group() -> None:
+    """The kernels over a group of G adapters (A stacked, a seed each) against each adapter's own launches: the
+    forward and A's gradient must give the same bytes (the same per-member arithmetic); the input gradient,
+    the members' base input gradients (`addends`) summed with their masked parts in float32 and rounded once,
+    against float32 PyTorch with `reference_keep`'s masks, and against the per-adapter path (each part added
+    to its own base gradient, then the parts summed as autograd does)."""
+    torch.manual_seed(0)
+    p, r, m, k = 0.05, 64, 8192, 4096
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    for size in (3, 2):
+        seeds = tuple(range(101, 101 + size))
+        a = torch.randn(size * r, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        dh = torch.randn(m, size * r, device="cuda", dtype=torch.bfloat16)
+        bases = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(size)]
+        blocks = [slice(g * r, (g + 1) * r) for g in range(size)]
+        alone_h = torch.cat([ld.forward(x, a[b], p, s) for b, s in zip(blocks, seeds)], dim=1)
+        alone_a = torch.cat([ld.grad_a(x, dh[:, b].contiguous(), p, s) for b, s in zip(blocks, seeds)])
+        gx = bases[0].clone()
+        ld.add_grad_x(gx, dh, a, p, seeds, addends=tuple(bases[1:]))
+        keeps = [ld.reference_keep(s, m, k, p).cuda() for s in seeds]
+        want = sum(t.float() for t in bases) + sum(torch.where(keep, dh[:, b].float() @ a[b].float(), 0.0)
+                                                    for keep, b in zip(keeps, blocks)) * ld.keep_scale(p)
+
+        def alone():
+            parts = [t.clone() for t in bases]  # stands for the base GEMMs' outputs, written anyway
+            for part, b, s in zip(parts, blocks, seeds):
+                ld.forward(x, a[b], p, s)
+                ld.grad_a(x, dh[:, b], p, s)
+                ld.add_grad_x(part, dh[:, b], a[b], p, s)
+            total = parts[0]
+            for part in parts[1:]:
+                total = total + part  # autograd's sum of the members' input gradients
+            return total
+
+        def grouped():
+            total = bases[0].clone()
+            ld.forward(x, a, p, seeds)
+            ld.grad_a(x, dh, p, seeds)
+            ld.add_grad_x(total, dh, a, p, seeds, addends=tuple(bases[1:]))
+            return total
+
+        print(json.dumps({
+            "run": "lora_dropout_group", "gpu": torch.cuda.get_device_name(0), "tokens": m, "in": k, "rank": r,
+            "members": size, "p": p,
+            "forward_equal": bool(torch.equal(ld.forward(x, a, p, seeds), alone_h)),
+            "grad_a_equal": bool(torch.equal(ld.grad_a(x, dh, p, seeds), alone_a)),
+            "grad_x_relative_error": round(rel(gx, want), 6), "alone_relative_error": round(rel(alone(), want), 6),
+            "alone_ms": round(timed(alone), 3), "grouped_ms": round(timed(grouped), 3)}), flush=True)
+
+
 if __name__ == "__main__":
-    sweep() if "--sweep" in sys.argv[1:] else main()
+    args = sys.argv[1:]
+    sweep() if "--sweep" in args else group() if "--group" in args else main()

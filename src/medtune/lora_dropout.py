@@ -78,51 +78,73 @@ def keep_scale(p: float, paired: bool | None = None) -> float:
     return 1.0 / (1.0 - threshold(p, paired) / 2.0 ** (16 if paired else 32))
 
 
-def forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: int, launch: dict[str, int] | None = None) -> torch.Tensor:
-    """`dropout(x) @ a.T` for x (tokens x in), a (r x in). `launch`: `FORWARD` unless given."""
+def _seeds(seeds: int | tuple[int, ...]) -> tuple[int, int, int, int]:
+    """(the group's size G, its three seed arguments): the kernels take up to three adapters at once."""
+    group = (seeds,) if isinstance(seeds, int) else tuple(seeds)
+    assert 1 <= len(group) <= 3, "a group is one to three adapters reading one input"
+    padded = group + (0,) * (3 - len(group))
+    return len(group), padded[0], padded[1], padded[2]
+
+
+def forward(x: torch.Tensor, a: torch.Tensor, p: float, seed: int | tuple[int, ...],
+            launch: dict[str, int] | None = None) -> torch.Tensor:
+    """`dropout(x) @ a.T` for x (tokens x in), a (r x in). With a group's seeds (G of them), a is the G adapters'
+    A matrices stacked (G*r x in) and column block g of the result (tokens x G*r) is adapter g's, its input
+    dropped with its own mask. `launch`: `FORWARD` unless given."""
     m, k = x.shape
-    r = a.shape[0]
+    group, *seeds = _seeds(seed)
+    r = a.shape[0] // group
     launch = launch or FORWARD
-    h = torch.empty((m, r), dtype=x.dtype, device=x.device)
-    _kernels()["forward"][(triton_cdiv(m, launch["BLOCK_M"]),)](
-        x, a, h, m, seed, threshold(p), keep_scale(p), x.stride(0), a.stride(0), h.stride(0),
-        K=k, R=r, BLOCK_K=BK, PAIRED=PAIRED, **launch)
+    h = torch.empty((m, group * r), dtype=x.dtype, device=x.device)
+    _kernels()["forward"][(group * triton_cdiv(m, launch["BLOCK_M"]),)](
+        x, a, h, m, *seeds, threshold(p), keep_scale(p), x.stride(0), a.stride(0), h.stride(0),
+        K=k, R=r, G=group, BLOCK_K=BK, PAIRED=PAIRED, **launch)
     return h
 
 
-def grad_a(x: torch.Tensor, dh: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """`dh.T @ dropout(x)` (r x in, float32) with the forward's mask."""
+def grad_a(x: torch.Tensor, dh: torch.Tensor, p: float, seed: int | tuple[int, ...]) -> torch.Tensor:
+    """`dh.T @ dropout(x)` (r x in, float32) with the forward's mask; for a group, dh's column block g with
+    adapter g's mask, stacked (G*r x in)."""
     m, k = x.shape
-    r = dh.shape[1]
+    group, *seeds = _seeds(seed)
+    r = dh.shape[1] // group
     splits = triton_cdiv(m, SPLIT_ROWS)
-    parts = torch.empty((splits, r, k), dtype=torch.float32, device=x.device)
-    _kernels()["grad_a"][(triton_cdiv(k, BK), splits)](
-        x, dh, parts, m, seed, threshold(p), x.stride(0), dh.stride(0), K=k, R=r, ROWS=SPLIT_ROWS,
+    parts = torch.empty((splits, group * r, k), dtype=torch.float32, device=x.device)
+    _kernels()["grad_a"][(group * triton_cdiv(k, BK), splits)](
+        x, dh, parts, m, *seeds, threshold(p), x.stride(0), dh.stride(0), K=k, R=r, G=group, ROWS=SPLIT_ROWS,
         BLOCK_M=BM, BLOCK_K=BK, PAIRED=PAIRED)
     return parts.sum(0).mul_(keep_scale(p))
 
 
-def add_grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, seed: int,
-               launch: dict[str, int] | None = None) -> None:
-    """`grad_x += dropout-mask / (1 - p) * (dh @ a)` in place, with the forward's mask. `launch`: `GRAD_X`
-    unless given."""
-    _grad_x(grad_x, dh, a, p, seed, True, launch or GRAD_X)
+def add_grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, seed: int | tuple[int, ...],
+               launch: dict[str, int] | None = None, addends: tuple[torch.Tensor, ...] = ()) -> None:
+    """`grad_x += sum(addends) + dropout-mask / (1 - p) * (dh @ a)` in place, with the forward's mask (for a
+    group, the sum over its adapters of column block g of dh times adapter g's A, each masked with its own
+    mask); summed in float32, rounded once. `addends`: up to two tensors laid out as grad_x (the other
+    projections' base input gradients). `launch`: `GRAD_X` unless given."""
+    _grad_x(grad_x, dh, a, p, seed, True, launch or GRAD_X, addends)
 
 
-def grad_x(dh: torch.Tensor, a: torch.Tensor, p: float, seed: int, launch: dict[str, int] | None = None) -> torch.Tensor:
-    """`dropout-mask / (1 - p) * (dh @ a)` (tokens x in), with the forward's mask: written, nothing read but
-    dh and a (the base's input gradient can then be accumulated into it by its own GEMM)."""
+def grad_x(dh: torch.Tensor, a: torch.Tensor, p: float, seed: int | tuple[int, ...],
+           launch: dict[str, int] | None = None) -> torch.Tensor:
+    """`dropout-mask / (1 - p) * (dh @ a)` (tokens x in), with the forward's mask (a group's: summed over its
+    adapters, as `add_grad_x`): written, nothing read but dh and a (the base's input gradient can then be
+    accumulated into it by its own GEMM)."""
     out = torch.empty((dh.shape[0], a.shape[1]), dtype=dh.dtype, device=dh.device)
     _grad_x(out, dh, a, p, seed, False, launch or GRAD_X)
     return out
 
 
-def _grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, seed: int, accumulate: bool,
-            launch: dict[str, int]) -> None:
+def _grad_x(grad_x: torch.Tensor, dh: torch.Tensor, a: torch.Tensor, p: float, seed: int | tuple[int, ...],
+            accumulate: bool, launch: dict[str, int], addends: tuple[torch.Tensor, ...] = ()) -> None:
     m, k = grad_x.shape
+    group, *seeds = _seeds(seed)
+    assert len(addends) <= 2 and all(t.shape == grad_x.shape and t.stride() == grad_x.stride() for t in addends)
+    extra = tuple(addends) + (grad_x,) * (2 - len(addends))  # unread placeholders
     _kernels()["grad_x"][(triton_cdiv(m, launch["BLOCK_M"]), triton_cdiv(k, BK))](
-        grad_x, dh, a, m, seed, threshold(p), keep_scale(p), grad_x.stride(0), dh.stride(0), a.stride(0),
-        K=k, R=a.shape[0], BLOCK_K=BK, ACCUMULATE=accumulate, PAIRED=PAIRED, **launch)
+        grad_x, *extra, dh, a, m, *seeds, threshold(p), keep_scale(p), grad_x.stride(0), dh.stride(0), a.stride(0),
+        K=k, R=a.shape[0] // group, G=group, BLOCK_K=BK, ACCUMULATE=accumulate, ADDENDS=len(addends),
+        PAIRED=PAIRED, **launch)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -27,7 +27,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
 from medtune import (attention, base_eval_cache, batch_auto, fast_lora, layer_graphs, lean_mlp, loss_positions, recompute,
-                     token_bins)
+                     shared_input, token_bins)
 from medtune.config import MedtuneConfig
 from medtune.divergence import StopOnDivergence, diverged_error
 from medtune.errors import EnvironmentProblem
@@ -103,6 +103,9 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
         count = fast_lora.install(model, backward=whole, keep_mask=graphs,
                                   fp8_input_grad=cfg.training.fp8_input_gradients)
         log.info("finetune: fused LoRA %s on %d projections", "forward and backward" if whole else "forward", count)
+        if whole and (groups := shared_input.install(model)):
+            log.info("finetune: %d groups of projections reading one input run as one node (medtune.shared_input)",
+                     groups)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("finetune: %s base on %s, quantization %s, LoRA r=%d alpha=%d: %.2fM trainable of %.0fM parameters",
              dtype, device, cfg.lora.quantization, cfg.lora.lora_r, cfg.lora.lora_alpha, trainable / 1e6, total / 1e6)

@@ -39,6 +39,29 @@ for m, k, r, p, dtype, paired in cases:  # k = 80, 90, 66, 75: a last column til
     want = gx.float() + part
     ld.add_grad_x(gx, dh, a, p, seed)
     torch.testing.assert_close(gx.float(), want, **tol)
+
+# a group: adapters reading one input, A stacked, each member's mask from its own seed (medtune.shared_input)
+ld.PAIRED = True
+for m, k, r, p, seeds in ((100, 80, 16, 0.1, (11, 12, 13)), (70, 66, 32, 0.3, (5, 2**31 - 2))):
+    group = len(seeds)
+    x = torch.randn(m, k)
+    a = torch.randn(group * r, k) * 0.1
+    dh = torch.randn(m, group * r)
+    gx, adds = torch.randn(m, k), tuple(torch.randn(m, k) for _ in range(group - 1))
+    tol = dict(rtol=1e-4, atol=1e-4)
+    keeps = [ld.reference_keep(s, m, k, p) for s in seeds]
+    assert all((keeps[0] != other).any() for other in keeps[1:])  # the members' masks differ
+    dropped = [torch.where(keep, x, 0.0) * ld.keep_scale(p) for keep in keeps]
+    block = [slice(g * r, (g + 1) * r) for g in range(group)]
+    want_h = torch.cat([d @ a[b].T for d, b in zip(dropped, block)], dim=1)
+    torch.testing.assert_close(ld.forward(x, a, p, seeds), want_h, **tol)
+    want_a = torch.cat([dh[:, b].T @ d for d, b in zip(dropped, block)])
+    torch.testing.assert_close(ld.grad_a(x, dh, p, seeds), want_a, **tol)
+    part = sum(torch.where(keep, dh[:, b] @ a[b], 0.0) * ld.keep_scale(p) for keep, b in zip(keeps, block))
+    torch.testing.assert_close(ld.grad_x(dh, a, p, seeds), part, **tol)
+    want = gx + sum(adds) + part
+    ld.add_grad_x(gx, dh, a, p, seeds, addends=adds)
+    torch.testing.assert_close(gx, want, **tol)
 print("ok")
 """
 
@@ -89,7 +112,7 @@ def test_the_kernels_compile_once_whatever_the_token_count_and_seed():
     from medtune import lora_dropout_kernels as kernels
 
     for kernel in (kernels.forward_kernel, kernels.grad_a_kernel, kernels.grad_x_kernel):
-        assert {"m", "seed"} <= set(kernel.do_not_specialize)
+        assert {"m", "seed0", "seed1", "seed2"} <= set(kernel.do_not_specialize)
 
 
 def test_the_kernels_are_only_used_where_they_apply():
