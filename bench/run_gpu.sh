@@ -102,8 +102,10 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "$run" ;;
     bins_nogc_bf16ig)  # bins_nogc with the input-gradient GEMMs in bf16 (the path before float8), one whole run
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --lever bf16inputgrad --label "$run" ;;
-    bins_nogc)  # QLoRA, 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an H100)
-      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --label "$run" ;;
+    bins_nogc|bins_nogc_noshared)  # QLoRA, 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an
+      # H100); STEPS= timed steps (6); _noshared: q/k/v and gate/up each run alone (lever noshared), a whole run
+      f=""; [ $run = bins_nogc_noshared ] && f="--lever noshared"
+      step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps ${STEPS:-6} --warm 2 --no-gc $f --label "$run" ;;
     bins_nogc_fp8|bins_nogc_fbw_short|bins_nogc_fbw_fp8|bins_nogc_short|bins_nogc_graphs|bins_nogc_fbw_graphs|bins_nogc_fp8_graphs)
       # A/B, 3 timed steps after 1: float8 base GEMMs (medtune.fast_lora.Fp8Base), the fused LoRA backward
       # (LoraLinear), both, the default path; decoder layers as CUDA graphs (training.cuda_graphs), alone and
