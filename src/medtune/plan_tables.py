@@ -155,4 +155,8 @@ THROUGHPUT: tuple[Throughput, ...] = (
     # the same defaults beside Unsloth on another machine (2026-11-29 ac, session 12)
     Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 15850.0,
                "bench/results/2026-11-29-h200-ac.jsonl bins_nogc"),
+    # q/k/v and gate/up as one node each (medtune.shared_input, the default since 2026-11-29 12:50); aq ran it
+    # straight after a 24-step A/B run, on a warm card, as a long run trains
+    Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 17245.0,
+               "bench/results/2026-11-29-h200-aq.jsonl bins_nogc"),
 )

@@ -19,11 +19,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from medtune import fast_lora, shared_input
 
 
-def tiny_lora(dropout):
+def tiny_lora(dropout, recompute=False):
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     model = LlamaForCausalLM(config).half()
+    if recompute:  # as medtune.train switches it on: each decoder layer's forward run again in the backward
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, lora)
@@ -53,18 +55,20 @@ def one_step(model, grouped, seed=5):
     return loss.item(), grads, len(calls)
 
 
-def agree(dropout, tol):
-    model = tiny_lora(dropout)
+def agree(dropout, tol, recompute=False):
+    # one step grouped (with `recompute`: the layers' forwards run again in the backward, the group's seeds
+    # drawn again from the restored generator) against one step ungrouped without recompute
+    model = tiny_lora(dropout, recompute)
     loss, grads, calls = one_step(model, True)
-    assert calls == 4  # two groups per layer ran as one node each
-    ref_loss, ref_grads, ref_calls = one_step(model, False)
+    assert calls == (8 if recompute else 4)  # two groups per layer ran as one node each (again in the recompute)
+    ref_loss, ref_grads, ref_calls = one_step(tiny_lora(dropout), False)
     assert ref_calls == 0
     assert abs(loss - ref_loss) < tol * abs(ref_loss)
     assert grads.keys() == ref_grads.keys() and len(grads) == 28
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=tol, atol=tol * ref_grads[name].abs().max().item(),
                                    msg=name)
-    other_loss, other_grads, _ = one_step(model, True, seed=6)  # another seed: other masks
+    other_loss, other_grads, _ = one_step(model, True, seed=6)  # another seed: other masks (none without dropout)
     return other_loss != loss or any(not torch.equal(other_grads[n], grads[n]) for n in grads)
 """
 
@@ -73,6 +77,7 @@ from medtune import lora_dropout as ld
 
 ld.usable = lambda x, a, p: True  # the interpreter runs the kernels on CPU tensors
 assert agree(0.2, 2e-2)  # the masks follow the seed
+agree(0.2, 2e-2, recompute=True)
 
 # the float8 input gradient's path (its GEMMs summed with the adapters' parts in one pass), the GEMMs
 # themselves stood in by their bf16 equivalent: float8 GEMMs need a Hopper GPU (bench/gpu_train.py)
