@@ -103,9 +103,10 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
         count = fast_lora.install(model, backward=whole, keep_mask=graphs,
                                   fp8_input_grad=cfg.training.fp8_input_gradients)
         log.info("finetune: fused LoRA %s on %d projections", "forward and backward" if whole else "forward", count)
-        if whole and (groups := shared_input.install(model)):
-            log.info("finetune: %d groups of projections reading one input run as one node (medtune.shared_input)",
-                     groups)
+        # on a GPU with 16-bit activations (elsewhere each projection would run alone: shared_input._spec)
+        if whole and device == "cuda" and dtype in (torch.bfloat16, torch.float16):
+            log.info("finetune: %d groups of projections reading one input set to run as one node "
+                     "(medtune.shared_input)", shared_input.install(model))
     trainable, total = model.get_nb_trainable_parameters()
     log.info("finetune: %s base on %s, quantization %s, LoRA r=%d alpha=%d: %.2fM trainable of %.0fM parameters",
              dtype, device, cfg.lora.quantization, cfg.lora.lora_r, cfg.lora.lora_alpha, trainable / 1e6, total / 1e6)
