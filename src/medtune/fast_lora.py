@@ -187,13 +187,19 @@ def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.
         h = F.linear(dropped.to(dtype), a16)
     kept = (h, a16, b16, mask if mode == "keep" else None)
     if result is None:
-        # the adapter's update first, written; then the base's GEMM adds its product into it (beta = 1)
-        weight = _base_weight(base, dtype)
-        flat = torch.addmm(h.new_empty(h.shape[0], weight.shape[0]), h, b16.t(), beta=0, alpha=scaling)
-        flat.addmm_(x2, weight.t())
-        return flat.view(*x.shape[:-1], weight.shape[0]), kept, draw
+        flat = accumulated(x2, h, b16, base, scaling)
+        return flat.view(*x.shape[:-1], flat.shape[1]), kept, draw
     flat = torch.addmm(result.reshape(-1, result.shape[-1]), h, b16.t(), alpha=scaling)
     return flat.view(result.shape), kept, draw
+
+
+def accumulated(x2: torch.Tensor, h: torch.Tensor, b16: torch.Tensor, base: torch.nn.Module,
+                scaling: float) -> torch.Tensor:
+    """`base(x2) + scaling * h @ b16.T` (tokens x out) where the base's GEMMs accumulate (`accumulates`): the
+    adapter's update first, written; then the base's GEMM adds its product into it (beta = 1)."""
+    weight = _base_weight(base, x2.dtype)
+    flat = torch.addmm(h.new_empty(h.shape[0], weight.shape[0]), h, b16.t(), beta=0, alpha=scaling)
+    return flat.addmm_(x2, weight.t())
 
 
 # The adapter weights' 16-bit copies are made once per optimizer step (`StepCasts`); bench/gpu_train.py --ab castpercall

@@ -162,12 +162,8 @@ class SharedLora(torch.autograd.Function):
         rank = a16.shape[0] // len(spec.bases)
         outputs = []
         for g, (base, b, scaling) in enumerate(zip(spec.bases, b16, spec.scalings)):
-            # the adapter's update first, written; then the base's GEMM adds its product into it (beta = 1)
-            weight = fast_lora._base_weight(base, dtype)
-            flat = torch.addmm(h.new_empty(h.shape[0], weight.shape[0]), h[:, g * rank:(g + 1) * rank], b.t(),
-                               beta=0, alpha=scaling)
-            flat.addmm_(x2, weight.t())
-            outputs.append(flat.view(*x.shape[:-1], weight.shape[0]))
+            flat = fast_lora.accumulated(x2, h[:, g * rank:(g + 1) * rank], b, base, scaling)
+            outputs.append(flat.view(*x.shape[:-1], flat.shape[1]))
         ctx.save_for_backward(x, h, a16, *b16)
         ctx.spec, ctx.seeds, ctx.dtypes = spec, seeds, [w.dtype for w in weights]
         return tuple(outputs)
