@@ -3,7 +3,8 @@ shapes quantized as the presets load them (nf4, blocksize 64, double quantizatio
 the time of each, also of the kernel with the block scales dequantized by bitsandbytes first (`scales_apart_ms`,
 the path before 2026-11-29 05:40), and of the input gradient's float8 weight written transposed by one kernel
 (`nf4.fp8_transposed`: equal to PyTorch's ops on the same float32 values, and its time against the three passes
-it replaces). One JSON line per shape."""
+it replaces), and the forward's float8 weight (`nf4.fp8_weight`: the same bytes not transposed; its time against
+the bf16 dequantize it replaces). One JSON line per shape."""
 
 from __future__ import annotations
 
@@ -51,7 +52,11 @@ def main() -> None:
         nf4.ROW_BLOCKS = True
         scale = fp8_rows.row_amax_scale(want)
         three_ms = timed(lambda: fp8_rows.rowwise_fp8(nf4.dequantize(base, state.dtype), row_scale=scale)[0].t().contiguous())
+        rows = nf4.fp8_weight(base, inverse)
+        rows_ms = timed(lambda: nf4.fp8_weight(base, inverse))
         fp8_fields = {"fp8_equal": torch.equal(fp8_got.view(torch.uint8), fp8_want.view(torch.uint8)),
+                      "fp8_rows_equal": torch.equal(rows.view(torch.uint8), fp8_want.t().contiguous().view(torch.uint8)),
+                      "fp8_rows_ms": round(rows_ms, 4),
                       "fp8_w32_equal_bnb": torch.equal(w32.to(torch.bfloat16), want),
                       "fp8_transposed_ms": round(fp8_ms, 4), "fp8_three_pass_ms": round(three_ms, 4),
                       "fp8_scale_per_byte_ms": round(per_byte_ms, 4),

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from transformers import TrainerCallback
 
-from medtune import lora_dropout, nf4
-from medtune.fp8_base import Fp8Base, fp8_input_grad, fp8_linear
+from medtune import fp8_rows, lora_dropout, nf4
+from medtune.fp8_base import Fp8Base, fp8_forward, fp8_input_grad, fp8_linear
 
 
 def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool | str = False, keep_mask: bool = False,
@@ -187,19 +187,34 @@ def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.
         h = F.linear(dropped.to(dtype), a16)
     kept = (h, a16, b16, mask if mode == "keep" else None)
     if result is None:
-        flat = accumulated(x2, h, b16, base, scaling)
+        flat = accumulated(x2, h, b16, base, scaling, forward_rows(x2, fp8))
         return flat.view(*x.shape[:-1], flat.shape[1]), kept, draw
     flat = torch.addmm(result.reshape(-1, result.shape[-1]), h, b16.t(), alpha=scaling)
     return flat.view(result.shape), kept, draw
 
 
-def accumulated(x2: torch.Tensor, h: torch.Tensor, b16: torch.Tensor, base: torch.nn.Module,
-                scaling: float) -> torch.Tensor:
+def accumulated(x2: torch.Tensor, h: torch.Tensor, b16: torch.Tensor, base: torch.nn.Module, scaling: float,
+                xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`base(x2) + scaling * h @ b16.T` (tokens x out) where the base's GEMMs accumulate (`accumulates`): the
-    adapter's update first, written; then the base's GEMM adds its product into it (beta = 1)."""
+    adapter's update first, written; then the base's GEMM adds its product into it (beta = 1). With x2's float8
+    rows `xq` (`forward_rows`) the base's GEMM runs in float8, which cannot accumulate: the adapter's update is
+    added into its product instead, by the small GEMM's epilogue."""
+    if xq is not None:
+        return fp8_forward(xq, base, x2.dtype).addmm_(h, b16.t(), alpha=scaling)
     weight = _base_weight(base, x2.dtype)
     flat = torch.addmm(h.new_empty(h.shape[0], weight.shape[0]), h, b16.t(), beta=0, alpha=scaling)
     return flat.addmm_(x2, weight.t())
+
+
+# The forward's base GEMMs in float8 too where the input gradient's are (`fp8_mode` "backward"): each input
+# quantized per token once (`forward_rows`); a lever under measurement (bench/gpu_train.py --lever fp8forward)
+FP8_FORWARD = False
+
+
+def forward_rows(x2: torch.Tensor, fp8: bool | str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x2's float8 rows and scales for the forward's base GEMMs (`FP8_FORWARD`, a layer whose input gradient runs
+    in float8), else None: the forward in 16 bits."""
+    return fp8_rows.rowwise_fp8(x2) if FP8_FORWARD and fp8 == "backward" else None
 
 
 # The adapter weights' 16-bit copies are made once per optimizer step (`StepCasts`); bench/gpu_train.py --ab castpercall

@@ -3,8 +3,10 @@
 The default path (`training.fp8_input_gradients`, on Ada/Hopper or newer) runs only the input gradient's GEMM
 `g @ W` in float8 (`fp8_input_grad`): the forward, the loss and the adapters' gradients stay 16-bit. Its weight
 operand is written transposed in float8 straight from the nf4 bytes by one kernel (`nf4.fp8_transposed`), with a
-fixed per-output-channel scale moved onto the gradient's columns (`fp8_rows`). `Fp8Base` (both GEMMs in float8)
-is a bench lever only: its forward drifted the loss (docs/benchmarks.md, machine seventeen).
+fixed per-output-channel scale moved onto the gradient's columns (`fp8_rows`). `fp8_forward` runs the forward's
+GEMM in float8 too, on the same weight bytes not transposed (`nf4.fp8_weight`) and the input's float8 rows
+(`fast_lora.FP8_FORWARD`, under measurement). `Fp8Base` (both GEMMs in float8, each weight dequantized to bf16
+first) is a bench lever only: its forward drifted the loss (docs/benchmarks.md, machine seventeen).
 """
 
 from __future__ import annotations
@@ -56,7 +58,19 @@ def fp8_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
     else:
         wt = _fp8_weight(base)[0].t().contiguous()
     gq, gs = fp8_rows.rowwise_fp8(grad, col_scale=scales.row.reshape(-1))
-    return torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=scales.unit, out_dtype=torch.bfloat16)
+    return torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=scales.unit, out_dtype=grad.dtype)
+
+
+def fp8_forward(xq: tuple[torch.Tensor, torch.Tensor], base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """`x @ W.T` (tokens x out, `dtype`) from x's float8 rows and their scales (`fp8_rows.rowwise_fp8`): the weight
+    in float8 with the frozen per-output-channel scales the input gradient uses (`_fp8_scales`), written from the
+    nf4 bytes by one kernel (`nf4.fp8_weight`) where it can be, both scales applied in the GEMM's epilogue."""
+    scales = _fp8_scales(base)
+    if fast_lora._four_bit(base, bias=False) and nf4.usable(base):
+        weight = nf4.fp8_weight(base, scales.inverse)
+    else:
+        weight = _fp8_weight(base)[0]
+    return torch._scaled_mm(xq[0], weight.t(), scale_a=xq[1], scale_b=scales.row.t(), out_dtype=dtype)
 
 
 # The input gradient's float8 weight written transposed from the nf4 bytes by one kernel (`fp8_input_grad`)

@@ -41,31 +41,55 @@ def dequantize(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The weight (out x in) of a bitsandbytes 4-bit layer in `dtype`."""
     state = base.weight.quant_state
     out = torch.empty(tuple(state.shape), dtype=dtype, device=base.weight.device)
-    packed = base.weight.data.view(torch.uint8).reshape(-1)
-    if state.nested and NESTED_IN_KERNEL:
-        run_nested(packed, _code(state, out.device), state, out)
-    else:
-        run(packed, _code(state, out.device), block_scales(state), out, state.blocksize)
+    _fill(base, out)
     return out
 
 
-def run(packed: torch.Tensor, code: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, blocksize: int) -> None:
-    """Fill `out` (its elements in order) from `packed` (two weights per byte) with `code` and `scales`."""
-    n_bytes = packed.numel()
-    assert out.numel() == 2 * n_bytes and out.is_contiguous()
-    _kernel()[(-(-n_bytes // BLOCK),)](packed, code, scales, scales, scales, scales, out, n_bytes, BLOCK=BLOCK,
-                                       BYTES_PER_SCALE=blocksize // 2, NESTED=False, SCALES_PER_SCALE2=1,
-                                       enable_fp_fusion=False)
+def fp8_weight(base: torch.nn.Module, inverse: torch.Tensor, fp8: bool = True) -> torch.Tensor:
+    """The weight W (out x in) of a bitsandbytes nf4 layer as the float8 e4m3 second operand of the forward's GEMM
+    `x @ W.T`: row o times `inverse[o]` (float32, out), clamped to e4m3's range, in one pass from the 4-bit bytes.
+    The same bytes as `fp8_transposed`, not transposed. `fp8=False`: the values in float32 before the cast."""
+    state = base.weight.quant_state
+    assert state.shape[1] % 2 == 0 and inverse.dtype == torch.float32 and inverse.numel() == state.shape[0]
+    out = torch.empty(tuple(state.shape), dtype=torch.float8_e4m3fn if fp8 else torch.float32,
+                      device=base.weight.device)
+    _fill(base, out, inverse.reshape(-1))
+    return out
 
 
-def run_nested(packed: torch.Tensor, code: torch.Tensor, state: Any, out: torch.Tensor) -> None:
+def _fill(base: torch.nn.Module, out: torch.Tensor, inverse: torch.Tensor | None = None) -> None:
+    state = base.weight.quant_state
+    packed = base.weight.data.view(torch.uint8).reshape(-1)
+    if state.nested and NESTED_IN_KERNEL:
+        run_nested(packed, _code(state, out.device), state, out, inverse)
+    else:
+        run(packed, _code(state, out.device), block_scales(state), out, state.blocksize, inverse)
+
+
+def run(packed: torch.Tensor, code: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, blocksize: int,
+        inverse: torch.Tensor | None = None) -> None:
+    """Fill `out` (its elements in order) from `packed` (two weights per byte) with `code` and `scales`; with
+    `inverse` (float32, one per row of `out`), each row times it and clamped to e4m3's range (`fp8_weight`)."""
+    _launch(packed, code, (scales,) * 4, out, blocksize, False, 1, inverse)
+
+
+def run_nested(packed: torch.Tensor, code: torch.Tensor, state: Any, out: torch.Tensor,
+               inverse: torch.Tensor | None = None) -> None:
     """`run` for a doubly quantized weight: the block scales from `state`'s 8-bit codes, their groups' scales
     (`state.state2`) and `state.offset`, computed in the kernel as `block_scales` computes them."""
+    _launch(packed, code, _nested(state), out, state.blocksize, True, state.state2.blocksize, inverse)
+
+
+def _launch(packed: torch.Tensor, code: torch.Tensor, scales: tuple[torch.Tensor, ...], out: torch.Tensor,
+            blocksize: int, nested: bool, scales_per_scale2: int, inverse: torch.Tensor | None) -> None:
     n_bytes = packed.numel()
     assert out.numel() == 2 * n_bytes and out.is_contiguous()
-    _kernel()[(-(-n_bytes // BLOCK),)](packed, code, *_nested(state), out, n_bytes, BLOCK=BLOCK,
-                                       BYTES_PER_SCALE=state.blocksize // 2, NESTED=True,
-                                       SCALES_PER_SCALE2=state.state2.blocksize, enable_fp_fusion=False)
+    half_in = out.shape[-1] // 2
+    assert inverse is None or (out.dim() == 2 and out.shape[-1] % 2 == 0 and inverse.numel() == out.shape[0])
+    _kernel()[(-(-n_bytes // BLOCK),)](packed, code, *scales, code if inverse is None else inverse, out, n_bytes,
+                                       half_in, BLOCK=BLOCK, BYTES_PER_SCALE=blocksize // 2,
+                                       NESTED=nested, SCALES_PER_SCALE2=scales_per_scale2,
+                                       ROW_SCALE=inverse is not None, enable_fp_fusion=False)
 
 
 def _nested(state: Any) -> tuple[torch.Tensor, ...]:

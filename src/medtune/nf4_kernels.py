@@ -21,10 +21,12 @@ def block_scale(scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, inside, N
 
 
 @triton.jit
-def dequantize_kernel(packed_ptr, code_ptr, scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, out_ptr, n_bytes,
-                      BLOCK: tl.constexpr, BYTES_PER_SCALE: tl.constexpr, NESTED: tl.constexpr,
-                      SCALES_PER_SCALE2: tl.constexpr):
-    # BLOCK packed bytes per program: 2 * BLOCK weights, the high nibble first (bitsandbytes' layout)
+def dequantize_kernel(packed_ptr, code_ptr, scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, inverse_ptr, out_ptr,
+                      n_bytes, half_in, BLOCK: tl.constexpr, BYTES_PER_SCALE: tl.constexpr, NESTED: tl.constexpr,
+                      SCALES_PER_SCALE2: tl.constexpr, ROW_SCALE: tl.constexpr):
+    # BLOCK packed bytes per program: 2 * BLOCK weights, the high nibble first (bitsandbytes' layout).
+    # ROW_SCALE: each weight of row o (half_in bytes per row) also times inverse[o] and clamped to e4m3's range,
+    # as `fp8_transposed_kernel` computes it (the forward's float8 weight: the same bytes, not transposed)
     j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = j < n_bytes
     byte = tl.load(packed_ptr + j, mask=inside, other=0).to(tl.int32)
@@ -32,6 +34,10 @@ def dequantize_kernel(packed_ptr, code_ptr, scales_ptr, code2_ptr, absmax2_ptr, 
                         SCALES_PER_SCALE2)
     high = tl.load(code_ptr + (byte >> 4)) * scale  # float32, rounded once to the output dtype
     low = tl.load(code_ptr + (byte & 15)) * scale
+    if ROW_SCALE:
+        inverse = tl.load(inverse_ptr + j // half_in, mask=inside, other=0.0)
+        high = tl.minimum(tl.maximum(high * inverse, -448.0), 448.0)
+        low = tl.minimum(tl.maximum(low * inverse, -448.0), 448.0)
     values = tl.interleave(high, low)
     e = tl.program_id(0).to(tl.int64) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + e, values.to(out_ptr.dtype.element_ty), mask=e < 2 * n_bytes)

@@ -138,6 +138,13 @@ for (n_out, n_in), nested in cases:
     got = nf4.fp8_transposed(base, inverse, fp8=False)
     assert got.shape == (n_in, n_out) and got.is_contiguous()
     assert torch.equal(got, want), ((n_out, n_in), nested, (got - want).abs().max())
+    # the forward's operand: the same values, not transposed (the dequantizing kernel with each row's scale)
+    rows = nf4.fp8_weight(base, inverse, fp8=False)
+    assert rows.shape == (n_out, n_in) and torch.equal(rows, want.t()), ((n_out, n_in), nested)
+    if not nested:  # the block scales given dequantized (nf4.NESTED_IN_KERNEL off) give them too
+        nf4.NESTED_IN_KERNEL = False
+        assert torch.equal(nf4.fp8_weight(base, inverse, fp8=False), rows)
+        nf4.NESTED_IN_KERNEL = True
     assert got.abs().max() == 448.0
 print("ok")
 """
@@ -146,8 +153,9 @@ print("ok")
 @needs_triton
 def test_the_float8_weight_is_written_transposed_and_scaled_per_row():
     """`nf4.fp8_transposed`: the nf4 weight times each row's inverse scale, clamped, transposed, as PyTorch's
-    float32 ops give it (nested and plain block scales, tiles cut at both edges). The float8 cast itself is
-    checked on a GPU (bench/nf4_check.py): Triton's interpreter rounds float8 differently."""
+    float32 ops give it (nested and plain block scales, tiles cut at both edges); `nf4.fp8_weight`, the
+    forward's operand, the same values not transposed. The float8 cast itself is checked on a GPU
+    (bench/nf4_check.py): Triton's interpreter rounds float8 differently."""
     run_under_triton_interpreter(FP8_CHECK)
 
 
@@ -170,8 +178,12 @@ def test_the_kernels_compile_for_hopper_without_fused_multiply_add(monkeypatch):
     scales = {"packed_ptr": "*u8", "code_ptr": "*fp32", "scales_ptr": "*u8", "code2_ptr": "*fp32",
               "absmax2_ptr": "*fp32", "offset_ptr": "*fp32"}
     kernels = [
-        (nf4_kernels.dequantize_kernel, {**scales, "out_ptr": "*bf16", "n_bytes": "i64"},
-         {"BLOCK": 1024, "BYTES_PER_SCALE": 32, "NESTED": True, "SCALES_PER_SCALE2": 256}),
+        (nf4_kernels.dequantize_kernel, {**scales, "inverse_ptr": "*fp32", "out_ptr": "*bf16", "n_bytes": "i64",
+                                         "half_in": "i32"},
+         {"BLOCK": 1024, "BYTES_PER_SCALE": 32, "NESTED": True, "SCALES_PER_SCALE2": 256, "ROW_SCALE": False}),
+        (nf4_kernels.dequantize_kernel, {**scales, "inverse_ptr": "*fp32", "out_ptr": "*fp8e4nv", "n_bytes": "i64",
+                                         "half_in": "i32"},
+         {"BLOCK": 1024, "BYTES_PER_SCALE": 32, "NESTED": True, "SCALES_PER_SCALE2": 256, "ROW_SCALE": True}),
         (nf4_kernels.fp8_transposed_kernel, {**scales, "inverse_ptr": "*fp32", "out_ptr": "*fp8e4nv", "n_out": "i32",
                                              "n_in": "i32"},
          {"NESTED": True, "BYTES_PER_SCALE": 32, "SCALES_PER_SCALE2": 256, "BLOCK_O": 64, "BLOCK_I": 128, "FP8": True,
@@ -182,7 +194,7 @@ def test_the_kernels_compile_for_hopper_without_fused_multiply_add(monkeypatch):
         ptx = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
                              target=GPUTarget("cuda", 90, 32), options={"enable_fp_fusion": False}).asm["ptx"]
         assert not re.search(r"\bfma\.r[nzmp]", ptx) and re.search(r"\bmul\.(rn\.)?f32", ptx), fn.__name__
-    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+        assert ("cvt.rn.satfinite.e4m3x2.f32" in ptx) == (signature["out_ptr"] == "*fp8e4nv"), fn.__name__
 
     launches = []
 
@@ -200,4 +212,5 @@ def test_the_kernels_compile_for_hopper_without_fused_multiply_add(monkeypatch):
     nf4.run(packed, code, nf4.block_scales(state), torch.empty(32, 64), 64)
     nf4.run_nested(packed, code, state, torch.empty(32, 64))
     nf4.fp8_transposed(base, torch.ones(32))
-    assert len(launches) == 3 and all(k["enable_fp_fusion"] is False for k in launches)
+    nf4.fp8_weight(base, torch.ones(32))
+    assert len(launches) == 4 and all(k["enable_fp_fusion"] is False for k in launches)
