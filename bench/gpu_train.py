@@ -193,8 +193,9 @@ LEVERS = {
     "fa4": (attention, "FLASH4", True, False),
     # before 2026-11-29 (session 14): q/k/v and gate/up each run alone instead of one node per group
     "noshared": (shared_input, "SHARED_INPUT", False, True),
-    # the forward's base GEMMs in float8 too (session 15, under measurement)
+    # the forward's base GEMMs in float8 too (session 15, under measurement): all, or q/k/v and gate/up only
     "fp8forward": (fast_lora, "FP8_FORWARD", True, False),
+    "fp8groups": (fast_lora, "FP8_FORWARD", "groups", False),
 }
 
 

@@ -206,15 +206,19 @@ def accumulated(x2: torch.Tensor, h: torch.Tensor, b16: torch.Tensor, base: torc
     return flat.addmm_(x2, weight.t())
 
 
-# The forward's base GEMMs in float8 too where the input gradient's are (`fp8_mode` "backward"): each input
-# quantized per token once (`forward_rows`); a lever under measurement (bench/gpu_train.py --lever fp8forward)
-FP8_FORWARD = False
+# The forward's base GEMMs in float8 too where the input gradient's are (`fp8_mode` "backward"), each input
+# quantized per token once (`forward_rows`): True for every such layer; "groups" for the inputs a group of
+# `medtune.shared_input` shares (q/k/v and gate/up read the normalized hidden state; o and down, which read the
+# attention's and SwiGLU's outputs, where LLMs' outlier activations arise, stay 16-bit); False: none. Levers under
+# measurement (bench/gpu_train.py --lever fp8forward, fp8groups)
+FP8_FORWARD: bool | str = False
 
 
-def forward_rows(x2: torch.Tensor, fp8: bool | str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def forward_rows(x2: torch.Tensor, fp8: bool | str, group: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """x2's float8 rows and scales for the forward's base GEMMs (`FP8_FORWARD`, a layer whose input gradient runs
-    in float8), else None: the forward in 16 bits."""
-    return fp8_rows.rowwise_fp8(x2) if FP8_FORWARD and fp8 == "backward" else None
+    in float8; `group`: the input of a `shared_input` group), else None: the forward in 16 bits."""
+    on = FP8_FORWARD is True or (FP8_FORWARD == "groups" and group)
+    return fp8_rows.rowwise_fp8(x2) if on and fp8 == "backward" else None
 
 
 # The adapter weights' 16-bit copies are made once per optimizer step (`StepCasts`); bench/gpu_train.py --ab castpercall

@@ -54,6 +54,8 @@ def test_only_layers_whose_input_gradient_runs_in_float8_take_it():
     x2 = torch.randn(4, 8, dtype=torch.bfloat16)
     assert fast_lora.forward_rows(x2, False) is None and fast_lora.forward_rows(x2, True) is None
     assert fast_lora.forward_rows(x2, "backward")[0].dtype == torch.float8_e4m3fn
+    fast_lora.FP8_FORWARD = "groups"
+    assert fast_lora.forward_rows(x2, "backward") is None and fast_lora.forward_rows(x2, "backward", True) is not None
     fast_lora.FP8_FORWARD = False
     assert fast_lora.forward_rows(x2, "backward") is None
 
@@ -66,13 +68,18 @@ def test_a_group_quantizes_its_input_once_and_computes_what_each_projection_woul
     monkeypatch.setattr(fast_lora, "fp8_mode", lambda layer, x: "backward")
     calls = []
     rows = fast_lora.forward_rows
-    monkeypatch.setattr(fast_lora, "forward_rows", lambda x2, fp8: calls.append(fp8) or rows(x2, fp8))
+    def counted(x2, fp8, group=False):
+        xq = rows(x2, fp8, group)
+        calls.append(xq is not None)
+        return xq
+
+    monkeypatch.setattr(fast_lora, "forward_rows", counted)
     fast_lora.FP8_FORWARD = True
     loss, grads, groups = namespace["one_step"](namespace["tiny_lora"](0.0), True)
-    assert groups == 4 and len(calls) == 8  # per layer: q/k/v once, o, gate/up once, down
+    assert groups == 4 and calls == [True] * 8  # per layer: q/k/v once, o, gate/up once, down
     calls.clear()
     alone, alone_grads, _ = namespace["one_step"](namespace["tiny_lora"](0.0), False)
-    assert len(calls) == 14  # each of the 7 projections of 2 layers quantizes its input
+    assert calls == [True] * 14  # each of the 7 projections of 2 layers quantizes its input
     assert loss == pytest.approx(alone, rel=1e-3)
     for name in grads:
         torch.testing.assert_close(grads[name], alone_grads[name], rtol=2e-2,
@@ -80,3 +87,12 @@ def test_a_group_quantizes_its_input_once_and_computes_what_each_projection_woul
     fast_lora.FP8_FORWARD = False
     sixteen, _, _ = namespace["one_step"](namespace["tiny_lora"](0.0), True)
     assert sixteen != loss and sixteen == pytest.approx(loss, rel=2e-2)  # the forward ran in float8
+    # "groups": only the groups' inputs (q/k/v, gate/up) in float8, o and down 16-bit
+    fast_lora.FP8_FORWARD = "groups"
+    calls.clear()
+    groups_only, _, _ = namespace["one_step"](namespace["tiny_lora"](0.0), True)
+    assert calls.count(True) == 4 and len(calls) == 8  # 2 layers x (q/k/v, gate/up) quantized; o, down not
+    assert len({sixteen, groups_only, loss}) == 3
+    calls.clear()
+    namespace["one_step"](namespace["tiny_lora"](0.0), False)
+    assert not any(calls)  # each projection alone: no group, 16-bit
