@@ -193,9 +193,11 @@ LEVERS = {
     "fa4": (attention, "FLASH4", True, False),
     # before 2026-11-29 (session 14): q/k/v and gate/up each run alone instead of one node per group
     "noshared": (shared_input, "SHARED_INPUT", False, True),
-    # the forward's base GEMMs in float8 too (session 15, under measurement): all, or q/k/v and gate/up only
-    "fp8forward": (fast_lora, "FP8_FORWARD", True, False),
-    "fp8groups": (fast_lora, "FP8_FORWARD", "groups", False),
+    # training.fp8_forward overridden (session 15): every 4-bit projection's forward GEMM in float8; q/k/v and
+    # gate/up's (the default since session 15; calls aw and ax ran it as the lever then named fp8groups); none
+    "fp8forward": (fast_lora, "FP8_FORWARD", "all", None),
+    "fp8groups": (fast_lora, "FP8_FORWARD", "qkv_gate_up", None),
+    "nofp8forward": (fast_lora, "FP8_FORWARD", "none", None),
 }
 
 

@@ -33,7 +33,7 @@ from medtune.fp8_base import Fp8Base, fp8_forward, fp8_input_grad, fp8_linear
 
 
 def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool | str = False, keep_mask: bool = False,
-            dropout_kernels: bool = True, fp8_input_grad: bool = False) -> int:
+            dropout_kernels: bool = True, fp8_input_grad: bool = False, fp8_forward: str = "none") -> int:
     """Give every LoRA linear layer of `model` the fused forward (with `backward`, also the fused
     backward of `LoraLinear`, where the base is a plain or bitsandbytes 4-bit linear; with `fp8_base`,
     a bitsandbytes 4-bit base's two GEMMs in float8, see `Fp8Base`, or with `fp8_base="backward"` and the
@@ -44,12 +44,15 @@ def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool | str
     `dropout_kernels`: with the fused backward on a GPU, the dropout mask is drawn inside the adapter's
     GEMMs (`medtune.lora_dropout`) instead of by PyTorch's dropout (not with `keep_mask`).
     `fp8_input_grad` (`training.fp8_input_gradients`): with the fused backward, a 4-bit base's input gradient in
-    float8 on a card with float8 GEMMs (`fp8_mode`)."""
+    float8 on a card with float8 GEMMs (`fp8_mode`). `fp8_forward` (`training.fp8_forward`): where the input
+    gradient runs in float8, the forward's base GEMM too, for "all" such layers or for "qkv_gate_up" (`forward_in_fp8`)."""
     from peft.tuners.lora import LoraLayer
 
     count = 0
-    for module in model.modules():
+    for path, module in model.named_modules():
         if isinstance(module, LoraLayer) and isinstance(module, torch.nn.Module) and _linear(module):
+            module.fp8_forward = fp8_forward
+            module.reads_normalized = path.rsplit(".", 1)[-1] in NORMALIZED_INPUTS
             whole = backward and _plain_or_4bit(module.get_base_layer())
             module.forward = types.MethodType(fused_forward_backward if whole else fused_forward, module)
             four_bit = _four_bit(module.get_base_layer(), bias=False)
@@ -147,11 +150,30 @@ FP8_INPUT_GRAD = True
 def fp8_mode(layer: Any, x: torch.Tensor) -> bool | str:
     """How the fused backward runs a layer's base GEMMs: `install`'s `fp8_base`, else with `FP8_INPUT_GRAD`
     "backward" (the input gradient in float8) where `install` made the layer capable (`fp8_input_grad`, a 4-bit
-    base without bias) on an Ada/Hopper or newer GPU."""
+    base without bias) on an Ada/Hopper or newer GPU, or "both" (the forward's too: `forward_in_fp8`)."""
     mode = getattr(layer, "fp8_base", False)
     if mode or not FP8_INPUT_GRAD or not getattr(layer, "fp8_capable", False) or not x.is_cuda:
         return mode
-    return "backward" if _float8_gemms(x.device.index) else False
+    if not _float8_gemms(x.device.index):
+        return False
+    # without gradients (evaluation, generation) the forward stays 16-bit, as the merged model computes it
+    return "both" if forward_in_fp8(layer) and torch.is_grad_enabled() else "backward"
+
+
+# The projections whose input is the normalized hidden state (RMSNorm's output): `training.fp8_forward`'s
+# "qkv_gate_up". o and down read the attention's and the gated activation's outputs, where LLMs' outlier
+# activations arise (bench/cpu_fp8_forward.py: the largest amax / rms on SmolLM2 is down's)
+NORMALIZED_INPUTS = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"})
+# The bench's override of `training.fp8_forward` ("none", "qkv_gate_up", "all"); None: the setting
+# (bench/gpu_train.py --lever fp8forward, nofp8forward)
+FP8_FORWARD: str | None = None
+
+
+def forward_in_fp8(layer: Any) -> bool:
+    """Whether a layer whose input gradient runs in float8 runs its forward's base GEMM in float8 too
+    (`install`'s `fp8_forward`, or `FP8_FORWARD`)."""
+    setting = FP8_FORWARD or getattr(layer, "fp8_forward", "none")
+    return setting == "all" or (setting == "qkv_gate_up" and getattr(layer, "reads_normalized", False))
 
 
 @functools.cache
@@ -206,19 +228,10 @@ def accumulated(x2: torch.Tensor, h: torch.Tensor, b16: torch.Tensor, base: torc
     return flat.addmm_(x2, weight.t())
 
 
-# The forward's base GEMMs in float8 too where the input gradient's are (`fp8_mode` "backward"), each input
-# quantized per token once (`forward_rows`): True for every such layer; "groups" for the inputs a group of
-# `medtune.shared_input` shares (q/k/v and gate/up read the normalized hidden state; o and down, which read the
-# attention's and SwiGLU's outputs, where LLMs' outlier activations arise, stay 16-bit); False: none. Levers under
-# measurement (bench/gpu_train.py --lever fp8forward, fp8groups)
-FP8_FORWARD: bool | str = False
-
-
-def forward_rows(x2: torch.Tensor, fp8: bool | str, group: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """x2's float8 rows and scales for the forward's base GEMMs (`FP8_FORWARD`, a layer whose input gradient runs
-    in float8; `group`: the input of a `shared_input` group), else None: the forward in 16 bits."""
-    on = FP8_FORWARD is True or (FP8_FORWARD == "groups" and group)
-    return fp8_rows.rowwise_fp8(x2) if on and fp8 == "backward" else None
+def forward_rows(x2: torch.Tensor, fp8: bool | str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """x2's float8 rows and scales (one per token) for the forward's base GEMMs where they run in float8 (`fp8_mode`
+    "both"), else None: the forward in 16 bits."""
+    return fp8_rows.rowwise_fp8(x2) if fp8 == "both" else None
 
 
 # The adapter weights' 16-bit copies are made once per optimizer step (`StepCasts`); bench/gpu_train.py --ab castpercall

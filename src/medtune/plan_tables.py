@@ -159,4 +159,8 @@ THROUGHPUT: tuple[Throughput, ...] = (
     # straight after a 24-step A/B run, on a warm card, as a long run trains
     Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 17245.0,
                "bench/results/2026-11-29-h200-aq.jsonl bins_nogc"),
+    # the forward of q/k/v and gate/up in float8 (training.fp8_forward, the default since session 15; aw ran it as
+    # the lever fp8groups, on the same machine as its 16-bit forward's 16,807)
+    Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 17978.0,
+               "bench/results/2026-11-29-h200-aw.jsonl bins_nogc_fp8grp"),
 )

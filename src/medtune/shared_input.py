@@ -110,7 +110,7 @@ def forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tens
 @dataclass(frozen=True)
 class Spec:
     """What a group's node needs besides tensors: per member the adapter's name, base and scaling; the shared
-    dropout rate; how the input gradient's base GEMMs run (`fast_lora.fp8_mode`: False or "backward")."""
+    dropout rate; how the base GEMMs run (`fast_lora.fp8_mode`: False, "backward" or "both")."""
 
     names: tuple[str, ...]
     bases: tuple[torch.nn.Module, ...]
@@ -160,7 +160,7 @@ class SharedLora(torch.autograd.Function):
         seeds = tuple(lora_dropout.new_seed() for _ in spec.bases) if spec.p > 0 else None
         h = lora_dropout.forward(x2, a16, spec.p, seeds) if seeds else x2.mm(a16.t())
         rank = a16.shape[0] // len(spec.bases)
-        xq = fast_lora.forward_rows(x2, spec.fp8, group=True)  # the input's float8 rows, once for the group
+        xq = fast_lora.forward_rows(x2, spec.fp8)  # the input's float8 rows, once for the group
         outputs = []
         for g, (base, b, scaling) in enumerate(zip(spec.bases, b16, spec.scalings)):
             flat = fast_lora.accumulated(x2, h[:, g * rank:(g + 1) * rank], b, base, scaling, xq)

@@ -101,8 +101,14 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
         # The fused backward is left out under FSDP, where it has not been measured on sharded parameters.
         whole = not uses_fsdp(cfg)
         count = fast_lora.install(model, backward=whole, keep_mask=graphs,
-                                  fp8_input_grad=cfg.training.fp8_input_gradients)
+                                  fp8_input_grad=cfg.training.fp8_input_gradients,
+                                  fp8_forward=cfg.training.fp8_forward)
         log.info("finetune: fused LoRA %s on %d projections", "forward and backward" if whole else "forward", count)
+        capable = [m for m in model.modules() if getattr(m, "fp8_capable", False)]
+        if capable and device == "cuda" and fast_lora._float8_gemms(torch.cuda.current_device()):
+            log.info("finetune: float8 base GEMMs on %d 4-bit projections' input gradients and %d forwards "
+                     "(training.fp8_forward=%s)", len(capable), sum(map(fast_lora.forward_in_fp8, capable)),
+                     cfg.training.fp8_forward)
         # on a GPU with 16-bit activations (elsewhere each projection would run alone: shared_input._spec)
         if whole and device == "cuda" and dtype in (torch.bfloat16, torch.float16):
             log.info("finetune: %d groups of projections reading one input set to run as one node "

@@ -1,8 +1,8 @@
-"""The forward's base GEMMs in float8 (`fast_lora.FP8_FORWARD`), on the CPU: PyTorch's float8 GEMM and the row
+"""The forward's base GEMMs in float8 (`training.fp8_forward`), on the CPU: PyTorch's float8 GEMM and the row
 quantization's reference (the GPU's kernels: tests/unit/test_nf4.py, test_fp8_rows.py, bench/nf4_check.py).
 A LoRA layer's output is the product of x's float8 rows and the weight's frozen float8 rows plus the adapter's
 update; its gradients are the 16-bit forward's, bit for bit; a group quantizes its input once and computes what
-each projection alone computes."""
+each projection alone computes; the setting picks the projections that read the normalized hidden state."""
 
 from __future__ import annotations
 
@@ -15,18 +15,17 @@ from medtune import fast_lora, fp8_rows, shared_input
 @pytest.fixture(autouse=True)
 def _restore():
     yield
-    fast_lora.FP8_FORWARD = False
+    fast_lora.FP8_FORWARD = None
 
 
 def _layer_outputs(on: bool):
-    fast_lora.FP8_FORWARD = on
     torch.manual_seed(0)
     base = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16)
     base.weight.requires_grad_(False)
     a = (torch.randn(16, 64) * 0.1).requires_grad_()
     b = (torch.randn(48, 16) * 0.1).requires_grad_()
     x = torch.randn(2, 10, 64, dtype=torch.bfloat16, requires_grad=True)
-    out = fast_lora.LoraLinear.apply(x, a, b, base, 2.0, 0.0, "backward", "kernel")
+    out = fast_lora.LoraLinear.apply(x, a, b, base, 2.0, 0.0, "both" if on else "backward", "kernel")
     out.backward(torch.randn_like(out))
     return base, x, a, b, out.detach()
 
@@ -49,15 +48,39 @@ def test_the_float8_forward_is_the_scaled_float8_product_plus_the_update():
         assert torch.equal(got, want16)
 
 
-def test_only_layers_whose_input_gradient_runs_in_float8_take_it():
-    fast_lora.FP8_FORWARD = True
+def test_the_setting_picks_the_projections_and_only_training_forwards_take_it(monkeypatch):
+    """`install` names the projections that read the normalized hidden state; `fp8_mode` gives them "both" under
+    "qkv_gate_up", every capable layer under "all", none under "none" (and `FP8_FORWARD`, the bench's override,
+    wins); without gradients (evaluation) "backward" only; `forward_rows` quantizes only for "both"."""
+    from types import SimpleNamespace
+
+    from test_shared_input import MODEL
+
+    namespace: dict = {}
+    exec(MODEL.replace("assert fast_lora.install(model, backward=True) == 14",
+                       "assert fast_lora.install(model, backward=True, fp8_forward=SETTING) == 14"), namespace)
+    cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
+    monkeypatch.setattr(fast_lora, "_float8_gemms", lambda index: True)
+    for setting, want in (("qkv_gate_up", {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}),
+                          ("all", set(NAMES)), ("none", set())):
+        namespace["SETTING"] = setting
+        layer = namespace["tiny_lora"](0.0).base_model.model.model.layers[1]
+        projections = {**{n: getattr(layer.self_attn, n) for n in NAMES[:4]}, **{n: getattr(layer.mlp, n) for n in NAMES[4:]}}
+        for module in projections.values():
+            module.fp8_capable = True  # as `install` marks a 4-bit base without bias
+        assert {n for n, m in projections.items() if fast_lora.fp8_mode(m, cuda) == "both"} == want, setting
+        assert {fast_lora.fp8_mode(m, cuda) for n, m in projections.items() if n not in want} <= {"backward"}
+        fast_lora.FP8_FORWARD = "all"
+        assert all(fast_lora.fp8_mode(m, cuda) == "both" for m in projections.values())
+        fast_lora.FP8_FORWARD = None
+        with torch.no_grad():
+            assert {fast_lora.fp8_mode(m, cuda) for m in projections.values()} == {"backward"}
     x2 = torch.randn(4, 8, dtype=torch.bfloat16)
-    assert fast_lora.forward_rows(x2, False) is None and fast_lora.forward_rows(x2, True) is None
-    assert fast_lora.forward_rows(x2, "backward")[0].dtype == torch.float8_e4m3fn
-    fast_lora.FP8_FORWARD = "groups"
-    assert fast_lora.forward_rows(x2, "backward") is None and fast_lora.forward_rows(x2, "backward", True) is not None
-    fast_lora.FP8_FORWARD = False
-    assert fast_lora.forward_rows(x2, "backward") is None
+    assert fast_lora.forward_rows(x2, "both")[0].dtype == torch.float8_e4m3fn
+    assert all(fast_lora.forward_rows(x2, mode) is None for mode in (False, True, "backward"))
+
+
+NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def test_a_group_quantizes_its_input_once_and_computes_what_each_projection_would(monkeypatch):
@@ -65,16 +88,16 @@ def test_a_group_quantizes_its_input_once_and_computes_what_each_projection_woul
 
     namespace: dict = {}
     exec(MODEL.replace(".half()", ".bfloat16()"), namespace)
-    monkeypatch.setattr(fast_lora, "fp8_mode", lambda layer, x: "backward")
+    monkeypatch.setattr(fast_lora, "fp8_mode", lambda layer, x: "both" if fast_lora.forward_in_fp8(layer) else "backward")
     calls = []
     rows = fast_lora.forward_rows
-    def counted(x2, fp8, group=False):
-        xq = rows(x2, fp8, group)
+    def counted(x2, fp8):
+        xq = rows(x2, fp8)
         calls.append(xq is not None)
         return xq
 
     monkeypatch.setattr(fast_lora, "forward_rows", counted)
-    fast_lora.FP8_FORWARD = True
+    fast_lora.FP8_FORWARD = "all"
     loss, grads, groups = namespace["one_step"](namespace["tiny_lora"](0.0), True)
     assert groups == 4 and calls == [True] * 8  # per layer: q/k/v once, o, gate/up once, down
     calls.clear()
@@ -84,15 +107,15 @@ def test_a_group_quantizes_its_input_once_and_computes_what_each_projection_woul
     for name in grads:
         torch.testing.assert_close(grads[name], alone_grads[name], rtol=2e-2,
                                    atol=2e-2 * alone_grads[name].abs().max().item(), msg=name)
-    fast_lora.FP8_FORWARD = False
+    fast_lora.FP8_FORWARD = "none"
     sixteen, _, _ = namespace["one_step"](namespace["tiny_lora"](0.0), True)
     assert sixteen != loss and sixteen == pytest.approx(loss, rel=2e-2)  # the forward ran in float8
-    # "groups": only the groups' inputs (q/k/v, gate/up) in float8, o and down 16-bit
-    fast_lora.FP8_FORWARD = "groups"
+    # "qkv_gate_up": only the normalized inputs (q/k/v, gate/up: one quantization per group) in float8
+    fast_lora.FP8_FORWARD = "qkv_gate_up"
     calls.clear()
-    groups_only, _, _ = namespace["one_step"](namespace["tiny_lora"](0.0), True)
-    assert calls.count(True) == 4 and len(calls) == 8  # 2 layers x (q/k/v, gate/up) quantized; o, down not
-    assert len({sixteen, groups_only, loss}) == 3
+    normalized, _, _ = namespace["one_step"](namespace["tiny_lora"](0.0), True)
+    assert calls == [True, False, True, False] * 2  # per layer: q/k/v, o, gate/up, down
+    assert len({sixteen, normalized, loss}) == 3
     calls.clear()
-    namespace["one_step"](namespace["tiny_lora"](0.0), False)
-    assert not any(calls)  # each projection alone: no group, 16-bit
+    namespace["one_step"](namespace["tiny_lora"](0.0), False)  # each projection alone: the same choice per projection
+    assert calls == [True, True, True, False, True, True, False] * 2
