@@ -198,6 +198,9 @@ LEVERS = {
     "fp8forward": (fast_lora, "FP8_FORWARD", "all", None),
     "fp8groups": (fast_lora, "FP8_FORWARD", "qkv_gate_up", None),
     "nofp8forward": (fast_lora, "FP8_FORWARD", "none", None),
+    # the default's projections and o (its input's amax / rms the lowest on SmolLM2: bench/cpu_fp8_forward.py)
+    "fp8witho": (fast_lora, "FP8_FORWARD", frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}),
+                 None),
 }
 
 

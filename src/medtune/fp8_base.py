@@ -5,7 +5,7 @@ The default path (`training.fp8_input_gradients`, on Ada/Hopper or newer) runs o
 operand is written transposed in float8 straight from the nf4 bytes by one kernel (`nf4.fp8_transposed`), with a
 fixed per-output-channel scale moved onto the gradient's columns (`fp8_rows`). `fp8_forward` runs the forward's
 GEMM in float8 too, on the same weight bytes not transposed (`nf4.fp8_weight`) and the input's float8 rows
-(`fast_lora.FP8_FORWARD`, under measurement). `Fp8Base` (both GEMMs in float8, each weight dequantized to bf16
+(`training.fp8_forward`: q/k/v and gate/up by default). `Fp8Base` (both GEMMs in float8, each weight dequantized to bf16
 first) is a bench lever only: its forward drifted the loss (docs/benchmarks.md, machine seventeen).
 """
 

@@ -49,7 +49,7 @@ def test_the_float8_forward_is_the_scaled_float8_product_plus_the_update():
 
 
 def test_the_setting_picks_the_projections_and_only_training_forwards_take_it(monkeypatch):
-    """`install` names the projections that read the normalized hidden state; `fp8_mode` gives them "both" under
+    """`install` names each projection; `fp8_mode` gives those that read the normalized hidden state "both" under
     "qkv_gate_up", every capable layer under "all", none under "none" (and `FP8_FORWARD`, the bench's override,
     wins); without gradients (evaluation) "backward" only; `forward_rows` quantizes only for "both"."""
     from types import SimpleNamespace
@@ -72,6 +72,8 @@ def test_the_setting_picks_the_projections_and_only_training_forwards_take_it(mo
         assert {fast_lora.fp8_mode(m, cuda) for n, m in projections.items() if n not in want} <= {"backward"}
         fast_lora.FP8_FORWARD = "all"
         assert all(fast_lora.fp8_mode(m, cuda) == "both" for m in projections.values())
+        fast_lora.FP8_FORWARD = frozenset({"o_proj"})  # the bench's override by projection names
+        assert {n for n, m in projections.items() if fast_lora.fp8_mode(m, cuda) == "both"} == {"o_proj"}
         fast_lora.FP8_FORWARD = None
         with torch.no_grad():
             assert {fast_lora.fp8_mode(m, cuda) for m in projections.values()} == {"backward"}
