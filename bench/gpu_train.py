@@ -404,6 +404,9 @@ def main() -> None:
         # projections whose input gradient ran in float8 (training.fp8_input_gradients; absent from lines before 06:20)
         "fp8_input_grad": sum(bool(getattr(m, "fp8_capable", False)) for m in trainer.model.modules())
         if fast_lora.FP8_INPUT_GRAD and torch.cuda.get_device_capability() >= (8, 9) else 0,
+        # of those, the projections whose forward ran in float8 too (training.fp8_forward; absent before session 15)
+        "fp8_forward": sum(fast_lora.forward_in_fp8(m) for m in trainer.model.modules() if getattr(m, "fp8_capable", False))
+        if fast_lora.FP8_INPUT_GRAD and torch.cuda.get_device_capability() >= (8, 9) else 0,
         "levers": levers, "flash4_importable": attention._flash4() is not None,
         "lean_mlp": lean_mlps(trainer.model), "dropout_kernels": dropout_kernels(trainer.model),
         "shared_input_groups": shared_groups(trainer.model), "keys_repeated": keys_repeated(trainer.model, levers),
