@@ -154,7 +154,7 @@ def fp8_mode(layer: Any, x: torch.Tensor) -> bool | str:
     mode = getattr(layer, "fp8_base", False)
     if mode or not FP8_INPUT_GRAD or not getattr(layer, "fp8_capable", False) or not x.is_cuda:
         return mode
-    if not _float8_gemms(x.device.index):
+    if not float8_gemms(x.device.index):
         return False
     # without gradients (evaluation, generation) the forward stays 16-bit, as the merged model computes it
     return "both" if forward_in_fp8(layer) and torch.is_grad_enabled() else "backward"
@@ -179,7 +179,8 @@ def forward_in_fp8(layer: Any) -> bool:
 
 
 @functools.cache
-def _float8_gemms(index: int | None) -> bool:
+def float8_gemms(index: int | None) -> bool:
+    """The CUDA device `index` has float8 GEMMs (Ada, Hopper or newer)."""
     return torch.cuda.get_device_capability(index) >= (8, 9)
 
 

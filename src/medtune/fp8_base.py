@@ -5,8 +5,8 @@ The default path (`training.fp8_input_gradients`, on Ada/Hopper or newer) runs o
 operand is written transposed in float8 straight from the nf4 bytes by one kernel (`nf4.fp8_transposed`), with a
 fixed per-output-channel scale moved onto the gradient's columns (`fp8_rows`). `fp8_forward` runs the forward's
 GEMM in float8 too, on the same weight bytes not transposed (`nf4.fp8_weight`) and the input's float8 rows
-(`training.fp8_forward`: q/k/v and gate/up by default). `Fp8Base` (both GEMMs in float8, each weight dequantized to bf16
-first) is a bench lever only: its forward drifted the loss (docs/benchmarks.md, machine seventeen).
+(`training.fp8_forward`: q/k/v and gate/up by default). `Fp8Base` (both GEMMs in float8, as its own autograd
+node, no adapter) is a bench lever only: its forward drifted the loss (docs/benchmarks.md, machine seventeen).
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from medtune import fast_lora, fp8_rows, nf4
 class Fp8Base(torch.autograd.Function):
     """`x @ W.T` for a frozen bitsandbytes nf4 weight with both of its GEMMs in float8 (a lever under
     measurement, bench/gpu_train.py --fp8-base; not a config option). The weight stays nf4 in memory: each
-    call dequantizes it as bitsandbytes does, then quantizes weight and activations to e4m3 with one scale
-    per row of each operand (per token, per output channel; the backward reuses the weight's quantization,
-    its scales moved onto the gradient's columns; `medtune.fp8_rows`), and `torch._scaled_mm` multiplies them at float8 rate (Hopper and
+    call writes it in e4m3 from its 4-bit bytes and quantizes the activations, one scale per row of each operand
+    (per token, per output channel: `fp8_forward`; the backward reuses the weight's scales, moved onto the
+    gradient's columns: `fp8_input_grad`), and `torch._scaled_mm` multiplies them at float8 rate (Hopper and
     newer) with a bf16 result. Nothing of the input is kept for the backward: the weight is frozen."""
 
     @staticmethod
@@ -38,10 +38,8 @@ class Fp8Base(torch.autograd.Function):
 
 
 def fp8_linear(x: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
-    """`x @ W.T` in float8, one scale per token and per output channel; bf16 out."""
-    wq, ws = _fp8_weight(base)
-    xq, xs = fp8_rows.rowwise_fp8(x.reshape(-1, x.shape[-1]))
-    y = torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.t(), out_dtype=torch.bfloat16)
+    """`x @ W.T` in float8, one scale per token and per output channel (`fp8_forward`); bf16 out."""
+    y = fp8_forward(fp8_rows.rowwise_fp8(x.reshape(-1, x.shape[-1])), base, torch.bfloat16)
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

@@ -105,7 +105,7 @@ def load_for_training(cfg: MedtuneConfig, model_path: str, device: str, place: A
                                   fp8_forward=cfg.training.fp8_forward)
         log.info("finetune: fused LoRA %s on %d projections", "forward and backward" if whole else "forward", count)
         capable = [m for m in model.modules() if getattr(m, "fp8_capable", False)]
-        if capable and device == "cuda" and fast_lora._float8_gemms(torch.cuda.current_device()):
+        if capable and device == "cuda" and fast_lora.float8_gemms(torch.cuda.current_device()):
             log.info("finetune: float8 base GEMMs on %d 4-bit projections' input gradients and %d forwards "
                      "(training.fp8_forward=%s)", len(capable), sum(map(fast_lora.forward_in_fp8, capable)),
                      cfg.training.fp8_forward)

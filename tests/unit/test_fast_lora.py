@@ -446,7 +446,7 @@ def test_fp8_input_grad_applies_to_4bit_bases_on_float8_cards_only(monkeypatch):
 
     cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
     layer = SimpleNamespace(fp8_base=False, fp8_capable=True)
-    monkeypatch.setattr(fast_lora, "_float8_gemms", lambda index: True)
+    monkeypatch.setattr(fast_lora, "float8_gemms", lambda index: True)
     assert fast_lora.fp8_mode(layer, cuda) == "backward"
     assert fast_lora.fp8_mode(layer, torch.zeros(1)) is False  # CPU
     assert fast_lora.fp8_mode(SimpleNamespace(fp8_base=False, fp8_capable=False), cuda) is False
@@ -454,7 +454,7 @@ def test_fp8_input_grad_applies_to_4bit_bases_on_float8_cards_only(monkeypatch):
     monkeypatch.setattr(fast_lora, "FP8_INPUT_GRAD", False)
     assert fast_lora.fp8_mode(layer, cuda) is False
     monkeypatch.setattr(fast_lora, "FP8_INPUT_GRAD", True)
-    monkeypatch.setattr(fast_lora, "_float8_gemms", lambda index: False)  # an Ampere card
+    monkeypatch.setattr(fast_lora, "float8_gemms", lambda index: False)  # an Ampere card
     assert fast_lora.fp8_mode(layer, cuda) is False
     for setting in (True, False):
         model = _four_bit_lora_model(0.0)

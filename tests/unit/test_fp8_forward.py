@@ -60,7 +60,7 @@ def test_the_setting_picks_the_projections_and_only_training_forwards_take_it(mo
     exec(MODEL.replace("assert fast_lora.install(model, backward=True) == 14",
                        "assert fast_lora.install(model, backward=True, fp8_forward=SETTING) == 14"), namespace)
     cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
-    monkeypatch.setattr(fast_lora, "_float8_gemms", lambda index: True)
+    monkeypatch.setattr(fast_lora, "float8_gemms", lambda index: True)
     for setting, want in (("qkv_gate_up", {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}),
                           ("all", set(NAMES)), ("none", set())):
         namespace["SETTING"] = setting
