@@ -61,8 +61,8 @@ class StepTimer(TrainerCallback):
     optimizer state, ~2 s for an 8B model's r=64 adapter) falls after the clock stops; before 2026-11-29 the
     clock stopped at `on_train_end` and took it in."""
 
-    def __init__(self, warm: int) -> None:
-        self.warm = warm
+    def __init__(self, warm: int, window: int = 0) -> None:
+        self.warm, self.window = warm, window
         self.start = 0.0
         self.tokens0 = 0
         self.result: dict[str, float] = {}
@@ -75,6 +75,14 @@ class StepTimer(TrainerCallback):
             self.tokens0 = int(state.num_input_tokens_seen)
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.window and state.global_step == self.warm + self.window < args.max_steps:
+            # the anchors' own window (../shared/bench: 3 timed optimizer steps): the same clock read at that step's
+            # end, one device sync more in the run (between two steps)
+            torch.cuda.synchronize()
+            seconds = time.perf_counter() - self.start
+            tokens = int(state.num_input_tokens_seen) - self.tokens0
+            self.result["window"] = {"steps": self.window, "seconds": round(seconds, 2), "tokens": tokens,
+                                     "tokens_per_s": round(tokens / seconds)}
         if state.global_step == args.max_steps:  # the step counter has moved on: this was the last step
             self._stop(state)
 
@@ -86,7 +94,7 @@ class StepTimer(TrainerCallback):
         torch.cuda.synchronize()
         seconds = time.perf_counter() - self.start
         tokens = int(state.num_input_tokens_seen) - self.tokens0
-        self.result = {"seconds": round(seconds, 2), "tokens": tokens, "tokens_per_s": round(tokens / seconds)}
+        self.result.update(seconds=round(seconds, 2), tokens=tokens, tokens_per_s=round(tokens / seconds))
 
 
 class Alternate(TrainerCallback):
@@ -315,6 +323,8 @@ def main() -> None:
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warm", type=int, default=1)
+    ap.add_argument("--window", type=int, default=3,
+                    help="also report tokens/s over the first N timed steps (the anchors time 3); 0: not")
     ap.add_argument("--attn", default="auto", choices=["auto", "sdpa", "flex_attention", "eager"])
     ap.add_argument("--label", default="medtune")
     ap.add_argument("--merge", action="store_true", help="then save the adapter, merge it (medtune.merge) and reload")
@@ -347,7 +357,7 @@ def main() -> None:
     cfg = load_config(preset="llama3-8b-medical", overrides=overrides + a.set, env={})
     run = RunDir.for_run(work, "bench").create()
     cfg = resolve_recompute(cfg, a.model_dir)
-    timer = StepTimer(a.warm)
+    timer = StepTimer(a.warm, a.window)
     t0 = time.perf_counter()
     # StopOnDivergence as `medtune run` has it (its flags read once per step; not in lines before 2026-11-29 r)
     trainer = build_trainer(cfg, run, a.model_dir, str(work / "data"), callbacks=(timer, divergence.StopOnDivergence()))

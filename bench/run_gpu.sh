@@ -13,6 +13,8 @@
 # Writes one JSON line per run to $OUT/results.jsonl (copy it to bench/results/<date>-<card>-x.jsonl).
 set -u
 OUT=${OUT:-/tmp/bench-out}; mkdir -p "$OUT"
+T=${RUN_TMP:-/tmp}; mkdir -p "$T"  # each run's stdout and stderr (bench/run_gpu2.sh: one folder per GPU)
+GPU=${CUDA_VISIBLE_DEVICES:+-i $CUDA_VISIBLE_DEVICES}  # nvidia-smi's card: the one the runs see
 if [ ! -f /tmp/site/.done ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     $(ls .whlpytest/*.whl 2>/dev/null) \
@@ -32,17 +34,17 @@ step() {  # step SECONDS LABEL CMD...: one run, its JSON line appended, its stde
   # COOL=SECONDS: the card left idle that long before each run, so that runs compared start from the same
   # thermal state (at the 700 W cap a warm card clocks lower: 2026-11-29 calls ae-ah, docs/benchmarks.md)
   [ -n "${COOL:-}" ] && sleep "$COOL"
-  local state; state=$(nvidia-smi --query-gpu=temperature.gpu,clocks.sm,power.draw --format=csv,noheader,nounits 2>/dev/null | head -1)
+  local state; state=$(nvidia-smi $GPU --query-gpu=temperature.gpu,clocks.sm,power.draw --format=csv,noheader,nounits 2>/dev/null | head -1)
   echo "{\"run_start\": \"$label\", \"temp_c_mhz_w\": \"$state\"}" >> "$OUT/results.jsonl"
   echo "== $label $(date +%T)" >&2
-  timeout "$limit" "$@" > "/tmp/$label.out" 2> "/tmp/$label.err"
+  timeout "$limit" "$@" > "$T/$label.out" 2> "$T/$label.err"
   local rc=$?
-  grep '^{' "/tmp/$label.out" | tee -a "$OUT/results.jsonl"
-  [ $rc -eq 0 ] || { echo "{\"run\": \"$label\", \"failed\": $rc}" | tee -a "$OUT/results.jsonl"; tail -25 "/tmp/$label.err" >&2; }
+  grep '^{' "$T/$label.out" | tee -a "$OUT/results.jsonl"
+  [ $rc -eq 0 ] || { echo "{\"run\": \"$label\", \"failed\": $rc}" | tee -a "$OUT/results.jsonl"; tail -25 "$T/$label.err" >&2; }
 }
 IDS=/tmp/ids.json
 if [ -n "${SMI:-}" ]; then  # SMI=1: the card's SM clock, power, temperature and clock-limit reasons every 500 ms
-  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
+  nvidia-smi $GPU --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_event_reasons.active \
     --format=csv,noheader -lms 500 > "$OUT/smi.csv" 2>&1 &
   SMI_PID=$!
 fi
@@ -201,7 +203,7 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
     fsdp_test)  # tests/integration/test_distributed.py::test_fsdp_two_gpus_match_one on 2 real GPUs
       step 500 "$run" python3 -m pytest -q -p no:cacheprovider tests/integration/test_distributed.py -k fsdp_two_gpus \
         -o addopts="" --rootdir . ;
-      tail -1 /tmp/fsdp_test.out | python3 -c 'import json, sys; print(json.dumps({"run": "fsdp_test", "pytest": sys.stdin.read().strip()}))' \
+      tail -1 "$T/fsdp_test.out" | python3 -c 'import json, sys; print(json.dumps({"run": "fsdp_test", "pytest": sys.stdin.read().strip()}))' \
         | tee -a "$OUT/results.jsonl" ;;
     losscheck|losscheck_nogc|losscheck_fp8bwd|losscheck_fp8fwd|losscheck_fp8grp|losscheck_fp8o)  # the fast path vs the plain PEFT
       # path, 20 steps, same rows and seed (_nogc: the fast path without recompute, as the presets train on an 80 GB+
@@ -212,7 +214,7 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
         losscheck_fp8o) f="--no-gc --lever fp8witho" ;; *) f="" ;; esac
       step 300 fast20 $GT --quantization 4bit --packing --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 $f --label fast20
       step 400 plain20 $GT --quantization 4bit --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --plain --label plain20
-      python3 bench/loss_agreement.py /tmp/fast20.out /tmp/plain20.out | tee -a "$OUT/results.jsonl" ;;
+      python3 bench/loss_agreement.py "$T/fast20.out" "$T/plain20.out" | tee -a "$OUT/results.jsonl" ;;
     e2e)  # `medtune run --preset llama3-8b-medical-quick` on the random 8B folder and 500 real rows
       rm -rf /tmp/e2e
       start=$(date +%s.%N)
