@@ -2,7 +2,7 @@
 (SmolLM2-135M-Instruct, Llama architecture, pretrained) in bf16 with the embedded preset's adapters (B at zero:
 the base's forward alone), its loss on the first bundled medical rows (the loss on the answers only, as the data
 stage tokenizes them) with every base GEMM in bf16 ("none"), with those of q/k/v and gate/up in float8
-("qkv_gate_up"), and with all seven in float8 ("all") (PyTorch's float8 GEMM on the CPU, the row quantization's reference arithmetic: the same
+("qkv_gate_up"), those and o ("qkv_o_gate_up", the bench lever fp8witho), and with all seven in float8 ("all") (PyTorch's float8 GEMM on the CPU, the row quantization's reference arithmetic: the same
 scales as the GPU's kernels). Also, per projection, how far its input's largest value stands above the row's RMS
 (median and maximum over layers and tokens of amax / rms): an input with outliers loses more to a per-token
 float8 scale. Prints one JSON line.
@@ -27,6 +27,8 @@ from medtune.presets import EMBEDDED_PRESET, embedded_dataset_path
 from medtune.train import load_for_training, make_collator
 
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODES = ("qkv_gate_up", "qkv_o_gate_up", "all")
+WITH_O = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"})  # bench/gpu_train.py's fp8witho
 
 
 def main(model_dir: str, rows: int = 32) -> None:
@@ -59,8 +61,8 @@ def main(model_dir: str, rows: int = 32) -> None:
     handles = [m.register_forward_pre_hook(record(n.rsplit(".", 1)[-1])) for n, m in model.named_modules()
                if n.rsplit(".", 1)[-1] in NAMES and hasattr(m, "lora_A")]
     losses = {}
-    for mode in ("none", "qkv_gate_up", "all"):
-        fast_lora.FP8_FORWARD = mode
+    for mode in ("none", *MODES):
+        fast_lora.FP8_FORWARD = WITH_O if mode == "qkv_o_gate_up" else mode
         with torch.no_grad():
             losses[mode] = [model(**b).loss.item() for b in batches]
         for h in handles:
@@ -71,10 +73,10 @@ def main(model_dir: str, rows: int = 32) -> None:
     print(json.dumps({
         "run": "cpu_fp8_forward", "rows": rows, "micro_batches": len(batches), "groups": groups,
         "loss_bf16": round(bf16, 5),
-        **{f"loss_{m}": round(statistics.mean(losses[m]), 5) for m in ("qkv_gate_up", "all")},
-        **{f"rel_diff_{m}": round(statistics.mean(losses[m]) / bf16 - 1, 5) for m in ("qkv_gate_up", "all")},
+        **{f"loss_{m}": round(statistics.mean(losses[m]), 5) for m in MODES},
+        **{f"rel_diff_{m}": round(statistics.mean(losses[m]) / bf16 - 1, 5) for m in MODES},
         **{f"max_batch_rel_diff_{m}": round(max(abs(a / b - 1) for a, b in zip(losses[m], losses["none"])), 5)
-           for m in ("qkv_gate_up", "all")},
+           for m in MODES},
         "input_amax_over_rms": {n: {"median": round(statistics.median(v), 1), "max": round(max(v), 1)}
                                 for n, v in ratios.items() if v}}))
 
