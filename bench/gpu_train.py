@@ -39,19 +39,26 @@ PEAK_TFLOPS = 795.0
 
 
 class BatchShapes:
-    """Wraps the collator and records [rows, tokens computed on] of every micro batch, in order
-    (packed: the flattened length; padded: rows x padded length): bench/plan_vs_measured.py sizes the
-    memory estimate of each timed micro batch from these."""
+    """Records [rows, tokens computed on] of every micro batch, in order, as the Trainer fetches them (packed: the
+    flattened length; padded: rows x padded length): bench/plan_vs_measured.py sizes the memory estimate of each
+    timed micro batch from these. Read in the training process, also where dataloader workers collate."""
 
-    def __init__(self, collator) -> None:
-        self.collator = collator
+    def __init__(self, trainer) -> None:
         self.shapes: list[list[int]] = []
+        fetch = trainer.get_batch_samples
 
-    def __call__(self, features):
-        batch = self.collator(features)
-        rows = len(batch["cu_seq_lens_q"]) - 1 if "cu_seq_lens_q" in batch else len(features)  # a token bin is one feature
-        self.shapes.append([rows, int(batch["input_ids"].numel())])
-        return batch
+        def recorded(*args, **kwargs):
+            batches, items = fetch(*args, **kwargs)
+            self.shapes.extend(self.shape(b) for b in batches)
+            return batches, items
+
+        trainer.get_batch_samples = recorded
+
+    @staticmethod
+    def shape(batch) -> list[int]:
+        ids = batch["input_ids"]
+        rows = len(batch["cu_seq_lens_q"]) - 1 if "cu_seq_lens_q" in batch else int(ids.shape[0])  # a bin: one row
+        return [rows, int(ids.numel())]
 
 
 class StepTimer(TrainerCallback):
@@ -397,8 +404,7 @@ def main() -> None:
         layers = [m for m in trainer.model.modules() if type(m).__name__.endswith("DecoderLayer")]
         lead = HostLead(trainer, a.warm, layers=layers)
         trainer.add_callback(lead)
-    shapes = BatchShapes(trainer.data_collator)
-    trainer.data_collator = shapes
+    shapes = BatchShapes(trainer)
     trainer.train()
     ga = cfg.training.gradient_accumulation
     timed = shapes.shapes[a.warm * ga:(a.warm + a.steps) * ga]

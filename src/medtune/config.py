@@ -231,6 +231,12 @@ class TrainingConfig(Section):
     optimizer: Literal["adamw_torch", "paged_adamw_8bit", "adamw_8bit"] = Field(
         "adamw_torch", description="Optimizer (the 8-bit ones need bitsandbytes with a GPU)."
     )
+    dataloader_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto",
+        description="Processes that fetch and collate the next micro batches while the GPU trains (the Trainer's "
+        "dataloader workers); 0: the training process collates them itself, between optimizer steps, while the "
+        "GPU waits. `auto`: 2 on a GPU, 0 on a CPU (where the cores train).",
+    )
     logging_steps: int = Field(10, ge=1, description="Log loss and throughput every N optimizer steps.")
     save_steps: int = Field(100, ge=1, description="Save a resumable checkpoint every N optimizer steps.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")

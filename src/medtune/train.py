@@ -156,7 +156,7 @@ def training_args(cfg: MedtuneConfig, run: RunDir, device: str, has_eval: bool) 
         train_sampling_strategy="random" if bins else "group_by_length",
         length_column_name="length",
         disable_tqdm=True,
-        dataloader_num_workers=0,  # collation in worker processes: no gain measured (call w, docs/benchmarks.md)
+        dataloader_num_workers=dataloader_workers(cfg, device),
         # The Trainer's NaN filter reads every micro batch's loss on the host (two syncs each); a
         # non-finite loss is StopOnDivergence's to catch, and the logged loss shows it as it is.
         logging_nan_inf_filter=False,
@@ -166,6 +166,14 @@ def training_args(cfg: MedtuneConfig, run: RunDir, device: str, has_eval: bool) 
         ddp_find_unused_parameters=False,
         **trainer_arguments(cfg),
     )
+
+
+def dataloader_workers(cfg: MedtuneConfig, device: str) -> int:
+    """`training.dataloader_workers`. `auto`: on a GPU two workers collate ahead, so the batches of an
+    optimizer step are ready when it starts (collating them in the training process left the GPU idle
+    ~26 ms per 8B step, 2026-11-29 call bb, docs/benchmarks.md); on a CPU the training process's cores train."""
+    workers = cfg.training.dataloader_workers
+    return (2 if device == "cuda" else 0) if workers == "auto" else workers
 
 
 def use_liger(cfg: MedtuneConfig, device: str) -> bool:
@@ -189,6 +197,9 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
     eval_ds = load_from_disk(str(eval_path)) if eval_path.exists() else None
 
     args = training_args(cfg, run, device, eval_ds is not None)
+    if args.dataloader_num_workers:
+        log.info("finetune: %d dataloader workers collate the next micro batches (training.dataloader_workers)",
+                 args.dataloader_num_workers)
     t, extra = cfg.training, [lean_mlp.AtTrainStart(), fast_lora.StepCasts()]  # AtTrainStart: before graph capture
     graphs = bool(t.micro_batch_tokens) and layer_graphs.wanted(t.cuda_graphs, device, args.world_size,
                                                                  bool(cfg.lora.gradient_checkpointing))

@@ -216,3 +216,36 @@ def test_packed_micro_batches_count_every_token_without_reading_the_gpu_and_padd
     padded = {"input_ids": torch.tensor([[5, eos, eos]]), "attention_mask": torch.tensor([[1, 1, 0]])}
     trainer._track_num_input_tokens(padded)
     assert trainer.state.num_input_tokens_seen == 8 + 2
+
+
+def test_bins_collated_in_dataloader_workers_train_exactly_as_in_the_training_process(tiny_overrides):
+    """`training.dataloader_workers` (2 on a GPU by default): the same bins in the same order, collated in worker
+    processes (the bin collator, the packing collator and the loss positions pickled or forked there), give the
+    same losses and the same token count as collated in the training process."""
+    from medtune.workflow import run_workflow
+
+    common = [*tiny_overrides, "lora.packing=true", "training.micro_batch_tokens=256", "training.gradient_accumulation=2",
+              "training.max_steps=4", "training.logging_steps=1", "training.eval_steps=0", "dataset.eval_fraction=0",
+              "output.merge_full_weights=false", "evaluation.validation_questions=0", "evaluation.mcq_questions=0",
+              "evaluation.safety_probes=false"]
+    runs = {}
+    for workers in (0, 2):
+        run = run_workflow(load_config(preset="smollm2-135m-medical", overrides=[
+            *common, f"training.dataloader_workers={workers}", f"output.run_id=w{workers}"]))
+        runs[workers] = run.manifest()["training"]
+        assert ("2 dataloader workers collate" in run.log_file.read_text()) == (workers == 2)
+    losses = {w: [h["loss"] for h in t["history"] if "loss" in h] for w, t in runs.items()}
+    assert len(losses[0]) == 4 and losses[0][0] != losses[0][3]
+    assert losses[2] == losses[0]
+    assert runs[2]["tokens"] == runs[0]["tokens"] > 0
+
+
+def test_dataloader_workers_auto_collates_ahead_on_a_gpu_only():
+    from medtune.train import dataloader_workers
+
+    auto = load_config(preset="smollm2-135m-medical", env={})
+    assert dataloader_workers(auto, "cuda") == 2 and dataloader_workers(auto, "cpu") == 0
+    three = load_config(preset="smollm2-135m-medical", overrides=["training.dataloader_workers=3"], env={})
+    assert dataloader_workers(three, "cpu") == 3
+    with pytest.raises(ConfigError):
+        load_config(preset="smollm2-135m-medical", overrides=["training.dataloader_workers=-1"], env={})
