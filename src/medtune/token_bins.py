@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from medtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from medtune.config import TrainingConfig
 
 # Mean fill (tokens / budget) of the bins other than the last, measured by `pack` on the 1,800-row
 # medical sample ../shared/datasets/medical_mistral_instruct_dataset_short (each row's rendered `prompt`
@@ -91,3 +94,27 @@ class BinCollator:
 def mean_rows(bins: Any) -> float:
     """Rows per bin, on average: the micro batch in rows that the metrics report."""
     return sum(len(r) for r in bins[BIN_ROWS]) / max(1, len(bins))
+
+
+def batch_metrics(t: TrainingConfig, world_size: int, train_ds: Any = None) -> dict[str, int]:
+    """`effective_batch_size` is rows per optimizer step: exact for micro batches of rows; with token bins
+    (whose row counts vary) the mean rows per bin x accumulation x world size, and `effective_batch_tokens`
+    is the bound on tokens per optimizer step."""
+    if not t.micro_batch_tokens:
+        return {"world_size": world_size,
+                "effective_batch_size": t.micro_batch_size * t.gradient_accumulation * world_size}
+    return {"world_size": world_size,
+            "effective_batch_size": round(mean_rows(train_ds) * t.gradient_accumulation * world_size),
+            "micro_batch_tokens": t.micro_batch_tokens,
+            "effective_batch_tokens": t.micro_batch_tokens * t.gradient_accumulation * world_size}
+
+
+def batch_line(t: TrainingConfig, metrics: dict[str, int]) -> str:
+    """The log's line for `batch_metrics`."""
+    world = metrics["world_size"]
+    if not t.micro_batch_tokens:
+        return (f"effective batch {metrics['effective_batch_size']} = micro batch {t.micro_batch_size} x accumulation "
+                f"{t.gradient_accumulation} x world size {world}")
+    return (f"effective batch ≤ {metrics['effective_batch_tokens']} tokens = {t.micro_batch_tokens}-token micro "
+            f"batches x accumulation {t.gradient_accumulation} x world size {world} "
+            f"(~{metrics['effective_batch_size']} rows per step)")

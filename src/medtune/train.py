@@ -13,10 +13,8 @@ its own (4-bit) base on its own device, and only rank 0 writes the manifest and 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -26,24 +24,20 @@ from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
-from medtune import (attention, base_eval_cache, batch_auto, fast_lora, layer_graphs, lean_mlp, loss_positions, recompute,
-                     shared_input, token_bins)
+from medtune import (attention, base_eval_cache, fast_lora, layer_graphs, lean_mlp, loss_positions, shared_input,
+                     token_bins)
 from medtune.config import MedtuneConfig
 from medtune.divergence import StopOnDivergence, diverged_error
 from medtune.errors import EnvironmentProblem
+from medtune.machine_fit import BATCH_PIN, pick_device, pin_batch, resolve_recompute
 from medtune.oom import train_fitting_memory
 from medtune.preemption import Preempted, StopOnSignal, last_complete_checkpoint, remove_incomplete_checkpoints
 from medtune.modelcard import write_card
-from medtune.plan import shape_from_config
 from medtune.progress import ProgressLog, peak_memory_gib
 from medtune.rundir import RunDir, atomic_dir
 from medtune.sharding import full_state, load_placement, shard_report, trainer_arguments, uses_fsdp
 
 log = logging.getLogger("medtune.train")
-
-
-def pick_device(cfg: MedtuneConfig) -> str:
-    return "cuda" if cfg.training.device != "cpu" and torch.cuda.is_available() else "cpu"
 
 
 def cpu_has_bf16() -> bool:
@@ -267,58 +261,6 @@ def train(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> d
                                 recompute_auto=cfg.lora.gradient_checkpointing == "auto")
 
 
-def resolve_recompute(cfg: MedtuneConfig, model_path: str, pin: Path | None = None) -> MedtuneConfig:
-    """`cfg` with `training.micro_batch_size: auto` and `lora.gradient_checkpointing: auto` decided for
-    this machine's GPU (logged). A resumed run keeps the micro batch its checkpoints were trained with
-    (`pin`, written by each training attempt): another budget would make other bins, and the Trainer's
-    skip over the batches already trained would no longer line up with them."""
-    device = pick_device(cfg)
-    config_json = Path(model_path) / "config.json"
-    shape = shape_from_config(json.loads(config_json.read_text())) if config_json.is_file() else None
-    if cfg.training.micro_batch_size == "auto":
-        if pin is not None and pin.is_file():
-            kept = json.loads(pin.read_text())
-            cfg = cfg.model_copy(update={"training": cfg.training.model_copy(update=kept)})
-            why = "auto: as this run's checkpoints were trained (resumed)"
-        else:
-            cfg, why = batch_auto.resolve(cfg, shape, device, batch_memory_gib() if device == "cuda" else None)
-        t = cfg.training
-        log.info("finetune: micro batch (training.micro_batch_size) %s: %s",
-                 f"{t.micro_batch_tokens} tokens" if t.micro_batch_tokens else
-                 f"{t.micro_batch_size} row{'s' if t.micro_batch_size > 1 else ''}", why)
-    resolved, why = recompute.resolve(cfg, shape, device, free_gpu_gib() if device == "cuda" else None)
-    log.info("finetune: activation recompute (lora.gradient_checkpointing) %s: %s",
-             "on" if resolved.lora.gradient_checkpointing else "off", why)
-    return resolved
-
-
-def batch_memory_gib() -> float:
-    """What `micro_batch_size: auto` sizes against: this GPU's free memory; under torchrun the card's
-    total less 1 GiB (CUDA context, NCCL), the same figure on every rank of identical cards, so every
-    rank picks the same micro batch (free memory differs by a little from rank to rank)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return torch.cuda.get_device_properties(int(os.environ.get("LOCAL_RANK", "0"))).total_memory / 2**30 - 1
-    return free_gpu_gib()
-
-
-def free_gpu_gib() -> float:
-    """Free memory on this process's GPU (under torchrun: LOCAL_RANK's), before anything is loaded."""
-    return torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", "0")))[0] / 2**30
-
-
-BATCH_PIN = "micro_batch.json"  # in the checkpoints folder: the micro batch the checkpoints were trained with
-
-
-def pin_batch(cfg: MedtuneConfig, folder: Path) -> None:
-    """Record the micro batch this attempt trains with (after `auto` and any out-of-memory halving)."""
-    t = cfg.training
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{BATCH_PIN}.{os.environ.get('RANK', '0')}.{os.getpid()}"  # every rank writes the same, each its own temp
-    tmp.write_text(json.dumps({"micro_batch_size": t.micro_batch_size, "micro_batch_tokens": t.micro_batch_tokens,
-                               "gradient_accumulation": t.gradient_accumulation}))
-    os.replace(tmp, folder / BATCH_PIN)
-
-
 def _train_once(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: str) -> dict[str, Any]:
     pin_batch(cfg, run.checkpoints)
     stopper = StopOnSignal().install()
@@ -346,8 +288,8 @@ def _train(cfg: MedtuneConfig, run: RunDir, trainer: Any, stopper: StopOnSignal,
     metrics["micro_batch_size"] = cfg.training.micro_batch_size  # as trained: `auto` resolved, after any halving
     metrics["gradient_checkpointing"] = cfg.lora.gradient_checkpointing
     metrics["recompute_every_n_layers"] = cfg.lora.recompute_every_n_layers
-    metrics.update(_batch_metrics(cfg, world, trainer.train_dataset))
-    log.info("finetune: %d process(es), %s", world, _batch_line(cfg, metrics))
+    metrics.update(token_bins.batch_metrics(cfg.training, world, trainer.train_dataset))
+    log.info("finetune: %d process(es), %s", world, token_bins.batch_line(cfg.training, metrics))
     if eval_ds is not None and "base_eval_loss" not in metrics:
         metrics.update(_base_eval(cfg, trainer, model_path, Path(data_path) / "eval", device))
         if rank0:
@@ -400,30 +342,6 @@ def _diverged(cfg: MedtuneConfig, run: RunDir, trainer: Any, info: dict[str, Any
 
 def _callback(trainer: Any, kind: type) -> Any:
     return next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, kind))
-
-
-def _batch_metrics(cfg: MedtuneConfig, world_size: int, train_ds: Any = None) -> dict[str, int]:
-    """`effective_batch_size` is rows per optimizer step: exact for micro batches of rows; with token bins
-    (whose row counts vary) the mean rows per bin x accumulation x world size, and `effective_batch_tokens`
-    is the bound on tokens per optimizer step."""
-    t = cfg.training
-    if not t.micro_batch_tokens:
-        return {"world_size": world_size,
-                "effective_batch_size": t.micro_batch_size * t.gradient_accumulation * world_size}
-    return {"world_size": world_size,
-            "effective_batch_size": round(token_bins.mean_rows(train_ds) * t.gradient_accumulation * world_size),
-            "micro_batch_tokens": t.micro_batch_tokens,
-            "effective_batch_tokens": t.micro_batch_tokens * t.gradient_accumulation * world_size}
-
-
-def _batch_line(cfg: MedtuneConfig, metrics: dict[str, int]) -> str:
-    t, world = cfg.training, metrics["world_size"]
-    if not t.micro_batch_tokens:
-        return (f"effective batch {metrics['effective_batch_size']} = micro batch {t.micro_batch_size} x accumulation "
-                f"{t.gradient_accumulation} x world size {world}")
-    return (f"effective batch ≤ {metrics['effective_batch_tokens']} tokens = {t.micro_batch_tokens}-token micro "
-            f"batches x accumulation {t.gradient_accumulation} x world size {world} "
-            f"(~{metrics['effective_batch_size']} rows per step)")
 
 
 def _base_eval(cfg: MedtuneConfig, trainer: Any, model_path: str, eval_path: Path, device: str) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def test_plan_prints_the_choice_for_the_card():
 
 
 def test_the_training_path_decides_it_before_loading_and_logs_it(tiny_model_dir, caplog):
-    from medtune.train import resolve_recompute
+    from medtune.machine_fit import resolve_recompute
 
     cfg = load_config(preset="smollm2-135m-medical", overrides=[
         "training.micro_batch_size=auto", "training.device=cpu"], env={})
@@ -108,7 +108,7 @@ def test_the_training_path_decides_it_before_loading_and_logs_it(tiny_model_dir,
 
 
 def test_a_resumed_run_keeps_the_micro_batch_its_checkpoints_were_trained_with(tiny_model_dir, tmp_path, caplog):
-    from medtune.train import BATCH_PIN, pin_batch, resolve_recompute
+    from medtune.machine_fit import BATCH_PIN, pin_batch, resolve_recompute
 
     cfg = load_config(preset="smollm2-135m-medical", overrides=[
         "training.micro_batch_size=auto", "training.device=cpu", "lora.packing=true"], env={})
