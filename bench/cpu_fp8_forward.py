@@ -2,7 +2,7 @@
 (SmolLM2-135M-Instruct, Llama architecture, pretrained) in bf16 with the embedded preset's adapters (B at zero:
 the base's forward alone), its loss on the first bundled medical rows (the loss on the answers only, as the data
 stage tokenizes them) with every base GEMM in bf16 ("none"), with those of q/k/v and gate/up in float8
-("qkv_gate_up"), those and o ("qkv_o_gate_up", the bench lever fp8witho), and with all seven in float8 ("all") (PyTorch's float8 GEMM on the CPU, the row quantization's reference arithmetic: the same
+("qkv_gate_up"), those and o ("qkv_o_gate_up", the bench lever fp8witho), the MLP's three ("gate_up_down", fp8mlp), and with all seven in float8 ("all") (PyTorch's float8 GEMM on the CPU, the row quantization's reference arithmetic: the same
 scales as the GPU's kernels). Also, per projection, how far its input's largest value stands above the row's RMS
 (median and maximum over layers and tokens of amax / rms): an input with outliers loses more to a per-token
 float8 scale. Prints one JSON line.
@@ -27,8 +27,9 @@ from medtune.presets import EMBEDDED_PRESET, embedded_dataset_path
 from medtune.train import load_for_training, make_collator
 
 NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MODES = ("qkv_gate_up", "qkv_o_gate_up", "all")
-WITH_O = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"})  # bench/gpu_train.py's fp8witho
+MODES = ("qkv_gate_up", "qkv_o_gate_up", "gate_up_down", "all")
+SETS = {"qkv_o_gate_up": frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}),  # lever fp8witho
+        "gate_up_down": frozenset({"gate_proj", "up_proj", "down_proj"})}  # bench/gpu_train.py's lever fp8mlp
 
 
 def main(model_dir: str, rows: int = 32) -> None:
@@ -62,7 +63,7 @@ def main(model_dir: str, rows: int = 32) -> None:
                if n.rsplit(".", 1)[-1] in NAMES and hasattr(m, "lora_A")]
     losses = {}
     for mode in ("none", *MODES):
-        fast_lora.FP8_FORWARD = WITH_O if mode == "qkv_o_gate_up" else mode
+        fast_lora.FP8_FORWARD = SETS.get(mode, mode)
         with torch.no_grad():
             losses[mode] = [model(**b).loss.item() for b in batches]
         for h in handles:
