@@ -219,6 +219,8 @@ LEVERS = {
                  None),
     # the MLP's three projections only (down's forward is 10 % of the step in bf16, q/k/v's 3 %: call bb's profile)
     "fp8mlp": (fast_lora, "FP8_FORWARD", frozenset({"gate_proj", "up_proj", "down_proj"}), None),
+    # a group's input gradients as one float8 GEMM over its members side by side (session 16, not yet measured)
+    "groupgrad": (fp8_base, "GROUP_INPUT_GRAD", True, False),
 }
 
 

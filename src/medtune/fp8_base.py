@@ -59,6 +59,34 @@ def fp8_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
     return torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=scales.unit, out_dtype=grad.dtype)
 
 
+# A group's input gradients (q/k/v, gate/up: `medtune.shared_input`) as one float8 GEMM over the concatenated
+# gradients and weights (`fp8_input_grad_group`); a lever under measurement (bench/gpu_train.py --lever groupgrad)
+GROUP_INPUT_GRAD = False
+
+
+def fp8_input_grad_group(grads: list[torch.Tensor], bases: list[torch.nn.Module]) -> torch.Tensor:
+    """`sum_m grads[m] @ W_m` (tokens x in) for projections that read one input, as one float8 GEMM over
+    K = the members' widths side by side: `[g_1 s_1 | g_2 s_2 | ...] @ [Wq_1; Wq_2; ...]` (each member's weight
+    scales moved onto its gradient's columns, as `fp8_input_grad` does). The GEMM sums the members inside its
+    accumulator: no product per member written in 16 bits and read back to be added. The gradients share one
+    scale per token (their concatenated row's amax), where `fp8_input_grad` gives each member its own; e4m3 keeps
+    its relative precision over ~17 binades below that amax, so a member whose values are far smaller than
+    another's rounds the same."""
+    scales = [_fp8_scales(b) for b in bases]
+    widths = [g.shape[1] for g in grads]
+    n_in = bases[0].in_features
+    if FP8_TRANSPOSED and all(fast_lora._four_bit(b, bias=False) and nf4.usable(b) for b in bases):
+        wt = torch.empty((n_in, sum(widths)), dtype=torch.float8_e4m3fn, device=grads[0].device)
+        start = 0
+        for base, s, width in zip(bases, scales, widths):
+            nf4.fp8_transposed(base, s.inverse, out=wt[:, start:start + width])
+            start += width
+    else:
+        wt = torch.cat([_fp8_weight(b)[0].t() for b in bases], dim=1)
+    gq, gs = fp8_rows.rowwise_fp8_group(grads, [s.row.reshape(-1) for s in scales])
+    return torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=scales[0].unit, out_dtype=grads[0].dtype)
+
+
 def fp8_forward(xq: tuple[torch.Tensor, torch.Tensor], base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """`x @ W.T` (tokens x out, `dtype`) from x's float8 rows and their scales (`fp8_rows.rowwise_fp8`): the weight
     in float8 with the frozen per-output-channel scales the input gradient uses (`_fp8_scales`), written from the

@@ -52,6 +52,36 @@ def launch(kernel, t: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, col_sc
                     HAS_COL=col_scale is not None, GIVEN=given, BLOCK=block, num_warps=warps)
 
 
+def rowwise_fp8_group(ts: list[torch.Tensor], col_scales: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two or three tensors of the same rows (rows x cols_i, contiguous rows), each times its `col_scales[i]`, side by
+    side as one float8 e4m3 tensor (rows x sum of cols_i) with one float32 scale per row, (rows, 1): what
+    `rowwise_fp8` gives for `torch.cat(ts, 1)` and `torch.cat(col_scales)`, without that 16-bit copy (the
+    concatenated input-gradient GEMM of a group, `medtune.fp8_base.fp8_input_grad_group`). On a GPU one kernel
+    reads each row's members once, each member at most `ONE_BLOCK` columns."""
+    kernel = _group_kernel()
+    usable = (kernel is not None and len(ts) in (2, 3) and all(t.device.type == "cuda" and t.stride(-1) == 1 for t in ts)
+              and all(t.shape[1] <= ONE_BLOCK for t in ts))
+    if not usable:
+        return rowwise_reference(torch.cat(ts, 1), col_scale=torch.cat(col_scales))
+    rows, widths = ts[0].shape[0], [t.shape[1] for t in ts]
+    q = torch.empty((rows, sum(widths)), dtype=torch.float8_e4m3fn, device=ts[0].device)
+    scale = torch.empty((rows, 1), dtype=torch.float32, device=ts[0].device)
+    launch_group(kernel, ts, col_scales, q, scale)
+    return q, scale
+
+
+def launch_group(kernel, ts: list[torch.Tensor], col_scales: list[torch.Tensor], q: torch.Tensor,
+                 scale: torch.Tensor) -> None:
+    """One program per row, every member in one block (`rowwise_fp8_group`); a missing third member has 0 columns."""
+    third = len(ts) == 3
+    x, c = [*ts, ts[0]][:3], [*col_scales, col_scales[0]][:3]
+    widths = [t.shape[1] for t in ts] + ([] if third else [0])
+    blocks = [1 << (w - 1).bit_length() if w else 1 for w in widths]
+    warps = 16 if sum(blocks) >= 16384 else 8 if sum(blocks) >= 4096 else 4
+    kernel[(ts[0].shape[0],)](*x, *c, q, scale, *(t.stride(0) for t in x), COLS1=widths[0], COLS2=widths[1],
+                              COLS3=widths[2], BLOCK1=blocks[0], BLOCK2=blocks[1], BLOCK3=blocks[2], num_warps=warps)
+
+
 def rowwise_reference(t: torch.Tensor, col_scale: torch.Tensor | None = None,
                       row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's arithmetic in PyTorch ops (CPUs, and the tests' reference)."""
@@ -73,3 +103,12 @@ def _kernel():
     except ImportError:  # no Triton
         return None
     return fp8_rows_kernels.rowwise
+
+
+@functools.cache
+def _group_kernel():
+    try:
+        from medtune import fp8_rows_kernels
+    except ImportError:  # no Triton
+        return None
+    return fp8_rows_kernels.rowwise_group

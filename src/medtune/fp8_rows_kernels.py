@@ -49,3 +49,34 @@ def rowwise(x_ptr, q_ptr, s_ptr, c_ptr, stride, COLS: tl.constexpr, HAS_COL: tl.
             offs = start + tl.arange(0, BLOCK)
             keep = offs < COLS
             store_e4m3(q_row, offs, keep, row_values(x_row, c_ptr, offs, keep, HAS_COL), inv)
+
+
+@triton.jit
+def member_values(x_ptr, c_ptr, row, stride, COLS: tl.constexpr, BLOCK: tl.constexpr):
+    # a group member's row in one block, times its columns' factors
+    offs = tl.arange(0, BLOCK)
+    keep = offs < COLS
+    return row_values(x_ptr + row * stride, c_ptr, offs, keep, True), offs, keep
+
+
+@triton.jit
+def rowwise_group(x1_ptr, x2_ptr, x3_ptr, c1_ptr, c2_ptr, c3_ptr, q_ptr, s_ptr, stride1, stride2, stride3,
+                  COLS1: tl.constexpr, COLS2: tl.constexpr, COLS3: tl.constexpr, BLOCK1: tl.constexpr,
+                  BLOCK2: tl.constexpr, BLOCK3: tl.constexpr):
+    # Two or three rows (a group's gradients; COLS3 = 0: two), each times its columns' factors, as one float8 row
+    # of COLS1 + COLS2 + COLS3 values with one scale: each member's part read once and held in registers
+    row = tl.program_id(0).to(tl.int64)
+    v1, o1, k1 = member_values(x1_ptr, c1_ptr, row, stride1, COLS1, BLOCK1)
+    v2, o2, k2 = member_values(x2_ptr, c2_ptr, row, stride2, COLS2, BLOCK2)
+    amax = tl.maximum(tl.max(tl.abs(v1), axis=0), tl.max(tl.abs(v2), axis=0))
+    if COLS3 > 0:
+        v3, o3, k3 = member_values(x3_ptr, c3_ptr, row, stride3, COLS3, BLOCK3)
+        amax = tl.maximum(amax, tl.max(tl.abs(v3), axis=0))
+    scale = tl.maximum(amax, 1e-12) / 448.0
+    tl.store(s_ptr + row, scale)
+    inv = 1.0 / scale
+    q_row = q_ptr + row * (COLS1 + COLS2 + COLS3)
+    store_e4m3(q_row, o1, k1, v1, inv)
+    store_e4m3(q_row + COLS1, o2, k2, v2, inv)
+    if COLS3 > 0:
+        store_e4m3(q_row + COLS1 + COLS2, o3, k3, v3, inv)

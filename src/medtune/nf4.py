@@ -99,20 +99,25 @@ def _nested(state: Any) -> tuple[torch.Tensor, ...]:
     return state.absmax, state.state2.code, state.state2.absmax, state.offset
 
 
-def fp8_transposed(base: torch.nn.Module, inverse: torch.Tensor, fp8: bool = True) -> torch.Tensor:
+def fp8_transposed(base: torch.nn.Module, inverse: torch.Tensor, fp8: bool = True,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """The weight W (out x in) of a bitsandbytes nf4 layer as the float8 e4m3 second operand of the input
     gradient's GEMM: row o times `inverse[o]` (float32, out), clamped to e4m3's range, written transposed
     (in x out, contiguous) in one pass from the 4-bit bytes, no 16-bit copy between. `fp8=False`: the same
-    values in float32 before the cast (the CPU tests; Triton's interpreter rounds float8 differently)."""
+    values in float32 before the cast (the CPU tests; Triton's interpreter rounds float8 differently).
+    `out`: write into this (in x out) view instead, rows contiguous, e.g. a column slice of a group's
+    concatenated operand (`fp8_base.fp8_input_grad_group`)."""
     state = base.weight.quant_state
     n_out, n_in = state.shape
     assert n_in % 2 == 0 and inverse.dtype == torch.float32 and inverse.numel() == n_out
-    out = torch.empty((n_in, n_out), dtype=torch.float8_e4m3fn if fp8 else torch.float32, device=base.weight.device)
+    if out is None:
+        out = torch.empty((n_in, n_out), dtype=torch.float8_e4m3fn if fp8 else torch.float32, device=base.weight.device)
+    assert out.shape == (n_in, n_out) and out.stride(1) == 1 and out.dtype == (torch.float8_e4m3fn if fp8 else torch.float32)
     nested = bool(state.nested)
     scales = _nested(state) if nested else (state.absmax,) * 4
     _kernels().fp8_transposed_kernel[(-(-n_out // FP8_TILE[0]), -(-n_in // FP8_TILE[1]))](
         base.weight.data.view(torch.uint8).reshape(-1), _code(state, out.device), *scales,
-        inverse.reshape(-1), out, n_out, n_in, NESTED=nested, BYTES_PER_SCALE=state.blocksize // 2,
+        inverse.reshape(-1), out, n_out, n_in, out.stride(0), NESTED=nested, BYTES_PER_SCALE=state.blocksize // 2,
         SCALES_PER_SCALE2=state.state2.blocksize if nested else 1, BLOCK_O=FP8_TILE[0], BLOCK_I=FP8_TILE[1], FP8=fp8,
         ROW_BLOCKS=ROW_BLOCKS and row_blocks(n_in, state.blocksize), enable_fp_fusion=False)
     return out

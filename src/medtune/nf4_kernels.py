@@ -45,11 +45,12 @@ def dequantize_kernel(packed_ptr, code_ptr, scales_ptr, code2_ptr, absmax2_ptr, 
 
 @triton.jit
 def fp8_transposed_kernel(packed_ptr, code_ptr, scales_ptr, code2_ptr, absmax2_ptr, offset_ptr, inverse_ptr,
-                          out_ptr, n_out, n_in, NESTED: tl.constexpr, BYTES_PER_SCALE: tl.constexpr,
+                          out_ptr, n_out, n_in, ld, NESTED: tl.constexpr, BYTES_PER_SCALE: tl.constexpr,
                           SCALES_PER_SCALE2: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
                           FP8: tl.constexpr, ROW_BLOCKS: tl.constexpr):
     # One tile of the weight W (BLOCK_O rows, BLOCK_I columns) from its nf4 bytes, each row o times inverse[o],
-    # written transposed: out[i, o], float8 e4m3 (FP8) or float32 (the interpreter's tests: its float8 rounding
+    # written transposed: out[i, o] (`ld` elements from one i to the next: n_out, or more where W's columns are a
+    # slice of a group's concatenated operand), float8 e4m3 (FP8) or float32 (the interpreter's tests: its float8 rounding
     # is not the GPU's). In float32 and rounded after each product: weight, then times the row's inverse scale.
     # ROW_BLOCKS: the scale blocks start at each row's start and a tile's row holds whole blocks
     # (`nf4.fp8_transposed`): each block's scale computed once and broadcast over its bytes, else per byte
@@ -75,7 +76,7 @@ def fp8_transposed_kernel(packed_ptr, code_ptr, scales_ptr, code2_ptr, absmax2_p
     low = tl.load(code_ptr + (byte & 15)) * scale * inverse
     values = tl.minimum(tl.maximum(tl.interleave(high, low), -448.0), 448.0)
     i = tl.program_id(1).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
-    where = out_ptr + i[:, None] * n_out + o[None, :]
+    where = out_ptr + i[:, None] * ld + o[None, :]
     keep = (i < n_in)[:, None] & rows[None, :]
     if FP8:
         tl.store(where, tl.trans(values).to(tl.float8e4nv), mask=keep)

@@ -138,6 +138,11 @@ for (n_out, n_in), nested in cases:
     got = nf4.fp8_transposed(base, inverse, fp8=False)
     assert got.shape == (n_in, n_out) and got.is_contiguous()
     assert torch.equal(got, want), ((n_out, n_in), nested, (got - want).abs().max())
+    # into a column slice of a wider operand (a group's concatenated weights): the same values, nothing else touched
+    wide = torch.full((n_in, n_out + 40), -1.0)
+    nf4.fp8_transposed(base, inverse, fp8=False, out=wide[:, 24:24 + n_out])
+    assert torch.equal(wide[:, 24:24 + n_out], want), ("slice", (n_out, n_in))
+    assert (wide[:, :24] == -1).all() and (wide[:, 24 + n_out:] == -1).all(), ("outside the slice", (n_out, n_in))
     # the forward's operand: the same values, not transposed (the dequantizing kernel with each row's scale)
     rows = nf4.fp8_weight(base, inverse, fp8=False)
     assert rows.shape == (n_out, n_in) and torch.equal(rows, want.t()), ((n_out, n_in), nested)
@@ -185,7 +190,7 @@ def test_the_kernels_compile_for_hopper_without_fused_multiply_add(monkeypatch):
                                          "half_in": "i32"},
          {"BLOCK": 1024, "BYTES_PER_SCALE": 32, "NESTED": True, "SCALES_PER_SCALE2": 256, "ROW_SCALE": True}),
         (nf4_kernels.fp8_transposed_kernel, {**scales, "inverse_ptr": "*fp32", "out_ptr": "*fp8e4nv", "n_out": "i32",
-                                             "n_in": "i32"},
+                                             "n_in": "i32", "ld": "i32"},
          {"NESTED": True, "BYTES_PER_SCALE": 32, "SCALES_PER_SCALE2": 256, "BLOCK_O": 64, "BLOCK_I": 128, "FP8": True,
           "ROW_BLOCKS": True}),
     ]
