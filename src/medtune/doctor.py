@@ -73,7 +73,7 @@ def judge(cfg: MedtuneConfig, found: dict[str, Any]) -> list[Finding]:
     """One finding per requirement the config makes of the machine."""
     gpus, infra = len(found["gpus"]), cfg.infrastructure
     out = []
-    if cfg.training.device == "cuda" or cfg.training.optimizer != "adamw_torch":
+    if cfg.training.device == "cuda" or "8bit" in cfg.training.optimizer:
         out.append(Finding("a CUDA GPU (training.device / training.optimizer)", "ok" if gpus else "fail",
                            f"{gpus} visible" if gpus else "none visible; run on a GPU node"))
     if cfg.lora.quantization != "none":

@@ -32,7 +32,7 @@ GIB = 2**30
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
 # LLM.int8: one byte per weight plus one fp32 scale per output row (added per layer below).
 INT8_BYTES = 1
-ADAMW_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2}  # exp_avg + exp_avg_sq
+ADAMW_STATE_BYTES = {"adamw_torch": 8, "adamw_torch_fused": 8, "paged_adamw_8bit": 2, "adamw_8bit": 2}  # exp_avg + exp_avg_sq
 
 
 @dataclass(frozen=True)

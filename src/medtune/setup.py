@@ -64,7 +64,7 @@ def check_environment(cfg: MedtuneConfig, report: dict[str, Any]) -> None:
         raise EnvironmentProblem(
             "training.device is `cuda` but no CUDA GPU is visible; run on a GPU node or set training.device=auto"
         )
-    if cfg.training.optimizer != "adamw_torch" and not gpus:
+    if "8bit" in cfg.training.optimizer and not gpus:
         raise EnvironmentProblem(
             f"training.optimizer `{cfg.training.optimizer}` needs a CUDA GPU; use training.optimizer=adamw_torch on CPU"
         )

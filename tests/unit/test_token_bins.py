@@ -249,3 +249,22 @@ def test_dataloader_workers_auto_collates_ahead_on_a_gpu_only():
     assert dataloader_workers(three, "cpu") == 3
     with pytest.raises(ConfigError):
         load_config(preset="smollm2-135m-medical", overrides=["training.dataloader_workers=-1"], env={})
+
+
+def test_the_fused_adamw_trains_as_pytorchs_adamw(tiny_overrides):
+    """`training.optimizer: adamw_torch_fused` (one fused kernel per optimizer step, also on a CPU): the same
+    update as `adamw_torch`, so the same losses to float32 rounding over four steps."""
+    from medtune.workflow import run_workflow
+
+    common = [*tiny_overrides, "lora.packing=true", "training.micro_batch_tokens=256", "training.gradient_accumulation=2",
+              "training.max_steps=4", "training.logging_steps=1", "training.eval_steps=0", "dataset.eval_fraction=0",
+              "training.warmup_ratio=0", "output.merge_full_weights=false", "evaluation.validation_questions=0",
+              "evaluation.mcq_questions=0", "evaluation.safety_probes=false"]
+    losses = {}
+    for optimizer in ("adamw_torch", "adamw_torch_fused"):
+        run = run_workflow(load_config(preset="smollm2-135m-medical", overrides=[
+            *common, f"training.optimizer={optimizer}", f"output.run_id={optimizer}"]))
+        losses[optimizer] = [h["loss"] for h in run.manifest()["training"]["history"] if "loss" in h]
+        assert run.manifest()["status"] == "succeeded"
+    assert len(losses["adamw_torch"]) == 4 and losses["adamw_torch"][0] != losses["adamw_torch"][3]
+    assert losses["adamw_torch_fused"] == pytest.approx(losses["adamw_torch"], rel=1e-4)
