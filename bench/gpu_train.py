@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from medtune import attention, divergence, fast_lora, fp8_base, fp8_rows, lora_dropout, nf4, shared_input
+from medtune import attention, divergence, fast_lora, fp8_base, fp8_rows, lora_dropout, nf4, residual_fold, shared_input
 from medtune.config_io import load_config
 from medtune.machine_fit import resolve_recompute
 from medtune.rundir import RunDir
@@ -221,6 +221,8 @@ LEVERS = {
     "fp8mlp": (fast_lora, "FP8_FORWARD", frozenset({"gate_proj", "up_proj", "down_proj"}), None),
     # a group's input gradients as one float8 GEMM over its members side by side (session 16, not yet measured)
     "groupgrad": (fp8_base, "GROUP_INPUT_GRAD", True, False),
+    # the decoder layers' residual additions inside the o and down GEMMs (session 16, not yet measured)
+    "residualfold": (residual_fold, "FOLD", True, False),
 }
 
 
