@@ -130,9 +130,9 @@ def test_oom_with_token_bins_names_the_token_budget_remedy(tiny_overrides, monke
 def test_auto_recompute_turns_recompute_on_before_shrinking_the_batch(tiny_overrides, monkeypatch):
     """`lora.gradient_checkpointing: auto` chose no recompute (as on a GPU with room: forced here, the CPU
     never chooses it); the first OOM turns recompute on and keeps the token budget."""
-    from medtune import recompute, train
+    from medtune import recompute
 
-    monkeypatch.setattr(train.recompute, "resolve",
+    monkeypatch.setattr(recompute, "resolve",
                         lambda cfg, *_: (recompute.with_recompute(cfg, False, 1), "auto: off (forced by the test)"))
     recomputing: list[bool] = []
     real = transformers.Trainer.training_step
