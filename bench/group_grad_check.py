@@ -18,7 +18,7 @@ import bitsandbytes as bnb
 import torch
 
 from kernel_timing import timed
-from medtune import fp8_base, fp8_rows, lora_dropout
+from medtune import fast_lora, fp8_base, fp8_rows, lora_dropout
 
 
 def nf4_base(n_out: int, n_in: int) -> torch.nn.Module:
@@ -47,7 +47,7 @@ def check(name: str, widths: tuple[int, ...], tokens: int = 8192, n_in: int = 40
         lora_dropout.add_grad_x(out, dh, a16, 0.05, seeds)
         return out
 
-    exact = sum(g.float() @ fp8_base.fast_lora._base_weight(b, torch.float32) for g, b in zip(grads, bases))
+    exact = sum(g.float() @ fast_lora._base_weight(b, torch.float32) for g, b in zip(grads, bases))
     scales = [fp8_base._fp8_scales(b).row.reshape(-1) for b in bases]
     q, s = fp8_rows.rowwise_fp8_group(grads, scales)
     want_q, want_s = fp8_rows.rowwise_reference(torch.cat(grads, 1), torch.cat(scales))
