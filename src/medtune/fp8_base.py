@@ -51,10 +51,7 @@ def fp8_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
     quantized, and copied transposed, three passes that cost more than the float8 GEMM saved
     (docs/benchmarks.md, machines seventeen and twenty-seven)."""
     scales = _fp8_scales(base)
-    if FP8_TRANSPOSED and fast_lora._four_bit(base, bias=False) and nf4.usable(base):
-        wt = nf4.fp8_transposed(base, scales.inverse)
-    else:
-        wt = _fp8_weight(base)[0].t().contiguous()
+    wt = _transposed_weight(base, scales)
     gq, gs = fp8_rows.rowwise_fp8(grad, col_scale=scales.row.reshape(-1))
     return torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=scales.unit, out_dtype=grad.dtype)
 
@@ -74,15 +71,11 @@ def fp8_input_grad_group(grads: list[torch.Tensor], bases: list[torch.nn.Module]
     another's rounds the same."""
     scales = [_fp8_scales(b) for b in bases]
     widths = [g.shape[1] for g in grads]
-    n_in = bases[0].in_features
-    if FP8_TRANSPOSED and all(fast_lora._four_bit(b, bias=False) and nf4.usable(b) for b in bases):
-        wt = torch.empty((n_in, sum(widths)), dtype=torch.float8_e4m3fn, device=grads[0].device)
-        start = 0
-        for base, s, width in zip(bases, scales, widths):
-            nf4.fp8_transposed(base, s.inverse, out=wt[:, start:start + width])
-            start += width
-    else:
-        wt = torch.cat([_fp8_weight(b)[0].t() for b in bases], dim=1)
+    wt = torch.empty((bases[0].in_features, sum(widths)), dtype=torch.float8_e4m3fn, device=grads[0].device)
+    start = 0
+    for base, s, width in zip(bases, scales, widths):  # each member's weight into its columns of the one operand
+        _transposed_weight(base, s, out=wt[:, start:start + width])
+        start += width
     gq, gs = fp8_rows.rowwise_fp8_group(grads, [s.row.reshape(-1) for s in scales])
     return torch._scaled_mm(gq, wt.t(), scale_a=gs, scale_b=scales[0].unit, out_dtype=grads[0].dtype)
 
@@ -101,6 +94,15 @@ def fp8_forward(xq: tuple[torch.Tensor, torch.Tensor], base: torch.nn.Module, dt
 
 # The input gradient's float8 weight written transposed from the nf4 bytes by one kernel (`fp8_input_grad`)
 FP8_TRANSPOSED = True
+
+
+def _transposed_weight(base: torch.nn.Module, scales: "Fp8Scales", out: torch.Tensor | None = None) -> torch.Tensor:
+    """The input gradient's float8 weight operand, (in x out) with rows contiguous (into `out` where given): with
+    `FP8_TRANSPOSED` written by one kernel from an nf4 weight's bytes, else dequantized, quantized and transposed."""
+    if FP8_TRANSPOSED and fast_lora._four_bit(base, bias=False) and nf4.usable(base):
+        return nf4.fp8_transposed(base, scales.inverse, out=out)
+    wt = _fp8_weight(base)[0].t()
+    return wt.contiguous() if out is None else out.copy_(wt)
 
 
 class Fp8Scales(NamedTuple):

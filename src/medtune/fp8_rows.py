@@ -97,18 +97,17 @@ def row_amax_scale(t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def _kernels():
+    try:
+        from medtune import fp8_rows_kernels
+    except ImportError:  # no Triton
+        return None
+    return fp8_rows_kernels
+
+
 def _kernel():
-    try:
-        from medtune import fp8_rows_kernels
-    except ImportError:  # no Triton
-        return None
-    return fp8_rows_kernels.rowwise
+    return None if _kernels() is None else _kernels().rowwise
 
 
-@functools.cache
 def _group_kernel():
-    try:
-        from medtune import fp8_rows_kernels
-    except ImportError:  # no Triton
-        return None
-    return fp8_rows_kernels.rowwise_group
+    return None if _kernels() is None else _kernels().rowwise_group

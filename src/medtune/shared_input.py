@@ -191,18 +191,13 @@ class SharedLora(torch.autograd.Function):
 def _input_grad(spec: Spec, seeds: tuple[int, ...] | None, gs: list[torch.Tensor], dh: torch.Tensor,
                 a16: torch.Tensor) -> torch.Tensor:
     """The input's gradient: the members' base input gradients plus their masked adapter parts, written once."""
-    if spec.fp8 and fp8_base.GROUP_INPUT_GRAD:
-        # one float8 GEMM over the members' gradients side by side sums their base parts; the adapters' added after
-        grad_x = fp8_base.fp8_input_grad_group(gs, list(spec.bases))
-        if seeds:
-            lora_dropout.add_grad_x(grad_x, dh, a16, spec.p, seeds)
-        else:
-            grad_x.addmm_(dh, a16)
-        return grad_x
     if spec.fp8:
-        # the float8 GEMMs cannot accumulate: their products are summed with the adapters' parts in one pass
-        parts = [fp8_input_grad(g, base) for g, base in zip(gs, spec.bases)]
-        grad_x, others = parts[0], tuple(parts[1:])
+        if fp8_base.GROUP_INPUT_GRAD:  # one float8 GEMM over the members side by side sums their base parts
+            grad_x, others = fp8_base.fp8_input_grad_group(gs, list(spec.bases)), ()
+        else:
+            # the float8 GEMMs cannot accumulate: their products are summed with the adapters' parts in one pass
+            parts = [fp8_input_grad(g, base) for g, base in zip(gs, spec.bases)]
+            grad_x, others = parts[0], tuple(parts[1:])
         if seeds:
             lora_dropout.add_grad_x(grad_x, dh, a16, spec.p, seeds, addends=others)
         else:
