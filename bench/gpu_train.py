@@ -394,6 +394,7 @@ def main() -> None:
         trainer._track_num_input_tokens = Trainer._track_num_input_tokens.__get__(trainer)
     alternate = None
     if a.ab:
+        switch(a.ab, True)  # on at the start: a lever installed when training begins (residualfold) is installed
         alternate = Alternate(a.warm, lambda on: switch(a.ab, on))
         trainer.add_callback(alternate)
     profiler = None

@@ -14,7 +14,8 @@ fi
 for g in 0 1; do
   eval "runs=\${RUNS$g:-}"
   [ -n "$runs" ] || continue
-  CUDA_VISIBLE_DEVICES=$g RUN_TMP=/tmp/g$g OUT="$OUT/g$g" RUNS="$runs" bash bench/run_gpu.sh > "$OUT/g$g.log" 2>&1 &
+  eval "cool=\${COOL$g:-\${COOL:-}}"  # COOL0 / COOL1: that list's idle seconds before each run (else COOL)
+  CUDA_VISIBLE_DEVICES=$g RUN_TMP=/tmp/g$g OUT="$OUT/g$g" RUNS="$runs" COOL="$cool" bash bench/run_gpu.sh > "$OUT/g$g.log" 2>&1 &
 done
 wait
 tail -n 40 "$OUT"/g*.log
