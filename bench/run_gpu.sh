@@ -104,12 +104,13 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "$run" ;;
     bins_nogc_bf16ig)  # bins_nogc with the input-gradient GEMMs in bf16 (the path before float8), one whole run
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --lever bf16inputgrad --label "$run" ;;
-    bins_nogc|bins_nogc_noshared|bins_nogc_fp8fwd|bins_nogc_fp8grp|bins_nogc_fp8o|bins_nogc_nofp8fwd|bins_nogc_w0|bins_nogc_fp8mlp|bins_nogc_groupgrad|bins_nogc_fusedadam|bins_nogc_residualfold|bins_nogc_gr)  # QLoRA,
+    bins_nogc|bins_nogc_noshared|bins_nogc_fp8fwd|bins_nogc_fp8grp|bins_nogc_fp8o|bins_nogc_nofp8fwd|bins_nogc_w0|bins_nogc_fp8mlp|bins_nogc_groupgrad|bins_nogc_fusedadam|bins_nogc_groupqkv|bins_nogc_fp8o_groupqkv)  # QLoRA,
       # 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an H100); STEPS= timed steps (6);
       # _noshared: q/k/v and gate/up each run alone (lever noshared); the forward's base GEMMs in float8 for every
       # projection (_fp8fwd), q/k/v and gate/up (_fp8grp: the default since session 15), those and o (_fp8o), none
       # (_nofp8fwd), gate/up/down (_fp8mlp); _groupgrad: a group's input gradients as one float8 GEMM; _fusedadam:
-      # AdamW in one fused kernel; _residualfold: the residual additions in the o/down GEMMs; _gr: both of those; _w0: the micro batches
+      # AdamW in one fused kernel; _groupqkv: q/k/v's input gradients as one float8 GEMM (gate/up apart); _fp8o_groupqkv:
+      # that and o's forward in float8; _w0: the micro batches
       # collated in the training process (training.dataloader_workers=0, the default before session 16; now 2
       # workers on a GPU); each a whole run
       case $run in bins_nogc_noshared) f="--lever noshared" ;; bins_nogc_fp8fwd) f="--lever fp8forward" ;;
@@ -117,7 +118,7 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
         bins_nogc_nofp8fwd) f="--lever nofp8forward" ;; bins_nogc_w0) f="--set training.dataloader_workers=0" ;;
         bins_nogc_fp8mlp) f="--lever fp8mlp" ;; bins_nogc_groupgrad) f="--lever groupgrad" ;;
         bins_nogc_fusedadam) f="--set training.optimizer=adamw_torch_fused" ;;
-        bins_nogc_residualfold) f="--lever residualfold" ;; bins_nogc_gr) f="--lever groupgrad --lever residualfold" ;;
+        bins_nogc_groupqkv) f="--lever groupqkv" ;; bins_nogc_fp8o_groupqkv) f="--lever fp8witho --lever groupqkv" ;;
         *) f="" ;; esac
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps ${STEPS:-6} --warm 2 --no-gc $f --label "$run" ;;
     bins_nogc_fp8|bins_nogc_fbw_short|bins_nogc_fbw_fp8|bins_nogc_short|bins_nogc_graphs|bins_nogc_fbw_graphs|bins_nogc_fp8_graphs)
@@ -164,7 +165,7 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 200 "$run" python3 bench/accumulate_check.py ;;
     bins_nogc_fp8bwd)  # bins_nogc with each nf4 projection's input-gradient GEMM in float8 (--fp8-backward)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --fp8-backward --label "$run" ;;
-    ab_repeatkv|ab_noaccumulate|ab_nonf4kernel|ab_elementhash|ab_deferdivergence|ab_nestedbybnb|ab_castpercall|ab_bf16inputgrad|ab_rowstwice|ab_scaleperbyte|ab_noshared|ab_groupgrad|ab_residualfold)  # bins_nogc alternating ABBA, step by step, between a lever
+    ab_repeatkv|ab_noaccumulate|ab_nonf4kernel|ab_elementhash|ab_deferdivergence|ab_nestedbybnb|ab_castpercall|ab_bf16inputgrad|ab_rowstwice|ab_scaleperbyte|ab_noshared|ab_groupgrad|ab_groupqkv)  # bins_nogc alternating ABBA, step by step, between a lever
       # (bench/gpu_train.py LEVERS) and the default path. Calls 2026-11-29 e and g ran ab_accumulate and
       # ab_nf4kernel: the same pairs with the two levers off by default, the warm-up steps in the default only;
       # call y ran ab_fp8inputgrad, the pair of ab_bf16inputgrad with float8 as the lever
@@ -214,19 +215,19 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
         -o addopts="" --rootdir . ;
       tail -1 "$T/fsdp_test.out" | python3 -c 'import json, sys; print(json.dumps({"run": "fsdp_test", "pytest": sys.stdin.read().strip()}))' \
         | tee -a "$OUT/results.jsonl" ;;
-    losscheck|losscheck_nogc|losscheck_fp8bwd|losscheck_fp8fwd|losscheck_fp8grp|losscheck_fp8o|losscheck_fp8mlp|losscheck_groupgrad|losscheck_residualfold)  # the fast path vs the plain PEFT
+    losscheck|losscheck_nogc|losscheck_fp8bwd|losscheck_fp8fwd|losscheck_fp8grp|losscheck_fp8o|losscheck_fp8mlp|losscheck_groupgrad)  # the fast path vs the plain PEFT
       # path, 20 steps, same rows and seed (_nogc: the fast path without recompute, as the presets train on an 80 GB+
       # card; recompute does not change the loss; _fp8bwd: that with the input-gradient GEMMs in float8; _fp8fwd: the
       # forward's too; _fp8grp: the forward's of q/k/v and gate/up)
       case $run in losscheck_nogc) f=--no-gc ;; losscheck_fp8bwd) f="--no-gc --fp8-backward" ;;
         losscheck_fp8fwd) f="--no-gc --lever fp8forward" ;; losscheck_fp8grp) f="--no-gc --lever fp8groups" ;;
         losscheck_fp8o) f="--no-gc --lever fp8witho" ;; losscheck_fp8mlp) f="--no-gc --lever fp8mlp" ;;
-        losscheck_groupgrad) f="--no-gc --lever groupgrad" ;; losscheck_residualfold) f="--no-gc --lever residualfold" ;; *) f="" ;; esac
+        losscheck_groupgrad) f="--no-gc --lever groupgrad" ;; *) f="" ;; esac
       step 300 fast20 $GT --quantization 4bit --packing --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 $f --label fast20
       step 400 plain20 $GT --quantization 4bit --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 --plain --label plain20
       python3 bench/loss_agreement.py "$T/fast20.out" "$T/plain20.out" | tee -a "$OUT/results.jsonl" ;;
-    lossmulti)  # losscheck for several levers against one plain PEFT run: LEVER_SETS="groupgrad residualfold
-      # groupgrad+residualfold" (each set's levers joined by +), the fast path without recompute for each
+    lossmulti)  # losscheck for several levers against one plain PEFT run: LEVER_SETS="groupqkv
+      # fp8witho+groupqkv" (each set's levers joined by +), the fast path without recompute for each
       for set in ${LEVER_SETS:-groupgrad}; do
         f="--no-gc"; for l in ${set//+/ }; do f="$f --lever $l"; done
         step 300 "fast20_$set" $GT --quantization 4bit --packing --micro-batch 26 --grad-accum 1 --steps 20 --warm 0 $f --label "fast20_$set"

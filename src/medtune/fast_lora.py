@@ -109,9 +109,8 @@ def fused_forward_backward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any
         return type(self).forward(self, x, *args, **kwargs)
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-    residual = self.__dict__.pop("residual", None)  # this call's residual to add in, from medtune.residual_fold
     return LoraLinear.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
-                            self.scaling[name], p, fp8_mode(self, x), dropout_mode(self), residual)
+                            self.scaling[name], p, fp8_mode(self, x), dropout_mode(self))
 
 
 class LoraLinear(torch.autograd.Function):
@@ -129,12 +128,9 @@ class LoraLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module,
-                scaling: float, p: float, fp8: bool | str = False, mode: str = "replay",
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+                scaling: float, p: float, fp8: bool | str = False, mode: str = "replay") -> torch.Tensor:
         ctx.accumulate = accumulates(x, base, fp8 is True)  # "backward": the forward's GEMM stays bf16
-        out, (h, a16, b16, mask), ctx.draw = lora_forward(x, a, b, base, scaling, p, fp8, mode, ctx.accumulate,
-                                                          residual)
-        ctx.residual = residual is not None
+        out, (h, a16, b16, mask), ctx.draw = lora_forward(x, a, b, base, scaling, p, fp8, mode, ctx.accumulate)
         ctx.save_for_backward(x, h, a16, b16, mask)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.dtypes = base, scaling, p, fp8, (x.dtype, a.dtype, b.dtype)
         return out
@@ -143,7 +139,7 @@ class LoraLinear(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, *kept = ctx.saved_tensors
         grad_x, grad_a, grad_b = lora_backward(ctx, grad, x, *kept, ctx.needs_input_grad[0])
-        return grad_x, grad_a, grad_b, None, None, None, None, None, grad if ctx.residual else None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
 # The input gradient's GEMM in float8 for the layers `install` made capable (`fp8_mode`); bench/gpu_train.py
@@ -196,14 +192,13 @@ def dropout_mode(layer: Any) -> str:
 
 
 def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.nn.Module, scaling: float, p: float,
-                 fp8: bool | str, mode: str, accumulate: bool = False,
-                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[Any, ...], torch.Tensor | int | None]:
+                 fp8: bool | str, mode: str,
+                 accumulate: bool = False) -> tuple[torch.Tensor, tuple[Any, ...], torch.Tensor | int | None]:
     """`LoraLinear`'s forward: (output, what the backward keeps besides the input, how the dropout mask is
     drawn again: a generator state, or the seed of `medtune.lora_dropout`'s kernels). `mode`: "kernel"
     (those kernels where they apply, else as "replay"), "replay" (PyTorch's dropout, drawn again from the
     saved generator state) or "keep" (PyTorch's dropout, the mask kept: for CUDA graphs). `accumulate`: the
-    base's GEMM adds into the adapter's part (`accumulates`). `residual` (x's shape but the output's width): added
-    into the output, by the adapter's GEMM's epilogue where the base accumulates (`medtune.residual_fold`)."""
+    base's GEMM adds into the adapter's part (`accumulates`)."""
     result = None if accumulate else fp8_linear(x, base) if fp8 is True else _base_product(x, base)
     dtype = x.dtype if result is None else result.dtype
     a16, b16 = adapter_weight(a, dtype), adapter_weight(b, dtype)
@@ -216,31 +211,23 @@ def lora_forward(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, base: torch.
         dropped, mask = torch.ops.aten.native_dropout(x2, p, True) if p > 0 else (x2, None)
         h = F.linear(dropped.to(dtype), a16)
     kept = (h, a16, b16, mask if mode == "keep" else None)
-    r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
     if result is None:
-        flat = accumulated(x2, h, b16, base, scaling, forward_rows(x2, fp8), r2)
+        flat = accumulated(x2, h, b16, base, scaling, forward_rows(x2, fp8))
         return flat.view(*x.shape[:-1], flat.shape[1]), kept, draw
     flat = torch.addmm(result.reshape(-1, result.shape[-1]), h, b16.t(), alpha=scaling)
-    if r2 is not None:
-        flat.add_(r2)
     return flat.view(result.shape), kept, draw
 
 
 def accumulated(x2: torch.Tensor, h: torch.Tensor, b16: torch.Tensor, base: torch.nn.Module, scaling: float,
-                xq: tuple[torch.Tensor, torch.Tensor] | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                xq: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """`base(x2) + scaling * h @ b16.T` (tokens x out) where the base's GEMMs accumulate (`accumulates`): the
     adapter's update first, written; then the base's GEMM adds its product into it (beta = 1). With x2's float8
     rows `xq` (`forward_rows`) the base's GEMM runs in float8, which cannot accumulate: the adapter's update is
-    added into its product instead, by the small GEMM's epilogue. `residual` (tokens x out): added too; in 16 bits
-    the adapter's GEMM starts from it (beta = 1), where an addition after would read and write the output again."""
+    added into its product instead, by the small GEMM's epilogue."""
     if xq is not None:
-        flat = fp8_forward(xq, base, x2.dtype).addmm_(h, b16.t(), alpha=scaling)
-        return flat if residual is None else flat.add_(residual)
+        return fp8_forward(xq, base, x2.dtype).addmm_(h, b16.t(), alpha=scaling)
     weight = _base_weight(base, x2.dtype)
-    if residual is None:
-        flat = torch.addmm(h.new_empty(h.shape[0], weight.shape[0]), h, b16.t(), beta=0, alpha=scaling)
-    else:
-        flat = torch.addmm(residual, h, b16.t(), alpha=scaling)
+    flat = torch.addmm(h.new_empty(h.shape[0], weight.shape[0]), h, b16.t(), beta=0, alpha=scaling)
     return flat.addmm_(x2, weight.t())
 
 

@@ -57,8 +57,18 @@ def fp8_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
 
 
 # A group's input gradients (q/k/v, gate/up: `medtune.shared_input`) as one float8 GEMM over the concatenated
-# gradients and weights (`fp8_input_grad_group`); a lever under measurement (bench/gpu_train.py --lever groupgrad)
-GROUP_INPUT_GRAD = False
+# gradients and weights (`fp8_input_grad_group`): "none" (each member's own GEMM), "narrow" (only the groups with a
+# member narrower than the input: q/k/v under grouped-query attention, whose k and v alone are small GEMMs) or
+# "all". A lever under measurement (bench/gpu_train.py --lever groupqkv / groupgrad): an H200 ran q/k/v's grouped
+# GEMM in 0.476 ms against 0.592 apart, gate/up's in 1.848 against 1.765 (docs/benchmarks.md, call bd)
+GROUP_INPUT_GRAD = "none"
+
+
+def groups_input_grad(bases: list[torch.nn.Module] | tuple[torch.nn.Module, ...]) -> bool:
+    """Whether a group with these members' frozen bases runs its input gradients as one GEMM (`GROUP_INPUT_GRAD`)."""
+    if GROUP_INPUT_GRAD == "all":
+        return True
+    return GROUP_INPUT_GRAD == "narrow" and any(b.out_features < b.in_features for b in bases)
 
 
 def fp8_input_grad_group(grads: list[torch.Tensor], bases: list[torch.nn.Module]) -> torch.Tensor:

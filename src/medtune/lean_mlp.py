@@ -54,24 +54,19 @@ class AtTrainStart(TrainerCallback):
             log.info("finetune: %d gated MLPs keep gate and up only for the backward (medtune.lean_mlp)", count)
 
 
-def forward(self: Any, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """The MLP's output; with `residual` (medtune.residual_fold), `residual` + that, the addition inside the down
-    projection's GEMMs where its fused path runs."""
+def forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     gate, up = self.gate_proj(x), self.up_proj(x)
     down = self.down_proj
     name = fast_lora._plain(down, {})
     act = self.gated_act
     if not torch.is_grad_enabled():
-        out = down(act.forward(gate, up))
-    elif name is None:  # PEFT's own path (adapter disabled, merged, ...): autograd keeps what it keeps
-        out = down(self.act_fn(gate) * up)
-    else:
-        drop = down.lora_dropout[name]
-        p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
-        return GatedDown.apply(gate, up, down.lora_A[name].weight, down.lora_B[name].weight, down.base_layer,
-                               down.scaling[name], p, fast_lora.fp8_mode(down, gate), fast_lora.dropout_mode(down),
-                               act, residual)
-    return out if residual is None else residual + out
+        return down(act.forward(gate, up))
+    if name is None:  # PEFT's own path (adapter disabled, merged, ...): autograd keeps what it keeps
+        return down(self.act_fn(gate) * up)
+    drop = down.lora_dropout[name]
+    p = drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+    return GatedDown.apply(gate, up, down.lora_A[name].weight, down.lora_B[name].weight, down.base_layer,
+                           down.scaling[name], p, fast_lora.fp8_mode(down, gate), fast_lora.dropout_mode(down), act)
 
 
 class _Act:
@@ -105,13 +100,10 @@ class GatedDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, gate: torch.Tensor, up: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
-                base: torch.nn.Module, scaling: float, p: float, fp8: bool | str, mode: str, act: _Act,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
+                base: torch.nn.Module, scaling: float, p: float, fp8: bool | str, mode: str, act: _Act) -> torch.Tensor:
         product = act.forward(gate, up)
         ctx.accumulate = fast_lora.accumulates(product, base, fp8 is True)
-        out, kept, ctx.draw = fast_lora.lora_forward(product, a, b, base, scaling, p, fp8, mode, ctx.accumulate,
-                                                     residual)
-        ctx.residual = residual is not None
+        out, kept, ctx.draw = fast_lora.lora_forward(product, a, b, base, scaling, p, fp8, mode, ctx.accumulate)
         ctx.save_for_backward(gate, up, *kept)
         ctx.base, ctx.scaling, ctx.p, ctx.fp8, ctx.act = base, scaling, p, fp8, act
         ctx.dtypes = (product.dtype, a.dtype, b.dtype)
@@ -124,4 +116,4 @@ class GatedDown(torch.autograd.Function):
         grad_product, grad_a, grad_b = fast_lora.lora_backward(ctx, grad, product, *kept, True)
         del product
         grad_gate, grad_up = ctx.act.backward(gate, up, grad_product)
-        return grad_gate, grad_up, grad_a, grad_b, None, None, None, None, None, None, grad if ctx.residual else None
+        return grad_gate, grad_up, grad_a, grad_b, None, None, None, None, None, None

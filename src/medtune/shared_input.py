@@ -192,7 +192,7 @@ def _input_grad(spec: Spec, seeds: tuple[int, ...] | None, gs: list[torch.Tensor
                 a16: torch.Tensor) -> torch.Tensor:
     """The input's gradient: the members' base input gradients plus their masked adapter parts, written once."""
     if spec.fp8:
-        if fp8_base.GROUP_INPUT_GRAD:  # one float8 GEMM over the members side by side sums their base parts
+        if fp8_base.groups_input_grad(spec.bases):  # one float8 GEMM over the members side by side sums their parts
             grad_x, others = fp8_base.fp8_input_grad_group(gs, list(spec.bases)), ()
         else:
             # the float8 GEMMs cannot accumulate: their products are summed with the adapters' parts in one pass

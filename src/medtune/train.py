@@ -24,8 +24,8 @@ from transformers import Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback
 
-from medtune import (attention, base_eval_cache, fast_lora, layer_graphs, lean_mlp, loss_positions, residual_fold,
-                     shared_input, token_bins)
+from medtune import (attention, base_eval_cache, fast_lora, layer_graphs, lean_mlp, loss_positions, shared_input,
+                     token_bins)
 from medtune.config import MedtuneConfig
 from medtune.divergence import StopOnDivergence, diverged_error
 from medtune.errors import EnvironmentProblem
@@ -194,8 +194,7 @@ def build_trainer(cfg: MedtuneConfig, run: RunDir, model_path: str, data_path: s
     if args.dataloader_num_workers:
         log.info("finetune: %d dataloader workers collate the next micro batches (training.dataloader_workers)",
                  args.dataloader_num_workers)
-    # the AtTrainStart callbacks: before graph capture, the residual fold's after the lean MLP's
-    t, extra = cfg.training, [lean_mlp.AtTrainStart(), residual_fold.AtTrainStart(), fast_lora.StepCasts()]
+    t, extra = cfg.training, [lean_mlp.AtTrainStart(), fast_lora.StepCasts()]  # AtTrainStart: before graph capture
     graphs = bool(t.micro_batch_tokens) and layer_graphs.wanted(t.cuda_graphs, device, args.world_size,
                                                                  bool(cfg.lora.gradient_checkpointing))
     model = load_for_training(cfg, model_path, device, place=args.device, graphs=graphs)  # torchrun: this rank's GPU

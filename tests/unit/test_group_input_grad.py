@@ -13,7 +13,7 @@ from medtune import fast_lora, fp8_base, fp8_rows
 @pytest.fixture(autouse=True)
 def _restore():
     yield
-    fp8_base.GROUP_INPUT_GRAD = False
+    fp8_base.GROUP_INPUT_GRAD = "none"
 
 
 def _members(widths=(48, 16, 16), n_in=64):
@@ -61,12 +61,15 @@ def test_the_lever_runs_each_groups_input_gradient_as_one_gemm(monkeypatch):
     monkeypatch.setattr(fp8_base, "fp8_input_grad_group", lambda g, b: calls.append(len(g)) or group(g, b))
     apart_loss, apart_grads, _ = namespace["one_step"](namespace["tiny_lora"](0.0), True)
     assert calls == []
-    fp8_base.GROUP_INPUT_GRAD = True
-    loss, grads, groups = namespace["one_step"](namespace["tiny_lora"](0.0), True)
-    # gate/up in both layers, q/k/v in the second: the first layer's reads the frozen embeddings, needing no gradient
-    assert groups == 4 and sorted(calls) == [2, 2, 3]
-    assert loss == apart_loss
-    assert any(not torch.equal(grads[n], apart_grads[n]) for n in grads)
-    for name in grads:
-        torch.testing.assert_close(grads[name], apart_grads[name], rtol=3e-2,
-                                   atol=3e-2 * apart_grads[name].abs().max().item(), msg=name)
+    # "all": gate/up in both layers, q/k/v in the second (the first layer's reads the frozen embeddings, needing no
+    # gradient); "narrow": q/k/v only (the tiny model's k and v are narrower than its hidden size, gate/up wider)
+    for mode, want in (("all", [2, 2, 3]), ("narrow", [3])):
+        calls.clear()
+        fp8_base.GROUP_INPUT_GRAD = mode
+        loss, grads, groups = namespace["one_step"](namespace["tiny_lora"](0.0), True)
+        assert groups == 4 and sorted(calls) == want, mode
+        assert loss == apart_loss
+        assert any(not torch.equal(grads[n], apart_grads[n]) for n in grads)
+        for name in grads:
+            torch.testing.assert_close(grads[name], apart_grads[name], rtol=3e-2,
+                                       atol=3e-2 * apart_grads[name].abs().max().item(), msg=f"{mode} {name}")
