@@ -165,7 +165,7 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 200 "$run" python3 bench/accumulate_check.py ;;
     bins_nogc_fp8bwd)  # bins_nogc with each nf4 projection's input-gradient GEMM in float8 (--fp8-backward)
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --fp8-backward --label "$run" ;;
-    ab_repeatkv|ab_noaccumulate|ab_nonf4kernel|ab_elementhash|ab_deferdivergence|ab_nestedbybnb|ab_castpercall|ab_bf16inputgrad|ab_rowstwice|ab_scaleperbyte|ab_noshared|ab_groupgrad|ab_groupqkv)  # bins_nogc alternating ABBA, step by step, between a lever
+    ab_repeatkv|ab_noaccumulate|ab_nonf4kernel|ab_elementhash|ab_deferdivergence|ab_nestedbybnb|ab_castpercall|ab_bf16inputgrad|ab_rowstwice|ab_scaleperbyte|ab_noshared|ab_groupgrad|ab_groupqkv|ab_fp8witho)  # bins_nogc alternating ABBA, step by step, between a lever
       # (bench/gpu_train.py LEVERS) and the default path. Calls 2026-11-29 e and g ran ab_accumulate and
       # ab_nf4kernel: the same pairs with the two levers off by default, the warm-up steps in the default only;
       # call y ran ab_fp8inputgrad, the pair of ab_bf16inputgrad with float8 as the lever
