@@ -210,20 +210,23 @@ LEVERS = {
     # before 2026-11-29 (session 14): q/k/v and gate/up each run alone instead of one node per group
     "noshared": (shared_input, "SHARED_INPUT", False, True),
     # training.fp8_forward overridden (session 15): every 4-bit projection's forward GEMM in float8; q/k/v and
-    # gate/up's (the default since session 15; calls aw and ax ran it as the lever then named fp8groups); none
+    # gate/up's (the default in sessions 15 and 16; calls aw and ax ran it as the lever then named fp8groups); none
     "fp8forward": (fast_lora, "FP8_FORWARD", "all", None),
     "fp8groups": (fast_lora, "FP8_FORWARD", "qkv_gate_up", None),
     "nofp8forward": (fast_lora, "FP8_FORWARD", "none", None),
-    # the default's projections and o (its input's amax / rms the lowest on SmolLM2: bench/cpu_fp8_forward.py)
+    # q/k/v, gate/up and o (its input's amax / rms the lowest on SmolLM2: bench/cpu_fp8_forward.py): the setting
+    # all_but_down, the default since session 17 (calls ay, be and bg ran it as this lever)
     "fp8witho": (fast_lora, "FP8_FORWARD", frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"}),
                  None),
     # the MLP's three projections only (down's forward is 10 % of the step in bf16, q/k/v's 3 %: call bb's profile)
     "fp8mlp": (fast_lora, "FP8_FORWARD", frozenset({"gate_proj", "up_proj", "down_proj"}), None),
     # a group's input gradients as one float8 GEMM over its members side by side (session 16, not yet measured)
-    "groupgrad": (fp8_base, "GROUP_INPUT_GRAD", "all", "none"),
+    "groupgrad": (fp8_base, "GROUP_INPUT_GRAD", "all", "narrow"),
     # only the groups with members narrower than their input (q/k/v: k and v are 1,024 wide under grouped-query
-    # attention); gate/up apart (call 2026-11-29 bd, groupcheck: q/k/v 0.476 against 0.592 ms, gate/up 1.848 against 1.765)
-    "groupqkv": (fp8_base, "GROUP_INPUT_GRAD", "narrow", "none"),
+    # attention), gate/up apart (call 2026-11-29 bd, groupcheck: q/k/v 0.476 against 0.592 ms, gate/up 1.848 against
+    # 1.765): the default since session 17 (calls be and bg ran it as this lever); groupnone: each member apart, as before
+    "groupqkv": (fp8_base, "GROUP_INPUT_GRAD", "narrow", "narrow"),
+    "groupnone": (fp8_base, "GROUP_INPUT_GRAD", "none", "narrow"),
 }
 
 

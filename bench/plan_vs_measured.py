@@ -135,8 +135,9 @@ def compare(path: Path, line: dict, lengths: list[int] | None, lines: list[tuple
 # block scales kept: +0.41 GiB) that did not pay and was not kept (docs/benchmarks.md, machines 22-26).
 NOT_LANDED = {"2026-11-29-h200-b.jsonl", "2026-11-29-h200-c.jsonl", "2026-11-29-h200-d.jsonl"}
 # levers that became the default path after the lines naming them were measured (2026-11-29 z: float8 input
-# gradients, the default since 06:20; aw, ax: the forward of q/k/v and gate/up in float8, since session 15)
-LANDED_LEVERS = {"fp8inputgrad", "fp8groups"}
+# gradients, the default since 06:20; aw, ax: the forward of q/k/v and gate/up in float8, since session 15; ay, be,
+# bg: o's forward in float8 too and q/k/v's input gradients as one GEMM, since session 17)
+LANDED_LEVERS = {"fp8inputgrad", "fp8groups", "fp8witho", "groupqkv"}
 
 
 def main() -> None:

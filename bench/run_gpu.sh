@@ -104,13 +104,14 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
       step 300 "$run" $GT --quantization 4bit --tokens 16384 --grad-accum 2 --steps 6 --warm 2 --label "$run" ;;
     bins_nogc_bf16ig)  # bins_nogc with the input-gradient GEMMs in bf16 (the path before float8), one whole run
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps 6 --warm 2 --no-gc --lever bf16inputgrad --label "$run" ;;
-    bins_nogc|bins_nogc_noshared|bins_nogc_fp8fwd|bins_nogc_fp8grp|bins_nogc_fp8o|bins_nogc_nofp8fwd|bins_nogc_w0|bins_nogc_fp8mlp|bins_nogc_groupgrad|bins_nogc_fusedadam|bins_nogc_groupqkv|bins_nogc_fp8o_groupqkv)  # QLoRA,
+    bins_nogc|bins_nogc_noshared|bins_nogc_fp8fwd|bins_nogc_fp8grp|bins_nogc_fp8o|bins_nogc_nofp8fwd|bins_nogc_w0|bins_nogc_fp8mlp|bins_nogc_groupgrad|bins_nogc_fusedadam|bins_nogc_groupqkv|bins_nogc_fp8o_groupqkv|bins_nogc_s16)  # QLoRA,
       # 8192-token bins x GA 4, no recompute (~85 GiB: an H200; 4096-token bins for an H100); STEPS= timed steps (6);
       # _noshared: q/k/v and gate/up each run alone (lever noshared); the forward's base GEMMs in float8 for every
       # projection (_fp8fwd), q/k/v and gate/up (_fp8grp: the default since session 15), those and o (_fp8o), none
       # (_nofp8fwd), gate/up/down (_fp8mlp); _groupgrad: a group's input gradients as one float8 GEMM; _fusedadam:
       # AdamW in one fused kernel; _groupqkv: q/k/v's input gradients as one float8 GEMM (gate/up apart); _fp8o_groupqkv:
-      # that and o's forward in float8; _w0: the micro batches
+      # that and o's forward in float8 (both the default since session 17: these two now run the default path);
+      # _s16: the default path of session 16 (q/k/v, gate/up forward in float8, each input gradient apart); _w0: the micro batches
       # collated in the training process (training.dataloader_workers=0, the default before session 16; now 2
       # workers on a GPU); each a whole run
       case $run in bins_nogc_noshared) f="--lever noshared" ;; bins_nogc_fp8fwd) f="--lever fp8forward" ;;
@@ -118,7 +119,7 @@ for run in ${RUNS:-seedfast tuned_gc medtune_varlen}; do
         bins_nogc_nofp8fwd) f="--lever nofp8forward" ;; bins_nogc_w0) f="--set training.dataloader_workers=0" ;;
         bins_nogc_fp8mlp) f="--lever fp8mlp" ;; bins_nogc_groupgrad) f="--lever groupgrad" ;;
         bins_nogc_fusedadam) f="--set training.optimizer=adamw_torch_fused" ;;
-        bins_nogc_groupqkv) f="--lever groupqkv" ;; bins_nogc_fp8o_groupqkv) f="--lever fp8witho --lever groupqkv" ;;
+        bins_nogc_groupqkv) f="--lever groupqkv" ;; bins_nogc_fp8o_groupqkv) f="--lever fp8witho --lever groupqkv" ;; bins_nogc_s16) f="--lever fp8groups --lever groupnone" ;;
         *) f="" ;; esac
       step 300 "$run" $GT --quantization 4bit --tokens 8192 --grad-accum 4 --steps ${STEPS:-6} --warm 2 --no-gc $f --label "$run" ;;
     bins_nogc_fp8|bins_nogc_fbw_short|bins_nogc_fbw_fp8|bins_nogc_short|bins_nogc_graphs|bins_nogc_fbw_graphs|bins_nogc_fp8_graphs)

@@ -45,7 +45,8 @@ def install(model: torch.nn.Module, backward: bool = False, fp8_base: bool | str
     GEMMs (`medtune.lora_dropout`) instead of by PyTorch's dropout (not with `keep_mask`).
     `fp8_input_grad` (`training.fp8_input_gradients`): with the fused backward, a 4-bit base's input gradient in
     float8 on a card with float8 GEMMs (`fp8_mode`). `fp8_forward` (`training.fp8_forward`): where the input
-    gradient runs in float8, the forward's base GEMM too, for "all" such layers or for "qkv_gate_up" (`forward_in_fp8`)."""
+    gradient runs in float8, the forward's base GEMM too, for "all" such layers, "all_but_down" (the default) or
+    "qkv_gate_up" (`forward_in_fp8`)."""
     from peft.tuners.lora import LoraLayer
 
     count = 0
@@ -161,10 +162,12 @@ def fp8_mode(layer: Any, x: torch.Tensor) -> bool | str:
 
 
 # `training.fp8_forward`'s settings: the projections whose forward runs in float8 (None: every one). "qkv_gate_up":
-# those that read the normalized hidden state (RMSNorm's output); with o and down too ("all") the 8B's losses
-# drifted 2.2 % from the plain path's, beyond the 2 % tolerance (docs/benchmarks.md, machine forty-nine)
+# those that read the normalized hidden state (RMSNorm's output); "all_but_down" (the default): o too, whose input
+# (attention's output) has the smallest largest-value-over-RMS of the four inputs; with down too ("all") the 8B's
+# losses drifted 2.2 % from the plain path's, beyond the 2 % tolerance (docs/benchmarks.md, machines forty-nine, 55)
+_NORMALIZED = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"})
 FP8_FORWARD_PROJECTIONS: dict[str, frozenset[str] | None] = {
-    "none": frozenset(), "qkv_gate_up": frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}), "all": None}
+    "none": frozenset(), "qkv_gate_up": _NORMALIZED, "all_but_down": _NORMALIZED | {"o_proj"}, "all": None}
 # The bench's override of the setting: a setting's name or a set of projection names; None: the setting
 # (bench/gpu_train.py --lever fp8forward, fp8groups, fp8witho, nofp8forward)
 FP8_FORWARD: str | frozenset[str] | None = None

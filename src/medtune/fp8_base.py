@@ -57,11 +57,11 @@ def fp8_input_grad(grad: torch.Tensor, base: torch.nn.Module) -> torch.Tensor:
 
 
 # A group's input gradients (q/k/v, gate/up: `medtune.shared_input`) as one float8 GEMM over the concatenated
-# gradients and weights (`fp8_input_grad_group`): "none" (each member's own GEMM), "narrow" (only the groups with a
-# member narrower than the input: q/k/v under grouped-query attention, whose k and v alone are small GEMMs) or
-# "all". A lever under measurement (bench/gpu_train.py --lever groupqkv / groupgrad): an H200 ran q/k/v's grouped
-# GEMM in 0.476 ms against 0.592 apart, gate/up's in 1.848 against 1.765 (docs/benchmarks.md, call bd)
-GROUP_INPUT_GRAD = "none"
+# gradients and weights (`fp8_input_grad_group`): "none" (each member's own GEMM), "narrow" (the default: only the
+# groups with a member narrower than the input, i.e. q/k/v under grouped-query attention, whose k and v alone are
+# small GEMMs) or "all". On an H200 q/k/v's grouped GEMM took 0.476 ms against 0.592 apart, gate/up's 1.848 against
+# 1.765 (docs/benchmarks.md, call bd); bench/gpu_train.py --lever groupgrad / --ab groupqkv
+GROUP_INPUT_GRAD = "narrow"
 
 
 def groups_input_grad(bases: list[torch.nn.Module] | tuple[torch.nn.Module, ...]) -> bool:

@@ -163,4 +163,8 @@ THROUGHPUT: tuple[Throughput, ...] = (
     # the lever fp8groups, on the same machine as its 16-bit forward's 16,807)
     Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 17978.0,
                "bench/results/2026-11-29-h200-aw.jsonl bins_nogc_fp8grp"),
+    # o's forward in float8 too and q/k/v's input gradients as one float8 GEMM (the default since session 17; bg ran
+    # it as the levers fp8witho + groupqkv, the first of its runs on the machine's first card)
+    Throughput(H200, L8B, "4bit", True, False, "varlen", 8058, 18795.0,
+               "bench/results/2026-11-29-h200-bg-gpu0.jsonl bins_nogc_fp8o_groupqkv"),
 )

@@ -50,8 +50,8 @@ def test_the_float8_forward_is_the_scaled_float8_product_plus_the_update():
 
 def test_the_setting_picks_the_projections_and_only_training_forwards_take_it(monkeypatch):
     """`install` names each projection; `fp8_mode` gives those that read the normalized hidden state "both" under
-    "qkv_gate_up", every capable layer under "all", none under "none" (and `FP8_FORWARD`, the bench's override,
-    wins); without gradients (evaluation) "backward" only; `forward_rows` quantizes only for "both"."""
+    "qkv_gate_up", those and o under "all_but_down" (the default), every capable layer under "all", none under "none"
+    (and `FP8_FORWARD`, the bench's override, wins); without gradients (evaluation) "backward" only; `forward_rows` quantizes only for "both"."""
     from types import SimpleNamespace
 
     from test_shared_input import MODEL
@@ -61,7 +61,8 @@ def test_the_setting_picks_the_projections_and_only_training_forwards_take_it(mo
                        "assert fast_lora.install(model, backward=True, fp8_forward=SETTING) == 14"), namespace)
     cuda = SimpleNamespace(is_cuda=True, device=SimpleNamespace(index=0))
     monkeypatch.setattr(fast_lora, "float8_gemms", lambda index: True)
-    for setting, want in (("qkv_gate_up", {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}),
+    normalized = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    for setting, want in (("qkv_gate_up", normalized), ("all_but_down", normalized | {"o_proj"}),
                           ("all", set(NAMES)), ("none", set())):
         namespace["SETTING"] = setting
         layer = namespace["tiny_lora"](0.0).base_model.model.model.layers[1]

@@ -12,8 +12,9 @@ from medtune import fast_lora, fp8_base, fp8_rows
 
 @pytest.fixture(autouse=True)
 def _restore():
+    default = fp8_base.GROUP_INPUT_GRAD
     yield
-    fp8_base.GROUP_INPUT_GRAD = "none"
+    fp8_base.GROUP_INPUT_GRAD = default
 
 
 def _members(widths=(48, 16, 16), n_in=64):
@@ -59,6 +60,8 @@ def test_the_lever_runs_each_groups_input_gradient_as_one_gemm(monkeypatch):
     calls = []
     group = fp8_base.fp8_input_grad_group
     monkeypatch.setattr(fp8_base, "fp8_input_grad_group", lambda g, b: calls.append(len(g)) or group(g, b))
+    assert fp8_base.GROUP_INPUT_GRAD == "narrow"  # the default: q/k/v's input gradients as one GEMM
+    fp8_base.GROUP_INPUT_GRAD = "none"
     apart_loss, apart_grads, _ = namespace["one_step"](namespace["tiny_lora"](0.0), True)
     assert calls == []
     # "all": gate/up in both layers, q/k/v in the second (the first layer's reads the frozen embeddings, needing no
