@@ -163,8 +163,9 @@ def fp8_mode(layer: Any, x: torch.Tensor) -> bool | str:
 
 # `training.fp8_forward`'s settings: the projections whose forward runs in float8 (None: every one). "qkv_gate_up":
 # those that read the normalized hidden state (RMSNorm's output); "all_but_down" (the default): o too, whose input
-# (attention's output) has the smallest largest-value-over-RMS of the four inputs; with down too ("all") the 8B's
-# losses drifted 2.2 % from the plain path's, beyond the 2 % tolerance (docs/benchmarks.md, machines forty-nine, 55)
+# (attention's output) has the smallest largest-value-over-RMS of the four inputs (1.93 % from the plain path's
+# losses); with down too ("all") the 8B's losses drifted 2.2 %, beyond the 2 % tolerance (docs/benchmarks.md,
+# machines forty-nine and fifty-five)
 _NORMALIZED = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"})
 FP8_FORWARD_PROJECTIONS: dict[str, frozenset[str] | None] = {
     "none": frozenset(), "qkv_gate_up": _NORMALIZED, "all_but_down": _NORMALIZED | {"o_proj"}, "all": None}
