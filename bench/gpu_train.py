@@ -220,11 +220,13 @@ LEVERS = {
                  None),
     # the MLP's three projections only (down's forward is 10 % of the step in bf16, q/k/v's 3 %: call bb's profile)
     "fp8mlp": (fast_lora, "FP8_FORWARD", frozenset({"gate_proj", "up_proj", "down_proj"}), None),
-    # a group's input gradients as one float8 GEMM over its members side by side (session 16, not yet measured)
+    # every group's input gradients as one float8 GEMM over its members side by side, gate/up's too (slower for
+    # gate/up: call 2026-11-29 bd)
     "groupgrad": (fp8_base, "GROUP_INPUT_GRAD", "all", "narrow"),
     # only the groups with members narrower than their input (q/k/v: k and v are 1,024 wide under grouped-query
     # attention), gate/up apart (call 2026-11-29 bd, groupcheck: q/k/v 0.476 against 0.592 ms, gate/up 1.848 against
-    # 1.765): the default since session 17 (calls be and bg ran it as this lever); groupnone: each member apart, as before
+    # 1.765): the default since session 17 (calls be and bg ran it as this lever); groupnone: each member apart, as
+    # before
     "groupqkv": (fp8_base, "GROUP_INPUT_GRAD", "narrow", "narrow"),
     "groupnone": (fp8_base, "GROUP_INPUT_GRAD", "none", "narrow"),
 }
