@@ -1,6 +1,7 @@
 """On a GPU: a group's input gradients as one float8 GEMM over the members side by side
-(`fp8_base.fp8_input_grad_group`, lever `groupgrad`) against the default path (each member's own float8 GEMM, the
-products summed by the dropout kernel's pass, `shared_input._input_grad`), at the Llama-3.1-8B groups' shapes
+(`fp8_base.fp8_input_grad_group`: q/k/v's default since session 17, `GROUP_INPUT_GRAD = "narrow"`) against each
+member's own float8 GEMM, the products summed by the dropout kernel's pass (gate/up's default; q/k/v's before; both
+called directly, whatever `GROUP_INPUT_GRAD` says), at the Llama-3.1-8B groups' shapes
 (q/k/v: 4,096 + 1,024 + 1,024 outputs; gate/up: 14,336 + 14,336; 8,192 tokens) on random nf4 weights, dropout
 0.05. Per group: the grouped quantization kernel's float8 bytes against PyTorch's cast of the concatenation
 (scaled alike), both paths' relative error against the float32 product, and each path's GPU time. One JSON line
